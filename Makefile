@@ -1,0 +1,24 @@
+# The two commands of the README. Both create .venv and install the pinned dependencies when needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# torch first, by exact version: it resolves to the machine's CPU wheel and keeps CUDA packages out.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[all]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/forgetful demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

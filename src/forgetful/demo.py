@@ -1,0 +1,193 @@
+"""``forgetful demo``: everything the project does, at small scale, offline, on a CPU.
+
+1. Pretrain a tiny Llama-style LM on the embedded corpus (a curriculum that teaches it to read
+   facts back out of biography passages) and evaluate it.
+2. Input forgetting: train an MLP forget policy jointly with the LM by REINFORCE at
+   forget_p = 0.5, then an RNN policy on the same LM (frozen), and evaluate every strategy at
+   keep 1, 0.75, 0.5, 0.25 (quality, FLOPs, time, memory).
+3. Loss forgetting: the TOFU experiment on embedded TOFU-shaped data: train on ``full``, on the
+   retain split, and on ``full`` with the forget split masked by each strategy; score them all
+   with the TOFU metrics.
+
+Writes ``OUT/report.md``, ``OUT/results.json`` and PNG plots (and each stage's own folder).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ForgetfulError
+
+
+@dataclass
+class DemoArguments:
+    out: str = field(default="runs/demo", metadata={"help": "Output folder."})
+    pretrain_docs: int = field(default=24000, metadata={"help": "Embedded pretraining documents."})
+    pretrain_copy_docs: int = field(default=14000, metadata={"help": "Of which copy documents (first)."})
+    forget_examples: int = field(default=3000, metadata={"help": "Input-forgetting training examples."})
+    eval_examples: int = field(default=192, metadata={"help": "Held-out examples for the evaluations."})
+    forget_p: float = field(default=0.5, metadata={"help": "Share of the context the policies forget."})
+    steps_per_epoch: int = field(default=40, metadata={"help": "REINFORCE steps per epoch (4 epochs)."})
+    tofu_authors: int = field(default=20, metadata={"help": "Authors in the embedded TOFU data."})
+    tofu_epochs: float = field(default=15.0)
+    tofu_strategies: str = field(default="forget_answers,forget_facts,goldfish,random")
+    seed: int = field(default=0)
+    skip_tofu: bool = field(default=False, metadata={"help": "Leave out the TOFU part."})
+
+    def __post_init__(self):
+        for name in ("pretrain_docs", "forget_examples", "eval_examples", "steps_per_epoch", "tofu_authors"):
+            if getattr(self, name) < 1:
+                raise ForgetfulError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def _stage(name: str):
+    print(f"\n=== {name} ===", flush=True)
+    return time.perf_counter()
+
+
+def run_demo(a: DemoArguments) -> dict:
+    from .data import load_forget_examples
+    from .evaluation import add_speedups, evaluate_forgetting, write_report
+    from .masks import MLPForgetMask, RNNForgetMask
+    from .modeling import load_model
+    from .pretrain import PretrainArguments, run_pretrain
+    from .reinforce import ForgetTrainingConfig, reinforce_model
+    from .reporting import markdown_table, plot_lines, write_json, write_text
+
+    torch.manual_seed(a.seed)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").unlink(missing_ok=True)
+    timings: dict[str, float] = {}
+    results: dict = {"args": asdict(a), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+    # 1. The base LM ------------------------------------------------------------------------
+    t = _stage("1/3 pretrain the base LM (embedded corpus)")
+    pre = run_pretrain(PretrainArguments(
+        out=str(out / "base"), model="tiny-llama", embedded_docs=a.pretrain_docs,
+        embedded_copy_docs=a.pretrain_copy_docs, lr_scheduler_type="constant_with_warmup", logging_steps=100,
+        seed=a.seed,
+    ))
+    timings["pretrain"] = time.perf_counter() - t
+    results["pretrain"] = {k: pre[k] for k in ("parameters", "vocab_size", "steps", "eval_loss", "eval_ppl",
+                                               "train_runtime_s", "objective")}
+
+    # 2. Input forgetting --------------------------------------------------------------------
+    t = _stage(f"2/3 input forgetting: REINFORCE policies at forget_p={a.forget_p}")
+    model, tok = load_model(str(out / "base"))
+    train = load_forget_examples(None, tok, embedded_examples=a.forget_examples, seed=a.seed)
+    held_out = load_forget_examples(None, tok, embedded_examples=a.eval_examples, seed=a.seed + 1234)
+    common = dict(per_device_batch_size=16, num_samples=4, max_steps_per_epoch=a.steps_per_epoch,
+                  logging_steps=10, eval_batches=6, seed=a.seed)
+    mlp = MLPForgetMask(model, hidden_size=64)
+    joint = reinforce_model(model, mlp, forget_p=a.forget_p, exploration_epochs=[0.75, 0.5, 0.25, 0],
+                            train_dataset=train, eval_dataset=held_out, tokenizer=tok,
+                            args=ForgetTrainingConfig(output_dir=str(out / "forget_mlp"), lm_learning_rate=5e-4,
+                                                      policy_learning_rate=3e-3, save_total_limit=1, **common))
+    model = joint.model
+    rnn = RNNForgetMask(model, hidden_size=64)
+    frozen = reinforce_model(model, rnn, forget_p=a.forget_p, exploration_epochs=[0.5, 0.25, 0],
+                             train_dataset=train, eval_dataset=held_out, tokenizer=tok,
+                             args=ForgetTrainingConfig(output_dir=str(out / "forget_rnn"), freeze_lm=True,
+                                                       policy_learning_rate=3e-3, save_total_limit=1, **common))
+    timings["train_forget"] = time.perf_counter() - t
+    for name, run in (("mlp", joint), ("rnn", frozen)):
+        hist = [h for h in run.history if "reward" in h]
+        plot_lines({"reward": ([h["step"] for h in hist], [h["reward"] for h in hist])},
+                   out / f"forget_{name}" / "reward.png", xlabel="step", ylabel="reward (-target NLL)",
+                   title=f"REINFORCE training of the {name.upper()} policy")
+    results["train_forget"] = {"mlp_history": joint.history, "rnn_history": frozen.history}
+
+    t = _stage("evaluate forgetting strategies")
+    model.eval()
+    rows = evaluate_forgetting(model, {"mlp": joint.policy, "rnn": frozen.policy}, held_out,
+                               keep_ratios=[1.0, 0.75, 0.5, 0.25], pad_token_id=tok.pad_token_id, batch_size=32,
+                               timing_repeats=3, seed=a.seed)
+    add_speedups(rows)
+    write_report(rows, out / "eval_forget", title="Forgetting strategies on held-out biographies",
+                 notes="LM jointly trained with the MLP policy; the RNN policy trained on it with the LM frozen.")
+    timings["eval_forget"] = time.perf_counter() - t
+    results["eval_forget"] = rows
+
+    # 3. Loss forgetting: TOFU ----------------------------------------------------------------
+    if not a.skip_tofu:
+        from .tofu_experiment import TofuExperimentArguments, run_tofu_experiment
+
+        t = _stage("3/3 loss forgetting: TOFU masked training (embedded TOFU data)")
+        tofu = run_tofu_experiment(TofuExperimentArguments(
+            model=str(out / "base"), out=str(out / "tofu"), forget_split="forget10", strategies=a.tofu_strategies,
+            epochs=a.tofu_epochs, learning_rate=1e-3, batch_size=32, max_new_tokens=32, eval_batch_size=64,
+            num_authors=a.tofu_authors, seed=a.seed,
+        ))
+        timings["tofu"] = time.perf_counter() - t
+        results["tofu"] = tofu["runs"]
+
+    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    results["total_s"] = round(sum(timings.values()), 1)
+    write_text(_report(results, rows, a), out / "report.md")
+    write_json(results, out / "results.json")
+    print(f"\nDemo finished in {results['total_s']:.0f} s: {out / 'report.md'}")
+    return results
+
+
+def _fmt_row(rows, strategy, keep):
+    return next((r for r in rows if r["strategy"] == strategy and abs(r["keep_ratio"] - keep) < 1e-9), None)
+
+
+def _report(results: dict, rows: list[dict], a: DemoArguments) -> str:
+    from .reporting import markdown_table
+
+    pre = results["pretrain"]
+    keep = 1 - a.forget_p
+    ident = _fmt_row(rows, "identity", 1.0)
+    at = [r for r in rows if abs(r["keep_ratio"] - keep) < 1e-9 and r["strategy"] != "identity"]
+    for r in at:
+        r["vs_identity"] = r["nll"] / ident["nll"] - 1 if ident else None
+    lines = [
+        "# forgetful demo",
+        "",
+        f"Run on {results['device']} in {results['total_s']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in results['timings_s'].items())}).",
+        "",
+        "## 1. Base LM",
+        "",
+        f"tiny-llama, {pre['parameters']:,} parameters, vocabulary {pre['vocab_size']}, {pre['steps']} steps on the "
+        f"embedded corpus ({pre['objective']}). Held-out loss {pre['eval_loss']:.3f} (perplexity {pre['eval_ppl']:.2f}).",
+        "",
+        f"## 2. Input forgetting at keep ratio {keep:g}",
+        "",
+        "Context = biography passage (facts among filler) + question; target = the answer. NLL is per target token "
+        f"on {a.eval_examples} held-out examples; `vs_identity` is the relative NLL increase over the full context; "
+        "`fact_recall` is the share of fact tokens kept.",
+        "",
+        markdown_table(sorted(at, key=lambda r: r["nll"]),
+                       ["strategy", "kept_tokens", "nll", "vs_identity", "fact_recall", "flops_ratio", "speedup"]),
+        f"Identity (full context, {ident['kept_tokens']:.1f} tokens): NLL {ident['nll']:.3f}." if ident else "",
+        "",
+        "All keep ratios: [eval_forget/report.md](eval_forget/report.md). "
+        "![perplexity vs keep ratio](eval_forget/ppl_vs_keep.png)",
+        "",
+    ]
+    if "tofu" in results:
+        lines += [
+            "## 3. Loss forgetting: TOFU (embedded data)",
+            "",
+            f"{a.tofu_authors} fictitious authors x 20 questions; forget10 = the last authors. Forget quality: KS-test "
+            "p-value against the retain run; model utility: harmonic mean of nine retain / real-authors / world-facts "
+            "metrics.",
+            "",
+            markdown_table(results["tofu"], ["run", "trained_share", "forget_quality", "model_utility", "forget_rouge",
+                                             "retain_rouge"], digits=4),
+            "![utility vs forget quality](tofu/utility_vs_forget_quality.png)",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def load_results(out: str | Path) -> dict:
+    return json.loads((Path(out) / "results.json").read_text())
