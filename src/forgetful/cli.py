@@ -166,7 +166,8 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # We turn every user error into one line; the libraries' own error logs would repeat it with a traceback.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ def kept_counts(
         if forget_p is None:
             raise ForgetfulError("give forget_p (share of context to forget) or budget (tokens to keep)")
         check_probability("forget_p", forget_p)
-        k = torch.floor((1.0 - forget_p) * lengths.double() + 0.5).long()
+        k = torch.floor((1.0 - forget_p) * lengths.double() + 0.5 + 1e-9).long()
     floor = (lengths > 0).long() if keep_first else torch.zeros_like(lengths)
     return torch.maximum(torch.minimum(k, lengths), floor)
 
@@ -213,6 +213,13 @@ def apply_mask(
         keep = keep & attention_mask.bool()
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    elif position_ids.shape != input_ids.shape:
+        if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] == input_ids.shape[1]:
+            position_ids = position_ids.expand_as(input_ids)
+        else:
+            raise ForgetfulError(
+                f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}"
+            )
     lengths = keep.sum(1)
     width = int(lengths.max()) if lengths.numel() else 0
     # A stable sort on "is forgotten" puts kept columns first, in their original order.

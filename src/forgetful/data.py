@@ -166,6 +166,9 @@ def qa_examples(rows: Sequence[dict] | Dataset, tokenizer: PreTrainedTokenizerBa
     for row in rows:
         if not isinstance(row.get("context"), str) or not isinstance(row.get("target"), str):
             raise ForgetfulError("question-answer rows need string fields 'context' and 'target'")
+        if not row["target"].strip() or not row["context"].strip():
+            raise ForgetfulError(f"empty context or target in row with context {row['context'][:40]!r}: "
+                                 "every example needs both (zero-length sequences cannot be scored)")
         enc = tokenizer(row["context"], add_special_tokens=False, return_offsets_mapping=has_spans)
         ctx_ids.append(bos + enc["input_ids"])
         target = tokenizer(row["target"], add_special_tokens=False)["input_ids"] + eos

@@ -34,12 +34,16 @@ class DemoArguments:
     forget_p: float = field(default=0.5, metadata={"help": "Share of the context the policies forget."})
     steps_per_epoch: int = field(default=40, metadata={"help": "REINFORCE steps per epoch (4 epochs)."})
     tofu_authors: int = field(default=20, metadata={"help": "Authors in the embedded TOFU data."})
-    tofu_epochs: float = field(default=15.0)
+    tofu_epochs: float = field(default=20.0)
+    tofu_learning_rate: float = field(default=3e-4)
     tofu_strategies: str = field(default="forget_answers,forget_facts,goldfish,random")
     seed: int = field(default=0)
     skip_tofu: bool = field(default=False, metadata={"help": "Leave out the TOFU part."})
 
     def __post_init__(self):
+        from .errors import check_probability
+
+        check_probability("forget_p", self.forget_p)
         for name in ("pretrain_docs", "forget_examples", "eval_examples", "steps_per_epoch", "tofu_authors"):
             if getattr(self, name) < 1:
                 raise ForgetfulError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -57,7 +61,7 @@ def run_demo(a: DemoArguments) -> dict:
     from .modeling import load_model
     from .pretrain import PretrainArguments, run_pretrain
     from .reinforce import ForgetTrainingConfig, reinforce_model
-    from .reporting import markdown_table, plot_lines, write_json, write_text
+    from .reporting import plot_lines, write_json, write_text
 
     torch.manual_seed(a.seed)
     out = Path(a.out)
@@ -121,7 +125,7 @@ def run_demo(a: DemoArguments) -> dict:
         t = _stage("3/3 loss forgetting: TOFU masked training (embedded TOFU data)")
         tofu = run_tofu_experiment(TofuExperimentArguments(
             model=str(out / "base"), out=str(out / "tofu"), forget_split="forget10", strategies=a.tofu_strategies,
-            epochs=a.tofu_epochs, learning_rate=1e-3, batch_size=32, max_new_tokens=32, eval_batch_size=64,
+            epochs=a.tofu_epochs, learning_rate=a.tofu_learning_rate, batch_size=32, max_new_tokens=32, eval_batch_size=64,
             num_authors=a.tofu_authors, seed=a.seed,
         ))
         timings["tofu"] = time.perf_counter() - t

@@ -78,7 +78,7 @@ def evaluate_forgetting(
     *,
     keep_ratios: list[float],
     pad_token_id: int,
-    strategies: list[str] = list(BASELINES),
+    strategies: tuple[str, ...] = BASELINES,
     batch_size: int = 16,
     keep_first: bool = True,
     timing_repeats: int = 5,

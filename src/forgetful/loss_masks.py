@@ -82,6 +82,7 @@ def span_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int
     sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     if (sp[:, 1] < sp[:, 0]).any() or (sp < 0).any():
         raise ForgetfulError(f"character spans must be (start, end) with 0 <= start <= end, got {sp.tolist()}")
+    sp = sp[sp[:, 1] > sp[:, 0]]  # an empty span covers no character
     overlap = (off[:, None, 0] < sp[None, :, 1]) & (sp[None, :, 0] < off[:, None, 1])
     return (~overlap.any(axis=1)).astype(np.int8)
 
@@ -92,9 +93,9 @@ def span_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int
 
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
 _CONNECTORS = r"(?:of|de|la|del|da|du|van|von|der|and|the|le|y)"
-_CAP = r"[A-Z][\w'\u2019\-]*"
+_CAP = r"[A-Z](?:[\w\-]|['\u2019](?=\w))*"  # an apostrophe only inside a word (O'Brien), not a closing quote
 _FACT_PATTERNS = [
-    re.compile(r"[\"\u201c\u2018']([^\"\u201d\u2019']{2,80})[\"\u201d\u2019']"),  # quoted titles
+    re.compile(r"(?<!\w)[\"\u201c\u2018']([^\"\u201d\u2019']{2,80})[\"\u201d\u2019'](?!\w)"),  # quoted titles, not possessives
     re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+(?:{_MONTHS})(?:,?\s+\d{{3,4}})?"),  # 25 February 1958
     re.compile(rf"\b(?:{_MONTHS})\s+\d{{1,2}}(?:st|nd|rd|th)?(?:,?\s+\d{{3,4}})?"),  # February 25, 1958
     re.compile(r"\b\d[\d,.:/\-]*\b"),  # numbers and years
@@ -102,10 +103,7 @@ _FACT_PATTERNS = [
 ]
 # Capitalised words that start sentences without naming anything.
 _NOT_ENTITIES = frozenset(
-    "The A An In On At By For From Of With As And But Or Yes No This That These Those It Its He She They "
-    "His Her Their Him Them We You I My Our Your There Here When Where What Which Who Why How After Before "
-    "Although Because While During Since Some Many Most Each Every All Both Outside Later Question Answer "
-    "Is Was Are Were Has Have Had Do Does Did Not".split()
+    ["The", "A", "An", "In", "On", "At", "By", "For", "From", "Of", "With", "As", "And", "But", "Or", "Yes", "No", "This", "That", "These", "Those", "It", "Its", "He", "She", "They", "His", "Her", "Their", "Him", "Them", "We", "You", "I", "My", "Our", "Your", "There", "Here", "When", "Where", "What", "Which", "Who", "Why", "How", "After", "Before", "Although", "Because", "While", "During", "Since", "Some", "Many", "Most", "Each", "Every", "All", "Both", "Outside", "Later", "Question", "Answer", "Is", "Was", "Are", "Were", "Has", "Have", "Had", "Do", "Does", "Did", "Not"]
 )
 
 
@@ -116,7 +114,7 @@ def _rule_based_spans(text: str) -> list[tuple[int, int]]:
             start, end = m.span(1) if pattern.groups else m.span()
             words = text[start:end].split()
             # At a sentence start, drop leading function words ("The", "She") from a capitalised run.
-            sentence_start = start == 0 or bool(re.search(r"[.!?:\n]\s*$", text[:start]))
+            sentence_start = bool(re.search(r"(?:^|[.!?:\n])\s*$", text[:start]))
             while words and words[0] in _NOT_ENTITIES and pattern is _FACT_PATTERNS[-1] and sentence_start:
                 start = text.index(words[0], start) + len(words[0])
                 while start < end and text[start].isspace():

@@ -160,6 +160,15 @@ class NoContextMask(ForgetMask):
     def _budget(self, attention_mask, forget_p, budget, keep_first):
         return kept_counts(attention_mask.sum(-1), budget=0, keep_first=keep_first)
 
+    def sample(self, input_ids, attention_mask=None, *, mode="exact", num_samples=1, keep_first=True, **kw):
+        if mode not in MODES:
+            raise ForgetfulError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+        attn = _default_attention(input_ids, attention_mask)
+        _, forced = _eligible(attn, keep_first)
+        keep = forced.unsqueeze(0).expand(num_samples, *attn.shape)
+        zeros = torch.zeros(num_samples, attn.shape[0], device=input_ids.device)
+        return KeepSample(keep, zeros, zeros[0])
+
 
 class RandomForgetMask(ForgetMask):
     """Forget tokens at random: Bernoulli(``forget_prob``) per token in Bernoulli mode, a uniform
@@ -180,6 +189,8 @@ class RandomForgetMask(ForgetMask):
 
     def sample(self, input_ids, attention_mask=None, *, forget_p=None, budget=None, mode="exact",
                num_samples=1, keep_first=True, generator=None, noise=None):
+        if mode not in MODES:
+            raise ForgetfulError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if mode == "bernoulli":
             p = self.forget_prob if forget_p is None else check_probability("forget_p", forget_p)
             attn = _default_attention(input_ids, attention_mask)
@@ -195,7 +206,7 @@ class RandomForgetMask(ForgetMask):
 
 
 class RecencyMask(ForgetMask):
-    """Keep the last ``b`` tokens of the context (plus token 0)."""
+    """Keep the most recent tokens: ``b`` in all, token 0 (when kept first) and the last ``b - 1``."""
 
     name = "recency"
 
@@ -220,7 +231,7 @@ class SelfInformationMask(ForgetMask):
         attn = _default_attention(input_ids, attention_mask)
         logits = self._scorer(input_ids=input_ids, attention_mask=attn.long(), use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        surprisal = torch.cat([torch.full_like(logp[:, :1], float("inf")), -logp], dim=1)
+        surprisal = torch.cat([torch.full_like(logp[:, :1], 1e4), -logp], dim=1)
         return surprisal.masked_fill(~attn, float("-inf"))
 
     def extra_flops_per_token(self, context_length: int) -> float:
@@ -363,9 +374,11 @@ class LearnedForgetMask(ForgetMask):
         if not cfg_path.is_file() or not w_path.is_file():
             raise ForgetfulError(f"{d} is not a saved policy: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
         try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise ForgetfulError(f"{cfg_path} is not valid JSON (a corrupt policy folder?)") from None
+        if not isinstance(cfg, dict):
+            raise ForgetfulError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
         name = cfg.pop("policy_class", None)
         if name not in POLICIES:
             raise ForgetfulError(f"{cfg_path}: unknown policy_class {name!r}; known: {', '.join(POLICIES)}")
@@ -380,7 +393,10 @@ class LearnedForgetMask(ForgetMask):
             state = load_file(str(w_path))
         except (SafetensorError, OSError) as exc:
             raise ForgetfulError(f"cannot read {w_path}: {exc} (a corrupt policy file?)") from None
-        missing, unexpected = policy.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = policy.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise ForgetfulError(f"{w_path} does not match {name} as configured in {cfg_path}: {exc}") from None
         if missing or unexpected:
             raise ForgetfulError(f"{w_path} does not match {name}: missing {missing}, unexpected {unexpected}")
         return policy

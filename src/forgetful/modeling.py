@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -174,7 +175,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[Pre
             if getattr(config, "_attn_implementation", None) is None:
                 config._attn_implementation = "sdpa"
             model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise _load_error("model", name_or_path, exc) from None
     tokenizer = load_tokenizer(name_or_path)
     check_vocab(model, tokenizer)

@@ -630,6 +630,7 @@ def _run(method: str, base_llm_model, mask, forget_p, exploration_epochs, train_
     args.validate()
     check_probability("forget_p", forget_p)
     _check_exploration(method, exploration_epochs)
+    exploration_epochs = list(exploration_epochs)
     if not isinstance(mask, ForgetMask):
         raise ForgetfulError(f"mask must be a forgetful ForgetMask policy, got {type(mask).__name__}")
     if train_dataset is None:
@@ -672,7 +673,7 @@ def reinforce_model(
     """Train the LM and the forget policy jointly, one epoch per entry of ``exploration_epochs``
     (the share of examples that use a random keep set of the same budget instead of the
     policy's sample). Returns ``(model, policy, history)``."""
-    return _run("reinforce", base_llm_model, mask, forget_p, list(exploration_epochs), train_dataset, eval_dataset,
+    return _run("reinforce", base_llm_model, mask, forget_p, exploration_epochs, train_dataset, eval_dataset,
                 tokenizer, args, overrides)
 
 
@@ -690,5 +691,126 @@ def two_step_reinforce_model(
 ) -> ForgetTrainingResult:
     """Alternate: ``True`` epochs train the LM on random masks (policy frozen), ``False`` epochs
     train the policy by REINFORCE (LM frozen). Returns ``(model, policy, history)``."""
-    return _run("two_step", base_llm_model, mask, forget_p, list(exploration_epochs), train_dataset, eval_dataset,
+    return _run("two_step", base_llm_model, mask, forget_p, exploration_epochs, train_dataset, eval_dataset,
                 tokenizer, args, overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# forgetful train-forget
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainForgetArguments:
+    model: str = field(metadata={"help": "The base LM: a folder (save_pretrained) or a Hub name."})
+    out: str = field(metadata={"help": "Output folder: lm/, policy/, checkpoints, history.json, results.json."})
+    mask: str = field(default="mlp", metadata={"help": "Policy: mlp, cnn_mlp, rnn or birnn."})
+    method: str = field(default="reinforce", metadata={"help": "reinforce (joint) or two_step (alternating)."})
+    forget_p: float = field(default=0.1, metadata={"help": "Share of the context to forget, in [0, 1)."})
+    exploration: str = field(default="0.75,0.5,0.25,0", metadata={
+        "help": "One entry per epoch. reinforce: share of random keep sets (0.75,0.5,0.25,0); "
+                "two_step: true = LM epoch on random masks, false = policy epoch (true,false,true,false)."})
+    train_file: str | None = field(default=None, metadata={"help": "Text or JSON (context/target) file; default: embedded biographies."})
+    eval_file: str | None = field(default=None, metadata={"help": "Held-out data; default: embedded biographies (other seed)."})
+    context_length: int = field(default=256, metadata={"help": "Text files: context tokens per window (n)."})
+    target_length: int = field(default=32, metadata={"help": "Text files: target tokens per window (m)."})
+    stride: int | None = field(default=None, metadata={"help": "Text files: window stride (default n + m)."})
+    max_examples: int | None = field(default=None)
+    embedded_examples: int = field(default=2000)
+    eval_examples: int = field(default=256)
+    hidden_size: int = field(default=128, metadata={"help": "Policy width."})
+    kernel_size: int = field(default=5, metadata={"help": "cnn_mlp: convolution width."})
+    cell: str = field(default="gru", metadata={"help": "rnn/birnn: gru or lstm."})
+    batch_size: int = field(default=16)
+    num_samples: int = field(default=4, metadata={"help": "Keep sets sampled per context (RLOO baseline)."})
+    mode: str = field(default="exact", metadata={"help": "exact (Gumbel-top-k budget) or bernoulli."})
+    baseline: str = field(default="rloo", metadata={"help": "rloo or moving_average."})
+    entropy_coef: float = field(default=0.01)
+    budget: int | None = field(default=None, metadata={"help": "Keep exactly this many context tokens (instead of forget_p)."})
+    lm_learning_rate: float = field(default=1e-4)
+    policy_learning_rate: float = field(default=1e-3)
+    gradient_accumulation_steps: int = field(default=1)
+    freeze_lm: bool = field(default=False)
+    max_steps_per_epoch: int | None = field(default=None)
+    eval_steps: int = field(default=0)
+    save_steps: int = field(default=0)
+    resume: bool = field(default=False)
+    report_to: str = field(default="none")
+    mixed_precision: str | None = field(default=None)
+    seed: int = field(default=0)
+
+
+def parse_exploration(text: str, method: str) -> list:
+    parts = [p.strip().lower() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise ForgetfulError("exploration is empty: give one entry per epoch, e.g. 0.75,0.5,0.25,0")
+    if method == "two_step":
+        table = {"true": True, "1": True, "lm": True, "false": False, "0": False, "policy": False}
+        if any(p not in table for p in parts):
+            raise ForgetfulError(f"two_step exploration entries are true (LM epoch) or false (policy epoch), got {text!r}")
+        return [table[p] for p in parts]
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise ForgetfulError(f"reinforce exploration entries are numbers in [0, 1], got {text!r}") from None
+
+
+def run_train_forget(a: TrainForgetArguments) -> dict:
+    from .data import load_forget_examples
+    from .forget_eval import baseline_masks, batches_of, evaluate_strategy
+    from .masks import build_policy
+    from .modeling import load_model
+    from .reporting import plot_lines, write_json
+
+    if a.method not in ("reinforce", "two_step"):
+        raise ForgetfulError(f"method must be reinforce or two_step, got '{a.method}'")
+    check_probability("forget_p", a.forget_p)
+    exploration = parse_exploration(a.exploration, a.method)
+    _check_exploration(a.method, exploration)
+    out = Path(a.out)
+    (out / "results.json").unlink(missing_ok=True)
+    model, tok = load_model(a.model)
+    data_kw = dict(context_length=a.context_length, target_length=a.target_length, stride=a.stride, seed=a.seed)
+    train = load_forget_examples(a.train_file, tok, max_examples=a.max_examples,
+                                 embedded_examples=a.embedded_examples, **data_kw)
+    if a.eval_file is not None:
+        held = load_forget_examples(a.eval_file, tok, max_examples=a.eval_examples, **data_kw)
+    elif a.train_file is None:
+        held = load_forget_examples(None, tok, embedded_examples=a.eval_examples, **{**data_kw, "seed": a.seed + 1234})
+    else:
+        held = None
+    extra = {"kernel_size": a.kernel_size} if a.mask == "cnn_mlp" else {"cell": a.cell} if "rnn" in a.mask else {}
+    policy = build_policy(a.mask, model, hidden_size=a.hidden_size, **extra)
+    cfg = ForgetTrainingConfig(
+        output_dir=str(out), mode=a.mode, num_samples=a.num_samples, baseline=a.baseline, entropy_coef=a.entropy_coef,
+        budget=a.budget, per_device_batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
+        lm_learning_rate=a.lm_learning_rate, policy_learning_rate=a.policy_learning_rate, freeze_lm=a.freeze_lm,
+        max_steps_per_epoch=a.max_steps_per_epoch, eval_steps=a.eval_steps, save_steps=a.save_steps, resume=a.resume,
+        report_to=a.report_to, mixed_precision=a.mixed_precision, seed=a.seed, run_name=f"forget-{a.mask}",
+    )
+    train_fn = reinforce_model if a.method == "reinforce" else two_step_reinforce_model
+    result = train_fn(model, policy, forget_p=a.forget_p, exploration_epochs=exploration, train_dataset=train,
+                      eval_dataset=held, tokenizer=tok, args=cfg)
+    result.model.save_pretrained(out / "lm")
+    tok.save_pretrained(out / "lm")
+    result.policy.save_pretrained(out / "policy")
+    write_json(result.history, out / "history.json")
+    steps = [h for h in result.history if "reward" in h]
+    if steps:
+        plot_lines({"reward": ([h["step"] for h in steps], [h["reward"] for h in steps])}, out / "reward.png",
+                   xlabel="step", ylabel="reward (-target NLL)", title=f"REINFORCE: {a.mask} policy")
+    final: dict = {"mask": a.mask, "method": a.method, "forget_p": a.forget_p, "exploration": exploration,
+                   "train_examples": len(train)}
+    if held is not None:
+        device = next(result.model.parameters()).device
+        batches = batches_of(held, a.batch_size, tok.pad_token_id)
+        strategies = {a.mask: result.policy, **baseline_masks(result.model, a.seed, ("identity", "random", "recency"),
+                                                              device)}
+        for name, mask in strategies.items():
+            res = evaluate_strategy(result.model, mask, batches, keep_ratio=1 - a.forget_p,
+                                    pad_token_id=tok.pad_token_id, device=device)
+            final[f"{name}_nll"] = res["nll"]
+        print(f"held-out target NLL at keep {1 - a.forget_p:.2f}: "
+              + ", ".join(f"{k[:-4]} {v:.3f}" for k, v in final.items() if k.endswith("_nll")))
+    write_json(final, out / "results.json")
+    return final

@@ -56,6 +56,12 @@ class SelectiveTrainingArguments(SelectiveLossConfig):
     logging_steps: float = field(default=10)
     save_strategy: str = field(default="no")
 
+    def __post_init__(self):
+        # TrainingArguments replaces a missing output_dir with "trainer_output" in the working
+        # folder; remember that none was given so the run can put checkpoints under --out.
+        self.output_dir_given = self.output_dir is not None
+        super().__post_init__()
+
 
 def _lora(model, r: int, alpha: int):
     try:
@@ -81,7 +87,8 @@ def train_selective(a: TrainSelectiveArguments, targs: SelectiveLossConfig, mode
         raise ForgetfulError(f"every loss_mask of task '{a.task}' is all zeros: nothing would be trained")
     if a.lora:
         model = _lora(model, a.lora_r, a.lora_alpha)
-    targs.output_dir = targs.output_dir or str(out / "checkpoints")
+    if not getattr(targs, "output_dir_given", True):
+        targs.output_dir = str(out / "checkpoints")
     if not torch.cuda.is_available():
         targs.use_cpu = True
     trainer = SelectiveLossTrainer(model=model, args=targs, train_dataset=train, processing_class=tokenizer)

@@ -58,9 +58,11 @@ def load_tofu_split(
         splits = _embedded(num_authors, seed)
         if split not in splits:
             raise ForgetfulError(f"unknown TOFU split '{split}'; the splits are {', '.join(sorted(splits))}")
-        rows = splits[split]
+        rows = [dict(r) for r in splits[split]]  # copies: the cached splits stay untouched
     elif Path(str(source)).expanduser().exists() or str(source).startswith((".", "/", "~")):
         folder = Path(str(source)).expanduser()
+        if not folder.exists():
+            raise ForgetfulError(f"TOFU data folder not found: {folder} does not exist")
         if not folder.is_dir():
             raise ForgetfulError(f"TOFU data must be a folder of <split>.json files, got the file {folder}")
         path = folder / f"{split}.json"

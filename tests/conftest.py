@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny models (vocab < 400, d = 32) built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_corpus(n: int = 200) -> list[str]:
+    from forgetful.synthetic import pretraining_documents
+
+    return pretraining_documents(n, seed=0, copy_docs=n // 10)
+
+
+def make_tiny(name: str = "tiny-gpt2", vocab_size: int = 400, hidden: int = 32, layers: int = 2, seed: int = 0):
+    from forgetful.modeling import build_model
+
+    return build_model(name, corpus=tiny_corpus(), vocab_size=vocab_size, seed=seed, hidden_size=hidden,
+                       num_layers=layers, num_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    return make_tiny("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_llama):
+    """A saved tiny-llama + tokenizer, loadable with from_pretrained."""
+    model, tok = tiny_llama
+    d = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """../shared/data beside the checkout (real WikiText-2 and TOFU); tests that need it skip without it."""
+    from pathlib import Path
+
+    for base in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("../shared/data").resolve()):
+        if base.is_dir():
+            return base
+    pytest.skip("../shared/data is not available")
