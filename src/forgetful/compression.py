@@ -188,6 +188,7 @@ class CompressedInputs:
     position_ids: torch.Tensor  # [B, L] the original positions (0 on padding)
     lengths: torch.Tensor  # [B] kept tokens per row
     index: torch.Tensor  # [B, L] source column of each output slot
+    padded: bool = True  # False when every row kept the same number of tokens
 
     def gather(self, values: torch.Tensor, pad_value) -> torch.Tensor:
         """Gather another ``[B, n]`` tensor aligned with the input (labels, fact masks, ...)."""
@@ -221,13 +222,14 @@ def apply_mask(
                 f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}"
             )
     lengths = keep.sum(1)
-    width = int(lengths.max()) if lengths.numel() else 0
+    # one device->host transfer for both bounds (the width must be known on the host)
+    shortest, width = (torch.stack([lengths.min(), lengths.max()]).tolist() if lengths.numel() else (0, 0))
     # A stable sort on "is forgotten" puts kept columns first, in their original order.
     index = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
     valid = torch.arange(width, device=input_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
     ids = input_ids.gather(1, index).masked_fill(~valid, pad_token_id)
     pos = position_ids.gather(1, index).masked_fill(~valid, 0)
-    return CompressedInputs(ids, valid.long(), pos, lengths, index)
+    return CompressedInputs(ids, valid.long(), pos, lengths, index, padded=shortest != width)
 
 
 def compress_examples(
@@ -240,7 +242,7 @@ def compress_examples(
 ) -> dict[str, torch.Tensor]:
     """The LM input ``c[K] ++ y`` with original position ids, and labels on the target tokens
     (HF convention, unshifted). ``keep`` is ``[B, n]`` or ``[S, B, n]`` (S samples per row, which
-    come out as ``S * B`` rows, sample-major)."""
+    come out as ``S * B`` rows, sample-major). ``attention_mask`` is None when no row is padded."""
     if keep.dim() == 3:
         s = keep.shape[0]
         rep = lambda t: t.unsqueeze(0).expand(s, *t.shape).reshape(-1, t.shape[-1])  # noqa: E731
@@ -255,7 +257,8 @@ def compress_examples(
     out = apply_mask(ids, full_keep, position_ids=positions, pad_token_id=pad_token_id)
     return {
         "input_ids": out.input_ids,
-        "attention_mask": out.attention_mask,
+        # Without padding no mask is needed: attention can run its causal fast path (flash).
+        "attention_mask": out.attention_mask if out.padded else None,
         "position_ids": out.position_ids,
         "labels": out.gather(labels, -100),
     }

@@ -36,19 +36,24 @@ PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 
 @dataclass(frozen=True)
 class TinyConfig:
-    """A small decoder, trained from scratch; sizes fit a 2-core CPU."""
+    """A decoder trained from scratch with its own BPE tokenizer (tiny-*: sized for a 2-core CPU)."""
 
     family: str  # "gpt2" | "llama"
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     max_positions: int = 512
-    vocab_size: int = 1024
+    vocab_size: int = 2048
 
 
 BUILTIN_MODELS: dict[str, TinyConfig] = {
     "tiny-gpt2": TinyConfig("gpt2"),
     "tiny-llama": TinyConfig("llama"),
+    # GPT-2-small size (124M with a 50k vocabulary; 92M with the default 8k BPE), for GPUs
+    "small-gpt2": TinyConfig("gpt2", hidden_size=768, num_layers=12, num_heads=12, max_positions=1024,
+                             vocab_size=8192),
+    "small-llama": TinyConfig("llama", hidden_size=768, num_layers=12, num_heads=12, max_positions=2048,
+                              vocab_size=8192),
 }
 
 
@@ -113,10 +118,11 @@ def tiny_config(name: str, tokenizer: PreTrainedTokenizerBase, **overrides) -> G
     """The HF config of a built-in tiny model, sized to ``tokenizer``. Dropout is 0 so training
     is deterministic across process counts and exactly resumable."""
     spec = BUILTIN_MODELS[name]
-    hidden = overrides.pop("hidden_size", spec.hidden_size)
-    layers = overrides.pop("num_layers", spec.num_layers)
-    heads = overrides.pop("num_heads", spec.num_heads)
-    positions = overrides.pop("max_positions", spec.max_positions)
+    pick = lambda key, default: overrides.pop(key, None) or default  # noqa: E731  (None = the built-in size)
+    hidden = pick("hidden_size", spec.hidden_size)
+    layers = pick("num_layers", spec.num_layers)
+    heads = pick("num_heads", spec.num_heads)
+    positions = pick("max_positions", spec.max_positions)
     if hidden % heads:
         raise ForgetfulError(f"hidden_size {hidden} must be divisible by num_heads {heads}")
     common = dict(

@@ -32,10 +32,10 @@ class PretrainArguments:
     text_column: str = field(default="text", metadata={"help": "Column holding the text in JSON/Hub data."})
     block_size: int = field(default=256, metadata={"help": "Tokens per training row (longer rows are cut)."})
     packing: bool | None = field(default=None, metadata={"help": "Pack documents of a --train-file into blocks (default: yes)."})
-    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size for built-in models."})
-    hidden_size: int = field(default=128, metadata={"help": "Width of built-in models."})
-    num_layers: int = field(default=4, metadata={"help": "Layers of built-in models."})
-    num_heads: int = field(default=4, metadata={"help": "Attention heads of built-in models."})
+    vocab_size: int | None = field(default=None, metadata={"help": "BPE vocabulary of built-in models (default: theirs)."})
+    hidden_size: int | None = field(default=None, metadata={"help": "Width of built-in models (default: theirs)."})
+    num_layers: int | None = field(default=None, metadata={"help": "Layers of built-in models (default: theirs)."})
+    num_heads: int | None = field(default=None, metadata={"help": "Attention heads of built-in models (default: theirs)."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: run the epochs)."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training data."})
     batch_size: int = field(default=32, metadata={"help": "Rows per device per step."})
@@ -57,7 +57,7 @@ class PretrainArguments:
     def __post_init__(self):
         for name in ("block_size", "batch_size", "gradient_accumulation_steps", "vocab_size", "hidden_size",
                      "num_layers", "num_heads", "embedded_docs", "eval_rows", "logging_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ForgetfulError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ForgetfulError(f"max_steps must be positive (or -1 for whole epochs), got {self.max_steps}")
@@ -102,7 +102,7 @@ def _training_args(a: PretrainArguments, out: Path, eval_steps: int | None):
 def run_pretrain(a: PretrainArguments) -> dict:
     """Train, evaluate and save; returns the results written to ``OUT/results.json``."""
     from .data import EMBEDDED
-    from .modeling import build_model, count_parameters, is_builtin
+    from .modeling import BUILTIN_MODELS, build_model, count_parameters, is_builtin
     from .reporting import plot_loss_curve, write_json
     from .selective import SelectiveLossTrainer
     from .tasks import prepare_dataset_for_training
@@ -127,7 +127,8 @@ def run_pretrain(a: PretrainArguments) -> dict:
                                                  text_column=a.text_column, seed=a.seed)["text"])
         model, tokenizer = build_model(
             a.model, corpus=corpus_texts, vocab_size=a.vocab_size, seed=a.seed, hidden_size=a.hidden_size,
-            num_layers=a.num_layers, num_heads=a.num_heads, max_positions=max(512, a.block_size),
+            num_layers=a.num_layers, num_heads=a.num_heads,
+            max_positions=max(BUILTIN_MODELS[a.model].max_positions, a.block_size),
         )
     else:
         model, tokenizer = build_model(a.model)

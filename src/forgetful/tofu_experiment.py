@@ -9,6 +9,7 @@ forget truth ratios. Writes ``results.json``, ``report.md`` (a table) and
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ class TofuExperimentArguments:
     seed: int = field(default=0)
     bf16: bool | None = field(default=None)
     report_to: str = field(default="none")
+    only: str | None = field(default=None, metadata={
+        "help": "Run only these runs now (e.g. retain,full); runs with results in OUT are reused, so a long "
+                "experiment can be split over several calls."})
 
 
 def _runs(a: TofuExperimentArguments) -> list[tuple[str, str, str]]:
@@ -62,24 +66,38 @@ def run_tofu_experiment(a: TofuExperimentArguments) -> dict:
     from .modeling import load_model
     from .reporting import markdown_table, plot_scatter, write_json, write_text
     from .selective_cli import SelectiveTrainingArguments, TrainSelectiveArguments, train_selective
-    from .tofu_eval import evaluate_tofu, forget_quality
+    from .tofu_eval import evaluate_tofu, forget_quality, summarize
 
     runs = _runs(a)
+    only = None if a.only is None else {r.strip() for r in a.only.split(",") if r.strip()}
+    if only is not None and not only <= {name for name, _, _ in runs}:
+        raise ForgetfulError(f"--only names unknown runs {sorted(only - {n for n, _, _ in runs})}; "
+                             f"runs are {', '.join(n for n, _, _ in runs)}")
     out = Path(a.out)
     cuda = torch.cuda.is_available()
     bf16 = a.bf16 if a.bf16 is not None else (cuda and torch.cuda.is_bf16_supported())
     rows, evals = [], {}
     for name, split, strategy in runs:
+        run_dir = out / name
+        if (run_dir / "run.json").is_file() and (run_dir / "tofu_eval.json").is_file():
+            row = json.loads((run_dir / "run.json").read_text())
+            per_example = json.loads((run_dir / "tofu_eval.json").read_text())
+            evals[name] = (per_example, summarize(per_example, None))
+            rows.append(row)
+            print(f"[{name}] reusing the results in {run_dir}")
+            continue
+        if only is not None and name not in only:
+            continue
         start = time.perf_counter()
         model, tokenizer = load_model(a.model)  # the same initialisation for every run
         targs = SelectiveTrainingArguments(
-            output_dir=str(out / name / "checkpoints"), learning_rate=a.learning_rate, num_train_epochs=a.epochs,
+            output_dir=str(run_dir / "checkpoints"), learning_rate=a.learning_rate, num_train_epochs=a.epochs,
             per_device_train_batch_size=a.batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
             lr_scheduler_type="linear", warmup_steps=0.05, weight_decay=0.01, seed=a.seed, data_seed=a.seed, bf16=bf16,
             use_cpu=not cuda, logging_steps=25, report_to=a.report_to, save_strategy="no",
         )
         sel = TrainSelectiveArguments(
-            task="tofu", model=a.model, out=str(out / name / "model"), source=a.data_dir, split=split,
+            task="tofu", model=a.model, out=str(run_dir / "model"), source=a.data_dir, split=split,
             forget_split=a.forget_split, strategy=strategy, max_length=a.max_length, p=a.p, k=a.k, h=a.h,
             num_authors=a.num_authors,
         )
@@ -90,15 +108,19 @@ def run_tofu_experiment(a: TofuExperimentArguments) -> dict:
             model, tokenizer, source=a.data_dir, forget_split=a.forget_split, max_new_tokens=a.max_new_tokens,
             batch_size=a.eval_batch_size, max_examples=a.max_eval_examples, num_authors=a.num_authors, seed=a.seed,
         )
-        per_example["meta"]["model"] = str(out / name / "model")
-        write_json(per_example, out / name / "tofu_eval.json")
+        per_example["meta"]["model"] = str(run_dir / "model")
+        write_json(per_example, run_dir / "tofu_eval.json")
         evals[name] = (per_example, summary)
-        rows.append({"run": name, "split": split, "strategy": strategy,
-                     "trained_share": train_res["trained_share"], "train_loss": train_res["train_loss"],
-                     "seconds": round(time.perf_counter() - start, 1)})
+        row = {"run": name, "split": split, "strategy": strategy, "trained_share": train_res["trained_share"],
+               "train_loss": train_res["train_loss"], "seconds": round(time.perf_counter() - start, 1)}
+        write_json(row, run_dir / "run.json")
+        rows.append(row)
         del model
         if cuda:
             torch.cuda.empty_cache()
+    if "retain" not in evals:
+        print("no retain run yet: forget quality needs it (run it with --only retain)")
+        return {"runs": rows}
     retain_r = evals["retain"][0]["forget"]["truth_ratio"]
     for row in rows:
         per_example, summary = evals[row["run"]]

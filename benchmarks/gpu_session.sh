@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One phase of a GPU session, run from the repository root on a machine with NVIDIA GPUs.
+# Wheels in .whl/ (packages the machine lacks) are installed to /tmp/site first; data the
+# experiments read is expected in .device_data/ (a copy of ../shared/data, never committed).
+#
+#   OUT=/path bash benchmarks/gpu_session.sh probe|bench|tofu|ddp [args]
+set -euo pipefail
+phase=${1:?phase: probe, bench, tofu or ddp}
+shift
+out=${OUT:-/tmp/forgetful_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+case "$phase" in
+  probe)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+    python3 -c "import torch, transformers, accelerate, pyarrow, fsspec, huggingface_hub as h; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__, 'hub', h.__version__, 'gpus', torch.cuda.device_count())"
+    python3 -c "import datasets, rouge_score, forgetful.tofu_eval; print('datasets', datasets.__version__, 'imports ok')"
+    ;;
+  bench)
+    python3 benchmarks/bench_masks.py --size gpt2-small --n 1024 --batch 32 --out "$out/bench_masks.json" "$@"
+    python3 benchmarks/bench_forgetting.py --size gpt2-small --lengths 1024,4096 --batch 32 --out "$out/bench_forgetting.json"
+    python3 benchmarks/bench_selective.py --size gpt2-small --seq 1024 --batch 16 --out "$out/bench_selective.json"
+    ;;
+  tofu)
+    # pretrain a GPT-2-small-size model on WikiText-2 (valid) once, then the TOFU experiment on real data
+    if [ ! -f "$out/init/results.json" ]; then
+      python3 -m forgetful pretrain --model small-gpt2 --train-file .device_data/wikitext2/valid.txt \
+        --eval-file .device_data/wikitext2/test.txt --out "$out/init" --epochs 8 --batch-size 32 \
+        --learning-rate 6e-4 --block-size 512 --logging-steps 50
+    fi
+    python3 -m forgetful tofu-experiment --model "$out/init" --data-dir .device_data/tofu --out "$out/tofu" \
+      --forget-split forget10 --epochs 5 --learning-rate 1e-4 --batch-size 16 --eval-batch-size 128 "$@"
+    ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+esac
