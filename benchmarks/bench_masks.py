@@ -62,7 +62,7 @@ def main() -> None:
     for kind in a.policies.split(","):
         policy = build_policy(kind, model, hidden_size=a.hidden).to(device)
 
-        def run(train: bool):
+        def run(train: bool, policy=policy):
             def fn():
                 policy.zero_grad(set_to_none=True)
                 with torch.set_grad_enabled(train), autocast():
