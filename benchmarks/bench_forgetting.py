@@ -39,7 +39,8 @@ def main() -> None:
     p.add_argument("--policy", default="mlp", help="mlp, cnn_mlp, rnn, birnn")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sdpa", default="default", help="default, flash, efficient, cudnn, math")
-    p.add_argument("--compile", action="store_true", help="torch.compile the LM")
+    p.add_argument("--compile", default="", help="torch.compile the LM with this mode: default, reduce-overhead, "
+                   "max-autotune-no-cudagraphs (empty: eager)")
     p.add_argument("--out", default="bench_forgetting.json")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -56,7 +57,7 @@ def main() -> None:
         backend = lambda: sdpa_kernel(kind)  # noqa: E731
     results = {"env": environment(device), "config": vars(a), "rows": []}
     model = gpt2(a.size, max(lengths) + a.target, device)
-    lm = torch.compile(model) if a.compile else model
+    lm = torch.compile(model, mode=a.compile, dynamic=False) if a.compile else model
     policy = build_policy(a.policy, model, hidden_size=128).to(device)
     V, B, m = model.config.vocab_size, a.batch, a.target
 
@@ -93,7 +94,7 @@ def main() -> None:
                             kept = policy.greedy(ctx, ctx_mask, forget_p=1 - keep)
                         inputs = compress_examples(ctx, ctx_mask, kept, tgt, tgt_mask)
                         out = token_nll(lm, inputs["input_ids"], inputs["labels"],
-                                        attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"])
+                                        attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"], target_length=inputs["target_length"])
                         per_row = out.sum_per_row() / m
                         if train:
                             reward = -per_row.detach()

@@ -508,3 +508,34 @@ def test_compress_examples_concrete():
     assert out3["labels"][3].tolist()[:4] == [-100, -100, 22, -100]
     with pytest.raises(ForgetfulError, match="keep mask has shape"):
         compress_examples(ctx, ctx_mask, keep[:, :3], tgt, tgt_mask)
+
+
+def test_compressed_tokens_attend_across_forgotten_gaps(tiny_llama):
+    """A kept token before a gap must still be visible to the target. (transformers reads gaps in
+    position_ids as packed-sequence boundaries when no attention mask is given.)"""
+    from forgetful.compression import compress_examples
+    from forgetful.token_loss import token_nll
+
+    model, _ = tiny_llama
+    ctx = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    keep = torch.tensor([[True, True, False, False, True, False, False, True]])
+    tgt = torch.tensor([[13, 14]])
+    ones = torch.ones_like
+    inputs = compress_examples(ctx, ones(ctx, dtype=torch.bool), keep, tgt, ones(tgt, dtype=torch.bool))
+    assert inputs["attention_mask"] is not None and inputs["target_length"] == 2
+    assert inputs["position_ids"].tolist() == [[0, 1, 4, 7, 8, 9]]
+    with torch.no_grad():
+        fast = token_nll(model, inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"],
+                         position_ids=inputs["position_ids"], target_length=inputs["target_length"]).nll
+        slow = token_nll(model, inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"],
+                         position_ids=inputs["position_ids"]).nll
+        # the reference: full logits of the same sequence with an explicit causal mask
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       position_ids=inputs["position_ids"]).logits
+        ref = torch.nn.functional.cross_entropy(logits[0, -3:-1], tgt[0], reduction="none")
+        changed = inputs["input_ids"].clone()
+        changed[0, 1] = 42  # a kept token before the first gap
+        other = token_nll(model, changed, inputs["labels"], attention_mask=inputs["attention_mask"],
+                          position_ids=inputs["position_ids"], target_length=2).nll
+    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(slow, ref, atol=1e-5)
+    assert not torch.allclose(other, fast, atol=1e-4)

@@ -242,7 +242,9 @@ def compress_examples(
 ) -> dict[str, torch.Tensor]:
     """The LM input ``c[K] ++ y`` with original position ids, and labels on the target tokens
     (HF convention, unshifted). ``keep`` is ``[B, n]`` or ``[S, B, n]`` (S samples per row, which
-    come out as ``S * B`` rows, sample-major). ``attention_mask`` is None when no row is padded."""
+    come out as ``S * B`` rows, sample-major). ``target_length`` is set when every row ends with
+    its whole target and no row is padded (then :func:`~forgetful.token_loss.token_nll` can skip
+    gathering positions)."""
     if keep.dim() == 3:
         s = keep.shape[0]
         rep = lambda t: t.unsqueeze(0).expand(s, *t.shape).reshape(-1, t.shape[-1])  # noqa: E731
@@ -255,10 +257,17 @@ def compress_examples(
     full_keep = torch.cat([keep.bool() & context_mask.bool(), target_mask.bool()], 1)
     labels = torch.cat([torch.full_like(context_ids, -100), target_ids.masked_fill(~target_mask.bool(), -100)], 1)
     out = apply_mask(ids, full_keep, position_ids=positions, pad_token_id=pad_token_id)
-    return {
+    # The attention mask is always passed, even without padding: given position_ids with gaps and
+    # no mask, transformers reads the gaps as boundaries of packed sequences and would stop every
+    # token from attending across a forgotten one. An all-ones mask keeps SDPA's causal fast path.
+    result = {
         "input_ids": out.input_ids,
-        # Without padding no mask is needed: attention can run its causal fast path (flash).
-        "attention_mask": out.attention_mask if out.padded else None,
+        "attention_mask": out.attention_mask,
         "position_ids": out.position_ids,
         "labels": out.gather(labels, -100),
+        "target_length": None,
     }
+    if not out.padded and bool(target_mask.all()):
+        # every row ends with its full target: the LM head is needed on the last positions only
+        result["target_length"] = int(target_mask.shape[1])
+    return result

@@ -66,7 +66,7 @@ def _forward_fn(model: nn.Module, mask: ForgetMask, batch: ForgetBatch, keep_rat
             inputs = compress_examples(batch.context_ids, batch.context_mask, keep, batch.target_ids,
                                        batch.target_mask, pad)
             return token_nll(model, inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"],
-                             position_ids=inputs["position_ids"]).nll
+                             position_ids=inputs["position_ids"], target_length=inputs["target_length"]).nll
 
     return run
 

@@ -81,7 +81,7 @@ def evaluate_strategy(
                                keep_first=keep_first)
             inputs = compress_examples(b.context_ids, b.context_mask, keep, b.target_ids, b.target_mask, pad_token_id)
             out = token_nll(model, inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"],
-                            position_ids=inputs["position_ids"])
+                            position_ids=inputs["position_ids"], target_length=inputs["target_length"])
         nll_sum += float(out.nll.sum())
         n_tok += out.nll.numel()
         kept += int((keep & b.context_mask).sum())

@@ -305,7 +305,7 @@ class _ForgetTrainer:
             train_lm = phase.train_lm and self.trains_lm
             with torch.set_grad_enabled(train_lm):
                 out = token_nll(self.model, inputs["input_ids"], inputs["labels"],
-                                attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"])
+                                attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"], target_length=inputs["target_length"])
         # per (sample, row) mean target NLL -> reward
         per_row = out.sum_per_row() / out.count_per_row().clamp(min=1)
         reward = -per_row.detach().view(K, -1)

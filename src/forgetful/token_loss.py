@@ -100,10 +100,26 @@ def token_nll(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     sparse_logits: bool = True,
+    target_length: int | None = None,
 ) -> TokenNLL:
     """NLL of every token whose label is not -100 (labels as HF causal LMs take them: unshifted,
     token ``t`` predicted from position ``t - 1``). Logits are computed only at the predicting
-    positions when ``sparse_logits``; otherwise the full logits are gathered (same values)."""
+    positions when ``sparse_logits``; otherwise the full logits are gathered (same values).
+
+    ``target_length=m`` declares that the labels are exactly the last ``m`` tokens of every row
+    (no padding after them): the model's own ``logits_to_keep`` then does the selection, with no
+    data-dependent indexing (no host synchronisation)."""
+    if target_length is not None and sparse_logits:
+        kwargs = {"input_ids": input_ids, "use_cache": False, "logits_to_keep": target_length + 1}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        logits = model(**kwargs).logits[:, :-1]
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                              labels[:, -target_length:].reshape(-1), reduction="none")
+        rows = torch.arange(labels.shape[0], device=labels.device).repeat_interleave(target_length)
+        return TokenNLL(nll, rows, labels.shape[0])
     positions = prediction_positions(labels)
     targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
     kwargs = {"input_ids": input_ids, "use_cache": False}
