@@ -57,7 +57,13 @@ def main() -> None:
         backend = lambda: sdpa_kernel(kind)  # noqa: E731
     results = {"env": environment(device), "config": vars(a), "rows": []}
     model = gpt2(a.size, max(lengths) + a.target, device)
-    lm = torch.compile(model, mode=a.compile, dynamic=False) if a.compile else model
+    if a.compile:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = 64  # one graph per (length, grad mode) is expected
+        lm = torch.compile(model, mode=a.compile, dynamic=False)
+    else:
+        lm = model
     policy = build_policy(a.policy, model, hidden_size=128).to(device)
     V, B, m = model.config.vocab_size, a.batch, a.target
 
