@@ -58,9 +58,9 @@ def main() -> None:
     results = {"env": environment(device), "config": vars(a), "rows": []}
     model = gpt2(a.size, max(lengths) + a.target, device)
     if a.compile:
-        import torch._dynamo
+        from torch import _dynamo
 
-        torch._dynamo.config.cache_size_limit = 64  # one graph per (length, grad mode) is expected
+        _dynamo.config.cache_size_limit = 64  # one graph per (length, grad mode) is expected
         lm = torch.compile(model, mode=a.compile, dynamic=False)
     else:
         lm = model

@@ -9,6 +9,7 @@ phase=${1:?phase: probe, bench, tofu or ddp}
 shift
 out=${OUT:-/tmp/forgetful_out}
 mkdir -p "$out"
+quiet() { grep -v "it/s]" || true; }  # drop progress bars; never fail the pipeline
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -29,14 +30,24 @@ case "$phase" in
     python3 benchmarks/bench_selective.py --size gpt2-small --seq 1024 --batch 16 --out "$out/bench_selective.json"
     ;;
   tofu)
-    # pretrain a GPT-2-small-size model on WikiText-2 (valid) once, then the TOFU experiment on real data
-    if [ ! -f "$out/init/results.json" ]; then
+    # Pretrain a GPT-2-small-size model on WikiText-2 (valid) once: the one initialisation. Then the
+    # TOFU experiment on the real data, one run at a time; after each, the small result files are
+    # packed into $out so that a run cut short still returns what finished.
+    work=/tmp/forgetful_tofu
+    if [ ! -f "$work/init/results.json" ]; then
       python3 -m forgetful pretrain --model small-gpt2 --train-file .device_data/wikitext2/valid.txt \
-        --eval-file .device_data/wikitext2/test.txt --out "$out/init" --epochs 8 --batch-size 32 \
-        --learning-rate 6e-4 --block-size 512 --logging-steps 50
+        --eval-file .device_data/wikitext2/test.txt --out "$work/init" --epochs 8 --batch-size 32 \
+        --learning-rate 6e-4 --block-size 512 --logging-steps 50 2>&1 | quiet
+      cp "$work/init/results.json" "$out/init_results.json"
     fi
-    python3 -m forgetful tofu-experiment --model "$out/init" --data-dir .device_data/tofu --out "$out/tofu" \
-      --forget-split forget10 --epochs 5 --learning-rate 1e-4 --batch-size 16 --eval-batch-size 128 "$@"
+    exp=(--model "$work/init" --data-dir .device_data/tofu --out "$work/tofu" --forget-split forget10
+         --epochs "${EPOCHS:-6}" --learning-rate "${LR:-3e-4}" --batch-size 32 --eval-batch-size 128 "$@")
+    for run in ${RUNS:-retain full full_forget_answers full_forget_facts full_goldfish full_random}; do
+      python3 -m forgetful tofu-experiment "${exp[@]}" --only "$run" 2>&1 | quiet
+      (cd "$work" && tar czf "$out/tofu_runs.tar.gz" --exclude=checkpoints --exclude=model tofu)
+    done
+    python3 -m forgetful tofu-experiment "${exp[@]}" 2>&1 | tail -12
+    (cd "$work" && tar czf "$out/tofu_runs.tar.gz" --exclude=checkpoints --exclude=model tofu)
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

@@ -69,6 +69,7 @@ class ForgetTrainingConfig:
     freeze_lm: bool = False
     keep_first: bool = True
     mixed_precision: str | None = None  # no | bf16 | fp16; default bf16 on a GPU that has it
+    use_cpu: bool = False  # train on the CPU even when a GPU is there
     max_steps_per_epoch: int | None = None
     eval_steps: int = 0  # 0: evaluate at the end of every epoch
     eval_batches: int = 8
@@ -210,7 +211,9 @@ class _ForgetTrainer:
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         trackers = _trackers(args.report_to)
         project_dir = args.output_dir or "."
-        self.accelerator = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=project_dir)
+        # cpu=True on a machine without GPUs also makes a multi-process launch (torchrun) use gloo
+        cpu = args.use_cpu or not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=project_dir, cpu=cpu)
         set_seed(args.seed)
         acc = self.accelerator
         self.world = acc.num_processes
@@ -253,13 +256,15 @@ class _ForgetTrainer:
             self.policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_learning_rate)
             self.policy_sched = _scheduler(self.policy_opt, args.lr_scheduler_type, pol_steps,
                                            int(args.warmup_ratio * pol_steps))
-        # Accelerate places and wraps (DDP under a launcher); frozen modules are only moved.
+        # Accelerate places and wraps (DDP under a launcher); frozen modules are only moved. The
+        # schedulers stay ours: every process steps them once per optimizer step (Accelerate's
+        # wrapper would step them once per process, assuming a split data loader).
         if self.trains_lm:
-            self.model, self.lm_opt, self.lm_sched = acc.prepare(self.model, self.lm_opt, self.lm_sched)
+            self.model, self.lm_opt = acc.prepare(self.model, self.lm_opt)
         else:
             self.model = self.model.to(acc.device)
         if self.trains_policy:
-            self.policy, self.policy_opt, self.policy_sched = acc.prepare(self.policy, self.policy_opt, self.policy_sched)
+            self.policy, self.policy_opt = acc.prepare(self.policy, self.policy_opt)
         else:
             self.policy = self.policy.to(acc.device)
         self.inner_policy = unwrap_model(self.policy)
@@ -305,15 +310,17 @@ class _ForgetTrainer:
             train_lm = phase.train_lm and self.trains_lm
             with torch.set_grad_enabled(train_lm):
                 out = token_nll(self.model, inputs["input_ids"], inputs["labels"],
-                                attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"], target_length=inputs["target_length"])
+                                attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
+                                target_length=inputs["target_length"])
         # per (sample, row) mean target NLL -> reward
         per_row = out.sum_per_row() / out.count_per_row().clamp(min=1)
         reward = -per_row.detach().view(K, -1)
         result = {"reward_sum": reward.sum().detach(), "keep_sum": (keep & b.context_mask).sum().detach(),
-                  "ctx_sum": b.context_mask.sum().detach() * K, "loss": torch.zeros((), device=acc.device)}
+                  "ctx_sum": b.context_mask.sum().detach() * K}
+        losses = {}
         if train_lm:
             lm_loss = out.nll.sum() / counts["target_tokens"] * self.world
-            result["loss"] = result["loss"] + lm_loss
+            losses["lm"] = lm_loss
             result["lm_loss_sum"] = out.nll.sum().detach()
         if phase.train_policy and self.trains_policy and sample is not None:
             own = ~explore_rows  # the policy learns from its own samples only
@@ -325,11 +332,12 @@ class _ForgetTrainer:
             if args.mode == "bernoulli":
                 target = k.float() / b.context_mask.sum(-1).clamp(min=1)
                 share = sample.expected_keep / b.context_mask.sum(-1).clamp(min=1)
-                pol_loss = pol_loss + args.budget_penalty * ((share - target) ** 2 * own.float()).sum() / counts["policy_rows"] * self.world
-            result["loss"] = result["loss"] + pol_loss
+                penalty = ((share - target) ** 2 * own.float()).sum() / counts["policy_rows"] * self.world
+                pol_loss = pol_loss + args.budget_penalty * penalty
+            losses["policy"] = pol_loss
             result["policy_loss_sum"] = (-(adv * sample.log_prob.detach() * w).sum()).detach()
             result["entropy_sum"] = (sample.entropy.detach() * own.float()).sum()
-        return result
+        return result, losses
 
     def policy_sample(self, b: ForgetBatch, noise: torch.Tensor, k: torch.Tensor):
         if self.args.mode == "bernoulli":
@@ -430,8 +438,17 @@ class _ForgetTrainer:
             raise
         finally:
             bar.close()
-        acc.end_training()
-        return ForgetTrainingResult(unwrap_model(self.model), self.inner_policy, self.state.history)
+        # Drop the DDP wrappers at the same point on every process: left to the garbage collector,
+        # their reducers can be torn down while a peer still talks to them, which hangs gloo. The
+        # process group stays up (unlike ``end_training``) so the caller can evaluate next.
+        acc.wait_for_everyone()
+        self.model, self.policy = unwrap_model(self.model), self.inner_policy
+        self.lm_opt = self.policy_opt = None
+        acc.free_memory()
+        for tracker in acc.trackers:
+            tracker.finish()
+        acc.wait_for_everyone()
+        return ForgetTrainingResult(self.model, self.inner_policy, self.state.history)
 
     def _step(self, phase: _Phase, order: torch.Tensor) -> dict[str, float]:
         args, acc = self.args, self.accelerator
@@ -462,12 +479,16 @@ class _ForgetTrainer:
                 if not sync:
                     for m in models:
                         stack.enter_context(acc.no_sync(m))
-                res = self._micro_loss(local, phase, explore[lo:hi], noise[:, lo:hi], rand_noise[:, lo:hi], counts)
-                if res["loss"].requires_grad:
-                    acc.backward(res["loss"])
+                res, losses = self._micro_loss(local, phase, explore[lo:hi], noise[:, lo:hi], rand_noise[:, lo:hi],
+                                               counts)
+                # The two graphs are disjoint (rewards and embeddings are detached). Separate backward
+                # passes keep the gradient all-reduces of the LM and of the policy in one order on
+                # every process; interleaved in one pass, gloo/NCCL can deadlock.
+                for name in ("lm", "policy"):
+                    if name in losses:
+                        acc.backward(losses[name])
             for key, v in res.items():
-                if key != "loss":
-                    totals[key] = totals.get(key, 0.0) + float(v)
+                totals[key] = totals.get(key, 0.0) + float(v)
         for m, opt, sched, trained in ((self.model, self.lm_opt, self.lm_sched, self.trains_lm and phase.train_lm),
                                        (self.policy, self.policy_opt, self.policy_sched,
                                         self.trains_policy and phase.train_policy)):

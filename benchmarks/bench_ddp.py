@@ -1,0 +1,144 @@
+"""Both trainers under a multi-process launcher (DDP), unchanged: throughput and exactness.
+
+Launch with ``torchrun`` (or ``accelerate launch``); the same script on 1 process gives the
+reference. Every run records the per-step losses, a checksum of the final weights and the
+throughput (rows per second after warm-up), so 1 and N processes can be compared at the same
+global batch (exactness: CPU, gloo) or at the same per-device batch (scaling: GPUs, NCCL).
+
+    torchrun --nproc_per_node 2 benchmarks/bench_ddp.py --trainer selective --size tiny --out r2.json
+    python benchmarks/bench_ddp.py --trainer selective --size tiny --global-batch 8 --out r1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+SIZES = {
+    "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, vocab_size=400),
+    "small": dict(hidden_size=768, num_layers=12, num_heads=12, vocab_size=8192),
+}
+
+
+def world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def build(size: str, seed: int):
+    from forgetful.modeling import build_model
+    from forgetful.synthetic import pretraining_documents
+
+    s = SIZES[size]
+    docs = pretraining_documents(400, seed=0, copy_docs=40)
+    return build_model("tiny-llama", corpus=docs, vocab_size=s["vocab_size"], seed=seed,
+                       hidden_size=s["hidden_size"], num_layers=s["num_layers"], num_heads=s["num_heads"])
+
+
+def checksum(model) -> list[float]:
+    """A few numbers that change with any weight: per-tensor sums of the first tensors and the total."""
+    flat = [p.detach().float().cpu() for p in model.parameters()]
+    return [float(sum(t.sum() for t in flat))] + [float(t.sum()) for t in flat[:4]]
+
+
+def run_selective(a, rank, size) -> dict:
+    from forgetful.selective import SelectiveLossConfig, SelectiveLossTrainer
+    from forgetful.tasks import prepare_dataset_for_training
+
+    model, tok = build(a.size, a.seed)
+    ds = prepare_dataset_for_training("tofu", tok, num_authors=a.authors, strategy="forget_facts", max_length=a.seq)
+    per_device = a.global_batch // size if a.global_batch else a.per_device_batch
+    losses, times = [], []
+
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    cuda = torch.cuda.is_available()
+    args = SelectiveLossConfig(
+        output_dir=a.workdir, per_device_train_batch_size=per_device, max_steps=a.steps, learning_rate=1e-3,
+        logging_steps=1, logging_strategy="steps", report_to="none", save_strategy="no", seed=0, data_seed=0,
+        use_cpu=not cuda, bf16=cuda, train_sampling_strategy="sequential", disable_tqdm=True,
+        dataloader_num_workers=0, ddp_backend=("nccl" if cuda else "gloo") if size > 1 else None, max_grad_norm=1.0,
+    )
+    trainer = SelectiveLossTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Record()])
+    trainer.train()
+    rows = per_device * size
+    warm = times[a.warmup:] or times
+    return {"losses": losses, "checksum": checksum(model), "rows_per_s": rows * len(warm) / sum(warm),
+            "step_s": sum(warm) / len(warm), "per_device_batch": per_device}
+
+
+def run_reinforce(a, rank, size) -> dict:
+    from forgetful.data import load_forget_examples
+    from forgetful.masks import MLPForgetMask
+    from forgetful.reinforce import ForgetTrainingConfig, reinforce_model
+
+    model, tok = build(a.size, a.seed)
+    torch.manual_seed(1)
+    policy = MLPForgetMask(model, hidden_size=32)
+    per_device = a.global_batch // size if a.global_batch else a.per_device_batch
+    ds = load_forget_examples(None, tok, embedded_examples=max(64, per_device * size * a.steps), seed=0)
+    cfg = ForgetTrainingConfig(per_device_batch_size=per_device, num_samples=2, max_steps_per_epoch=a.steps,
+                               logging_steps=1, disable_tqdm=True, lm_learning_rate=1e-3, policy_learning_rate=1e-2,
+                               seed=0)
+    start = time.perf_counter()
+    result = reinforce_model(model, policy, forget_p=0.5, exploration_epochs=[0.25], train_dataset=ds, tokenizer=tok,
+                             args=cfg)
+    elapsed = time.perf_counter() - start
+    steps = [h for h in result.history if "lm_loss" in h]
+    return {"losses": [h["lm_loss"] for h in steps], "rewards": [h["reward"] for h in steps],
+            "checksum": checksum(result.model) + checksum(result.policy), "per_device_batch": per_device,
+            "rows_per_s": per_device * size * a.steps / elapsed, "step_s": elapsed / a.steps}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trainer", choices=["selective", "reinforce"], required=True)
+    p.add_argument("--size", choices=list(SIZES), default="tiny")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=0, help="rows per step over all processes (0: use --per-device-batch)")
+    p.add_argument("--per-device-batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--authors", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="/tmp/bench_ddp")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    if os.environ.get("FORGETFUL_HANG_DUMP"):  # print every thread's stack if a step hangs
+        import faulthandler
+
+        faulthandler.dump_traceback_later(int(os.environ["FORGETFUL_HANG_DUMP"]), exit=True)
+    rank, size = world()
+    torch.set_num_threads(1)
+    result = (run_selective if a.trainer == "selective" else run_reinforce)(a, rank, size)
+    result.update(trainer=a.trainer, processes=size, device="cuda" if torch.cuda.is_available() else "cpu",
+                  gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, config=vars(a))
+    if rank == 0:
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: result[k] for k in ("trainer", "processes", "rows_per_s", "step_s")}))
+
+
+if __name__ == "__main__":
+    main()

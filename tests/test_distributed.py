@@ -1,0 +1,42 @@
+"""Both trainers under torchrun with 2 CPU processes (gloo) compute what 1 process computes at the
+same global batch: per-step losses equal within 1e-5."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_ddp.py"
+
+
+def _run(trainer: str, processes: int, out: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    args = [str(SCRIPT), "--trainer", trainer, "--global-batch", "8", "--steps", "4", "--out", str(out),
+            "--workdir", str(out.parent / f"work_{trainer}_{processes}")]
+    if processes == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("trainer", ["selective", "reinforce"])
+def test_two_processes_match_one_at_the_same_global_batch(trainer, tmp_path):
+    one = _run(trainer, 1, tmp_path / "one.json")
+    two = _run(trainer, 2, tmp_path / "two.json")
+    assert one["processes"] == 1 and two["processes"] == 2
+    assert two["per_device_batch"] * 2 == one["per_device_batch"] == 8
+    assert len(one["losses"]) == len(two["losses"]) == 4
+    for a, b in zip(one["losses"], two["losses"]):
+        assert abs(a - b) < 1e-5, (one["losses"], two["losses"])
+    # training moved the weights, by the same amount in both runs (up to float summation order)
+    assert one["losses"][0] != one["losses"][-1]
+    assert abs(one["checksum"][0] - two["checksum"][0]) < 1e-4 * max(1.0, abs(one["checksum"][0]))
