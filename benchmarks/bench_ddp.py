@@ -81,6 +81,8 @@ def run_selective(a, rank, size) -> dict:
         use_cpu=not cuda, bf16=cuda, train_sampling_strategy="sequential", disable_tqdm=True,
         dataloader_num_workers=0, ddp_backend=("nccl" if cuda else "gloo") if size > 1 else None, max_grad_norm=1.0,
     )
+    if a.fsdp:  # shard parameters, gradients and optimizer state (FSDP2), one unit per decoder layer
+        args.fsdp, args.fsdp_config = "full_shard auto_wrap", {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
     trainer = SelectiveLossTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Record()])
     trainer.train()
     rows = per_device * size
@@ -101,15 +103,17 @@ def run_reinforce(a, rank, size) -> dict:
     ds = load_forget_examples(None, tok, embedded_examples=max(64, per_device * size * a.steps), seed=0)
     cfg = ForgetTrainingConfig(per_device_batch_size=per_device, num_samples=2, max_steps_per_epoch=a.steps,
                                logging_steps=1, disable_tqdm=True, lm_learning_rate=1e-3, policy_learning_rate=1e-2,
-                               seed=0)
-    start = time.perf_counter()
+                               seed=0, mixed_precision="bf16" if torch.cuda.is_available() else "no")
     result = reinforce_model(model, policy, forget_p=0.5, exploration_epochs=[0.25], train_dataset=ds, tokenizer=tok,
                              args=cfg)
-    elapsed = time.perf_counter() - start
     steps = [h for h in result.history if "lm_loss" in h]
+    # every step is logged with the wall clock since training began; time the steps after warm-up
+    clock = [0.0] + [h["time_s"] for h in steps]
+    times = [b - a_ for a_, b in zip(clock[:-1], clock[1:])]
+    warm = times[a.warmup:] or times
     return {"losses": [h["lm_loss"] for h in steps], "rewards": [h["reward"] for h in steps],
             "checksum": checksum(result.model) + checksum(result.policy), "per_device_batch": per_device,
-            "rows_per_s": per_device * size * a.steps / elapsed, "step_s": elapsed / a.steps}
+            "rows_per_s": per_device * size * len(warm) / sum(warm), "step_s": sum(warm) / len(warm)}
 
 
 def main() -> None:
@@ -123,6 +127,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--authors", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fsdp", action="store_true", help="selective: shard with FSDP instead of DDP")
     p.add_argument("--workdir", default="/tmp/bench_ddp")
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -135,6 +140,8 @@ def main() -> None:
     result = (run_selective if a.trainer == "selective" else run_reinforce)(a, rank, size)
     result.update(trainer=a.trainer, processes=size, device="cuda" if torch.cuda.is_available() else "cpu",
                   gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, config=vars(a))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if rank == 0:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: result[k] for k in ("trainer", "processes", "rows_per_s", "step_s")}))

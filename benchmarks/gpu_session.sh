@@ -49,5 +49,25 @@ case "$phase" in
     python3 -m forgetful tofu-experiment "${exp[@]}" 2>&1 | tail -12
     (cd "$work" && tar czf "$out/tofu_runs.tar.gz" --exclude=checkpoints --exclude=model tofu)
     ;;
+  ddp)
+    # Throughput of both trainers on 1 and on all GPUs at the same per-GPU batch (DDP over NCCL), and
+    # FSDP2 for the Trainer path. A throwaway run first: a fresh machine's first run is slow
+    # (seen 2026-11-22: 0.13-0.14 s/step cold vs 0.06 warm). Each measurement twice (the spread).
+    gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    bench() {  # bench NPROC OUTNAME ARGS...
+      local n=$1 name=$2; shift 2
+      # one process sees one GPU: with several visible, HF Trainer would wrap it in DataParallel
+      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --standalone --nproc_per_node "$n" benchmarks/bench_ddp.py \
+        --size small --per-device-batch "${BATCH:-32}" --warmup 5 --authors 40 --workdir "/tmp/bench_$name" \
+        --out "$out/$name.json" "$@" 2>&1 | quiet | grep '^{"trainer' || true
+    }
+    bench 1 warmup_throwaway --trainer selective --steps 10
+    for rep in 1 2; do
+      for trainer in ${TRAINERS:-selective reinforce}; do
+        for n in 1 "$gpus"; do bench "$n" "ddp_${trainer}_${n}gpu_rep$rep" --trainer "$trainer" --steps "${STEPS:-25}"; done
+      done
+      bench "$gpus" "fsdp_selective_${gpus}gpu_rep$rep" --trainer selective --fsdp --steps "${STEPS:-25}"
+    done
+    ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

@@ -1,5 +1,5 @@
 """Both trainers under torchrun with 2 CPU processes (gloo) compute what 1 process computes at the
-same global batch: per-step losses equal within 1e-5."""
+same global batch: per-step losses equal within 1e-5 (DDP for both, FSDP2 for the Trainer path)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_ddp.py"
 
 
-def _run(trainer: str, processes: int, out: Path) -> dict:
+def _run(trainer: str, processes: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     args = [str(SCRIPT), "--trainer", trainer, "--global-batch", "8", "--steps", "4", "--out", str(out),
-            "--workdir", str(out.parent / f"work_{trainer}_{processes}")]
+            "--workdir", str(out.parent / f"work_{trainer}_{processes}"), *extra]
     if processes == 1:
         cmd = [sys.executable, *args]
     else:
@@ -28,10 +28,11 @@ def _run(trainer: str, processes: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("trainer", ["selective", "reinforce"])
-def test_two_processes_match_one_at_the_same_global_batch(trainer, tmp_path):
+@pytest.mark.parametrize("trainer,extra", [("selective", ()), ("selective", ("--fsdp",)), ("reinforce", ())],
+                         ids=["selective-ddp", "selective-fsdp", "reinforce-ddp"])
+def test_two_processes_match_one_at_the_same_global_batch(trainer, extra, tmp_path):
     one = _run(trainer, 1, tmp_path / "one.json")
-    two = _run(trainer, 2, tmp_path / "two.json")
+    two = _run(trainer, 2, tmp_path / "two.json", extra)
     assert one["processes"] == 1 and two["processes"] == 2
     assert two["per_device_batch"] * 2 == one["per_device_batch"] == 8
     assert len(one["losses"]) == len(two["losses"]) == 4

@@ -392,6 +392,7 @@ class _ForgetTrainer:
         from tqdm.auto import tqdm
 
         args, acc = self.args, self.accelerator
+        self._started = time.perf_counter()
         if args.resume:
             self._resume()
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=args.disable_tqdm or not acc.is_main_process,
@@ -518,7 +519,8 @@ class _ForgetTrainer:
         n = running.pop("n", 1)
         entry = {k: v / n for k, v in running.items()}
         entry.update(step=self.state.global_step, epoch=self.state.epoch, explore=phase.explore,
-                     train_lm=phase.train_lm, train_policy=phase.train_policy)
+                     train_lm=phase.train_lm, train_policy=phase.train_policy,
+                     time_s=time.perf_counter() - self._started)  # wall clock since train() began
         if self.lm_sched is not None:
             entry["lm_lr"] = self.lm_sched.get_last_lr()[0]
         if self.policy_sched is not None:

@@ -39,6 +39,12 @@ class SelectiveLossConfig(TrainingArguments):
         default=True, metadata={"help": "Check every loss_mask (0/1, same length as input_ids) before training."}
     )
     report_to: str | list[str] = field(default="none", metadata={"help": "none, wandb, tensorboard, all"})
+    # Every weight of a causal LM gets a gradient from the LM loss, so DDP need not search the graph
+    # for unused ones each step (Trainer's default for a PreTrainedModel); set True for models that
+    # have parameters outside the loss.
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP: look for parameters without gradients every step."}
+    )
 
 
 def labels_from_loss_mask(
