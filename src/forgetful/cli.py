@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 
 from .errors import ForgetfulError
+from .interrupts import TrainingInterrupted
 
 # command -> (module, arguments dataclass, run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"forgetful: error: {msg}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"forgetful: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("forgetful: interrupted", file=sys.stderr)
         return 130

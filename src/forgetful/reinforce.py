@@ -37,6 +37,7 @@ from .checkpointing import latest_checkpoint, mark_complete, rotate
 from .compression import _eligible, compress_examples, gumbel_topk_keep, kept_counts
 from .data import ForgetBatch, ForgetCollator
 from .errors import ForgetfulError, check_probability
+from .interrupts import StopOnSignal, TrainingInterrupted
 from .masks import ForgetMask, LearnedForgetMask
 from .token_loss import token_nll, unwrap_model
 
@@ -399,7 +400,7 @@ class _ForgetTrainer:
                    desc="train-forget", dynamic_ncols=True)
         running: dict[str, float] = {}
         stopped = False
-        try:
+        with StopOnSignal() as signals:
             while self.state.epoch < len(self.phases):
                 phase = self.phases[self.state.epoch]
                 order = self._epoch_order(self.state.epoch)
@@ -418,6 +419,10 @@ class _ForgetTrainer:
                         self._evaluate()
                     if args.output_dir and args.save_steps and self.state.global_step % args.save_steps == 0:
                         self.save_checkpoint()
+                    if signals.should_stop(acc):  # Ctrl-C / SIGTERM: checkpoint this step, then stop
+                        bar.close()
+                        folder = self.save_checkpoint() if args.output_dir else None
+                        raise TrainingInterrupted(self.state.global_step, str(folder) if folder else None)
                     if args.stop_after_steps and self.state.global_step >= args.stop_after_steps:
                         stopped = True
                         break
@@ -432,13 +437,7 @@ class _ForgetTrainer:
                     self._evaluate()
                 if args.output_dir:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            if args.output_dir:
-                acc.print("interrupted: saving a checkpoint to resume from")
-                self.save_checkpoint()
-            raise
-        finally:
-            bar.close()
+        bar.close()
         # Drop the DDP wrappers at the same point on every process: left to the garbage collector,
         # their reducers can be torn down while a peer still talks to them, which hangs gloo. The
         # process group stays up (unlike ``end_training``) so the caller can evaluate next.
@@ -803,6 +802,9 @@ def run_train_forget(a: TrainForgetArguments) -> dict:
     else:
         held = None
     extra = {"kernel_size": a.kernel_size} if a.mask == "cnn_mlp" else {"cell": a.cell} if "rnn" in a.mask else {}
+    # The policy's initial weights are a function of --seed alone: the global generator's state here
+    # depends on what loading did before (which varies with Python's string-hash seed).
+    torch.manual_seed(a.seed)
     policy = build_policy(a.mask, model, hidden_size=a.hidden_size, **extra)
     cfg = ForgetTrainingConfig(
         output_dir=str(out), mode=a.mode, num_samples=a.num_samples, baseline=a.baseline, entropy_coef=a.entropy_coef,

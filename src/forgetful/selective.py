@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .checkpointing import latest_trainer_checkpoint, mark_complete, rotate
 from .data import pad_sequences
 from .errors import ForgetfulError
+from .interrupts import StopOnSignal, TrainingInterrupted
 from .token_loss import IGNORE_INDEX, token_nll
 
 REQUIRED_COLUMNS = ("input_ids", "loss_mask")
@@ -45,6 +46,26 @@ class SelectiveLossConfig(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "DDP: look for parameters without gradients every step."}
     )
+
+    def __post_init__(self):
+        # HfArgumentParser turns an absent --report_to into [None]; mean our default, "none".
+        if self.report_to is None or (isinstance(self.report_to, list) and not [r for r in self.report_to if r]):
+            self.report_to = "none"
+        super().__post_init__()
+
+
+class _StopCallback(TrainerCallback):
+    """After each optimizer step: on a stop request, save a checkpoint and end training."""
+
+    def __init__(self, stop: StopOnSignal, trainer: Trainer):
+        self.stop, self.trainer, self.stopped_at = stop, trainer, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.should_stop(self.trainer.accelerator):
+            control.should_save = bool(args.output_dir)
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
 
 
 def labels_from_loss_mask(
@@ -153,10 +174,21 @@ class SelectiveLossTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """As ``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete*
-        checkpoint in ``output_dir`` (a half-written one is never chosen)."""
+        checkpoint in ``output_dir`` (a half-written one is never chosen). Ctrl-C or SIGTERM stops
+        after the current step, writes a checkpoint and raises :class:`TrainingInterrupted`."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = latest_trainer_checkpoint(self.args.output_dir)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with StopOnSignal() as stop:
+            callback = _StopCallback(stop, self)
+            self.add_callback(callback)
+            try:
+                result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            finally:
+                self.remove_callback(callback)
+        if callback.stopped_at is not None:
+            folder = Path(self._get_output_dir(trial=None)) / f"checkpoint-{callback.stopped_at}"
+            raise TrainingInterrupted(callback.stopped_at, str(folder) if self.args.output_dir else None)
+        return result
 
     def _save_checkpoint(self, model, trial):
         # The Trainer writes checkpoint-N in place and rotates old ones before it returns; we

@@ -79,6 +79,7 @@ def train_selective(a: TrainSelectiveArguments, targs: SelectiveLossConfig, mode
     from .tasks import prepare_dataset_for_training
 
     out = Path(a.out)
+    (out / "results.json").unlink(missing_ok=True)  # only a finished run leaves one
     if model is None:
         model, tokenizer = load_model(a.model)
     train = prepare_dataset_for_training(a.task, tokenizer, **a.task_options())
