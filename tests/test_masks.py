@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -443,6 +444,10 @@ def test_save_load_round_trip(name, factory, model, tmp_path):
     p.save_pretrained(tmp_path / "policy")
     files = sorted(f.name for f in (tmp_path / "policy").iterdir())
     assert files == ["config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in files:  # readable like any other file the user writes (not mkstemp's 0600)
+        assert (tmp_path / "policy" / f).stat().st_mode & 0o777 == 0o666 & ~umask
     cfg = json.loads((tmp_path / "policy" / "config.json").read_text())
     assert cfg == p.config() and cfg["policy_class"] == type(p).__name__
     emb = model.get_input_embeddings().weight

@@ -48,6 +48,8 @@ from .token_loss import unwrap_model
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODES = ("exact", "bernoulli")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _default_attention(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -94,7 +96,10 @@ class ForgetMask(nn.Module):
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
     ) -> KeepSample:
-        """Sample keep masks (``[num_samples, B, n]``) with their log-probabilities."""
+        """Sample keep masks (``[num_samples, B, n]``) with their log-probabilities. ``exact``:
+        the budget from ``forget_p``/``budget``; ``bernoulli``: each token kept with
+        ``sigmoid(logit)``, so the budget holds only in expectation (the trainer's penalty keeps it
+        near ``forget_p``) and ``forget_p`` does not enter the sampling itself."""
         if mode not in MODES:
             raise ForgetfulError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         attn = _default_attention(input_ids, attention_mask)
@@ -358,6 +363,7 @@ class LearnedForgetMask(ForgetMask):
             os.close(fd)
             try:
                 write(tmp)
+                os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
                 os.replace(tmp, out / name)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
