@@ -225,6 +225,10 @@ class _ForgetTrainer:
         self.pad_token_id = int(pad) if pad is not None else 0
         self.collate = ForgetCollator(self.pad_token_id)
         self.train_dataset = train_dataset
+        # Row lengths up front: each process then collates only its own rows, yet draws the same
+        # noise and uses the same global token counts as a single process would.
+        self.context_lengths = torch.tensor([len(x) for x in train_dataset["context_ids"]])
+        self.target_lengths = torch.tensor([len(x) for x in train_dataset["target_ids"]])
         self.eval_dataset = eval_dataset
 
         self.trains_lm = any(p.train_lm for p in phases) and not args.freeze_lm
@@ -457,10 +461,9 @@ class _ForgetTrainer:
         K = 1 if (phase.train_lm and not phase.train_policy and phase.explore >= 1.0) else args.num_samples
         explore_all = torch.rand(len(step_rows), generator=g) < phase.explore
         micro_batches = [step_rows[i:i + self.micro] for i in range(0, len(step_rows), self.micro)]
-        collated = [self.collate(self.train_dataset.select(idx.tolist()).to_list()) for idx in micro_batches]
         # Global normalisers for the whole step (all processes, all micro-batches).
         counts = {
-            "target_tokens": float(sum(int(c.target_mask.sum()) for c in collated) * K),
+            "target_tokens": float(int(self.target_lengths[step_rows].sum()) * K),
             "policy_samples": float(max(1, int((~explore_all).sum()) * K)),
             "policy_rows": float(max(1, int((~explore_all).sum()))),
         }
@@ -468,19 +471,22 @@ class _ForgetTrainer:
         models = [m for m, trained in ((self.model, self.trains_lm and phase.train_lm),
                                        (self.policy, self.trains_policy and phase.train_policy)) if trained]
         lo, hi = self.rank * args.per_device_batch_size, (self.rank + 1) * args.per_device_batch_size
-        for i, gbatch in enumerate(collated):
-            n_ctx = gbatch.context_ids.shape[1]
-            noise = torch.rand((K, len(gbatch), n_ctx), generator=g)
-            rand_noise = torch.rand((K, len(gbatch), n_ctx), generator=g)
+        for i, rows in enumerate(micro_batches):
+            # noise for the whole global micro-batch (as one process draws it), then this process's
+            # rows; padding is on the right, so a token's noise does not depend on the batch width
+            n_ctx = int(self.context_lengths[rows].max())
+            noise = torch.rand((K, len(rows), n_ctx), generator=g)
+            rand_noise = torch.rand((K, len(rows), n_ctx), generator=g)
             explore = explore_all[i * self.micro:(i + 1) * self.micro]
-            local = gbatch.select(slice(lo, hi))
-            sync = i == len(collated) - 1
+            local = self.collate(self.train_dataset.select(rows[lo:hi].tolist()).to_list())
+            width = local.context_ids.shape[1]
+            noise, rand_noise = noise[:, lo:hi, :width], rand_noise[:, lo:hi, :width]
+            sync = i == len(micro_batches) - 1
             with contextlib.ExitStack() as stack:
                 if not sync:
                     for m in models:
                         stack.enter_context(acc.no_sync(m))
-                res, losses = self._micro_loss(local, phase, explore[lo:hi], noise[:, lo:hi], rand_noise[:, lo:hi],
-                                               counts)
+                res, losses = self._micro_loss(local, phase, explore[lo:hi], noise, rand_noise, counts)
                 # The two graphs are disjoint (rewards and embeddings are detached). Separate backward
                 # passes keep the gradient all-reduces of the LM and of the policy in one order on
                 # every process; interleaved in one pass, gloo/NCCL can deadlock.
