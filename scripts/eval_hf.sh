@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Score a trained TOFU model with the TOFU metrics (forget quality needs the retain model's results).
 #
-#   scripts/eval_hf.sh MODEL_DIR [RETAIN_EVAL_JSON]
+#   scripts/eval_hf.sh MODEL_DIR [RETAIN_EVAL_JSON [eval-tofu options ...]]
 #
 # Environment: DATA [../shared/data/tofu], FORGET [forget10], OUT [MODEL_DIR/eval],
 #              MAX_NEW_TOKENS [200], BATCH [64]
@@ -18,6 +18,6 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 ARGS=(--model "$MODEL" --data-dir "$DATA" --forget-split "$FORGET" --out "$OUT"
       --max-new-tokens "${MAX_NEW_TOKENS:-200}" --batch-size "${BATCH:-64}")
 [ -n "$RETAIN" ] && ARGS+=(--retain-eval "$RETAIN")
-$PY -m forgetful eval-tofu "${ARGS[@]}"
+$PY -m forgetful eval-tofu "${ARGS[@]}" "${@:3}"  # extra eval-tofu options pass through
 echo "== $OUT/tofu_summary.json =="
 cat "$OUT/tofu_summary.json"
