@@ -61,12 +61,15 @@ case "$phase" in
         --size small --per-device-batch "${BATCH:-32}" --warmup 5 --authors 40 --workdir "/tmp/bench_$name" \
         --out "$out/$name.json" "$@" 2>&1 | quiet | grep '^{"trainer' || true
     }
-    bench 1 warmup_throwaway --trainer selective --steps 10
-    for rep in 1 2; do
-      for trainer in ${TRAINERS:-selective reinforce}; do
+    trainers=${TRAINERS:-selective reinforce}
+    bench 1 warmup_throwaway --trainer "${trainers%% *}" --steps 10
+    for rep in ${REPS:-1 2}; do
+      for trainer in $trainers; do
         for n in 1 "$gpus"; do bench "$n" "ddp_${trainer}_${n}gpu_rep$rep" --trainer "$trainer" --steps "${STEPS:-25}"; done
       done
-      bench "$gpus" "fsdp_selective_${gpus}gpu_rep$rep" --trainer selective --fsdp --steps "${STEPS:-25}"
+      if [[ " $trainers " == *" selective "* ]]; then
+        bench "$gpus" "fsdp_selective_${gpus}gpu_rep$rep" --trainer selective --fsdp --steps "${STEPS:-25}"
+      fi
     done
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
