@@ -41,3 +41,19 @@ def test_two_processes_match_one_at_the_same_global_batch(trainer, extra, tmp_pa
     # training moved the weights, by the same amount in both runs (up to float summation order)
     assert one["losses"][0] != one["losses"][-1]
     assert abs(one["checksum"][0] - two["checksum"][0]) < 1e-4 * max(1.0, abs(one["checksum"][0]))
+
+
+def test_cli_under_torchrun_writes_once(tiny_model_dir, tmp_path):
+    """The train-forget command under a launcher: one process evaluates, prints and writes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    out = tmp_path / "rl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "forgetful",
+           "train-forget", "--model", str(tiny_model_dir), "--out", str(out), "--mask", "mlp", "--forget_p", "0.5",
+           "--exploration", "0.5", "--embedded_examples", "48", "--eval_examples", "8", "--batch_size", "4",
+           "--num_samples", "2", "--max_steps_per_epoch", "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("held-out target NLL") == 1, proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_examples"] == 48 and results["mlp_nll"] > 0
+    assert (out / "checkpoint-3" / "COMPLETE").is_file() and (out / "policy" / "model.safetensors").is_file()

@@ -197,7 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("forgetful: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under a launcher the command owns the process group: close it before the process exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -174,10 +174,12 @@ def run_pretrain(a: PretrainArguments) -> dict:
     metrics = trainer.evaluate()
     eval_loss = float(metrics["eval_loss"])
 
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    main_process = trainer.is_world_process_zero()  # under a launcher, one process writes the outputs
+    if main_process:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    if history:
+    if history and main_process:
         plot_loss_curve([h["step"] for h in history], [h["loss"] for h in history], out / "loss.png",
                         title=f"Pretraining {a.model}")
     n_tokens = sum(len(x) for x in train["input_ids"])
@@ -200,5 +202,6 @@ def run_pretrain(a: PretrainArguments) -> dict:
         "device": str(trainer.args.device),
         "args": asdict(a),
     }
-    write_json(results, out / "results.json")
+    if main_process:
+        write_json(results, out / "results.json")
     return results

@@ -822,6 +822,10 @@ def run_train_forget(a: TrainForgetArguments) -> dict:
     train_fn = reinforce_model if a.method == "reinforce" else two_step_reinforce_model
     result = train_fn(model, policy, forget_p=a.forget_p, exploration_epochs=exploration, train_dataset=train,
                       eval_dataset=held, tokenizer=tok, args=cfg)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under a launcher, one process evaluates and writes the outputs
+        return {}
     result.model.save_pretrained(out / "lm")
     tok.save_pretrained(out / "lm")
     result.policy.save_pretrained(out / "policy")

@@ -95,11 +95,14 @@ def train_selective(a: TrainSelectiveArguments, targs: SelectiveLossConfig, mode
     trainer = SelectiveLossTrainer(model=model, args=targs, train_dataset=train, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=True if a.resume else None)
     final = trainer.model
+    main_process = trainer.is_world_process_zero()  # under a launcher, one process writes the outputs
     if a.lora:
-        final.save_pretrained(out / "adapter")
+        if main_process:
+            final.save_pretrained(out / "adapter")
         final = final.merge_and_unload()
-    final.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if main_process:
+        final.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     total = sum(len(x) for x in train["input_ids"])
     results = {
         "task": a.task, "task_options": a.task_options(), "rows": len(train), "tokens": total,
@@ -108,14 +111,18 @@ def train_selective(a: TrainSelectiveArguments, targs: SelectiveLossConfig, mode
         "train_runtime_s": float(result.metrics.get("train_runtime", math.nan)), "lora": a.lora,
         "args": {k: v for k, v in asdict(a).items()},
     }
-    write_json(results, out / "results.json")
+    if main_process:
+        write_json(results, out / "results.json")
     return results
 
 
 def run_train_selective(a: TrainSelectiveArguments, targs: SelectiveTrainingArguments) -> dict:
+    from accelerate import PartialState
+
     results = train_selective(a, targs)
-    print(f"trained {results['steps']} steps on {results['rows']} rows "
-          f"({100 * results['trained_share']:.1f}% of tokens in the loss); final loss {results['train_loss']:.4f}")
+    if PartialState().is_main_process:
+        print(f"trained {results['steps']} steps on {results['rows']} rows "
+              f"({100 * results['trained_share']:.1f}% of tokens in the loss); final loss {results['train_loss']:.4f}")
     return results
 
 
