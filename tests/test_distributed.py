@@ -57,3 +57,28 @@ def test_cli_under_torchrun_writes_once(tiny_model_dir, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["train_examples"] == 48 and results["mlp_nll"] > 0
     assert (out / "checkpoint-3" / "COMPLETE").is_file() and (out / "policy" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("sharding", [(), ("--fsdp", "full_shard auto_wrap")], ids=["ddp", "fsdp"])
+def test_train_selective_command_under_torchrun_matches_one_process(sharding, tiny_model_dir, tmp_path):
+    """The train-selective command on 2 CPU processes (gloo picked for CPU) trains what 1 process
+    trains at the same global batch, and one process writes the outputs."""
+    common = ["train-selective", "--task", "tofu", "--model", str(tiny_model_dir), "--num-authors", "3",
+              "--strategy", "forget_facts", "--forget-split", "forget10", "--max_steps", "3", "--seed", "0"]
+    extra = list(sharding)
+    if sharding:
+        config = tmp_path / "fsdp.json"
+        config.write_text(json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}))
+        extra += ["--fsdp_config", str(config)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "forgetful", *common, "--out", str(tmp_path / "one"), "--per_device_train_batch_size", "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "forgetful",
+           *common, "--out", str(tmp_path / "two"), "--per_device_train_batch_size", "2", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 3 steps") == 1, proc.stdout
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert abs(one["train_loss"] - two["train_loss"]) < 1e-5

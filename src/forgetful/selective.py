@@ -10,6 +10,7 @@ count, and computes vocabulary logits only at trained positions.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ class SelectiveLossConfig(TrainingArguments):
         # HfArgumentParser turns an absent --report_to into [None]; mean our default, "none".
         if self.report_to is None or (isinstance(self.report_to, list) and not [r for r in self.report_to if r]):
             self.report_to = "none"
+        if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            self.use_cpu = True
+        if self.use_cpu and self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.ddp_backend = "gloo"  # CPU processes under a launcher (NCCL needs GPUs)
         super().__post_init__()
 
 
@@ -188,6 +193,13 @@ class SelectiveLossTrainer(Trainer):
         if callback.stopped_at is not None:
             folder = Path(self._get_output_dir(trial=None)) / f"checkpoint-{callback.stopped_at}"
             raise TrainingInterrupted(callback.stopped_at, str(folder) if self.args.output_dir else None)
+        if self.accelerator.num_processes > 1:
+            # Trainer's training_loss adds the steps since the last log from this process only;
+            # the mean over processes is the global figure (each process's loss is its share of
+            # the global token sum, times the number of processes).
+            local = torch.tensor([result.training_loss], dtype=torch.float64, device=self.accelerator.device)
+            loss = float(self.accelerator.reduce(local, reduction="mean").item())
+            result = result._replace(training_loss=loss, metrics={**result.metrics, "train_loss": loss})
         return result
 
     def _save_checkpoint(self, model, trial):

@@ -11,8 +11,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from .errors import ForgetfulError
 from .selective import SelectiveLossConfig
 
@@ -90,8 +88,6 @@ def train_selective(a: TrainSelectiveArguments, targs: SelectiveLossConfig, mode
         model = _lora(model, a.lora_r, a.lora_alpha)
     if not getattr(targs, "output_dir_given", True):
         targs.output_dir = str(out / "checkpoints")
-    if not torch.cuda.is_available():
-        targs.use_cpu = True
     trainer = SelectiveLossTrainer(model=model, args=targs, train_dataset=train, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=True if a.resume else None)
     final = trainer.model
