@@ -108,6 +108,7 @@ def _cases(d: Path, model: str):
         (sel + ["--task", "poetry"], "unknown task 'poetry'"),
         (sel + ["--task", "text", "--mask", "random", "--p", "1.0", "--block-size", "32"], "all zeros"),
         (sel + ["--task", "tofu", "--strategy", "forget_everything"], "unknown TOFU strategy"),
+        (sel + ["--task", "tofu", "--fsdp", "full_shard"], "--fsdp shards the model over several processes"),
         (tofu + ["--data-dir", str(d / "tofu_missing")], "is missing"),
         (tofu + ["--retain-eval", str(d / "retain_other_split.json")], "are for forget05"),
         (tofu + ["--retain-eval", str(d / "retain_rows.json")], "row counts do not match"),
@@ -116,7 +117,7 @@ def _cases(d: Path, model: str):
     ]
 
 
-N_CASES = 42  # the parametrisation below runs each case by index
+N_CASES = 43  # the parametrisation below runs each case by index
 
 
 def test_there_are_at_least_twenty_cases(files, tiny_model_dir):

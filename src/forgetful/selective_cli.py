@@ -8,6 +8,7 @@ PEFT LoRA adapter.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def train_selective(a: TrainSelectiveArguments, targs: SelectiveLossConfig, mode
 
     out = Path(a.out)
     (out / "results.json").unlink(missing_ok=True)  # only a finished run leaves one
+    if targs.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ForgetfulError("--fsdp shards the model over several processes: launch with torchrun "
+                             "--nproc_per_node N or accelerate launch --num_processes N")
     if model is None:
         model, tokenizer = load_model(a.model)
     train = prepare_dataset_for_training(a.task, tokenizer, **a.task_options())
