@@ -149,6 +149,15 @@ def _check_exploration(method: str, exploration_epochs: Sequence) -> None:
                 )
 
 
+def _row_lengths(ds, column: str) -> torch.Tensor:
+    """Tokens per row of a list column, computed by Arrow (no Python lists)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(ds.with_format("arrow")[column])
+    return torch.from_numpy(lengths.to_numpy(zero_copy_only=False).astype(np.int64))
+
+
 def _check_dataset(ds, name: str, budget: int | None) -> None:
     if ds is None:
         return
@@ -159,13 +168,11 @@ def _check_dataset(ds, name: str, budget: int | None) -> None:
         )
     if len(ds) == 0:
         raise ForgetfulError(f"{name} is empty")
-    ctx_lengths = [len(c) for c in ds["context_ids"]]
-    if min(ctx_lengths) == 0 or min(len(t) for t in ds["target_ids"]) == 0:
+    shortest = int(_row_lengths(ds, "context_ids").min())
+    if shortest == 0 or int(_row_lengths(ds, "target_ids").min()) == 0:
         raise ForgetfulError(f"{name} has an example with an empty context or target")
-    if budget is not None and budget > min(ctx_lengths):
-        raise ForgetfulError(
-            f"budget {budget} is larger than the shortest context in {name} ({min(ctx_lengths)} tokens)"
-        )
+    if budget is not None and budget > shortest:
+        raise ForgetfulError(f"budget {budget} is larger than the shortest context in {name} ({shortest} tokens)")
 
 
 def _scheduler(optimizer, kind: str, total: int, warmup: int):
@@ -227,8 +234,8 @@ class _ForgetTrainer:
         self.train_dataset = train_dataset
         # Row lengths up front: each process then collates only its own rows, yet draws the same
         # noise and uses the same global token counts as a single process would.
-        self.context_lengths = torch.tensor([len(x) for x in train_dataset["context_ids"]])
-        self.target_lengths = torch.tensor([len(x) for x in train_dataset["target_ids"]])
+        self.context_lengths = _row_lengths(train_dataset, "context_ids")
+        self.target_lengths = _row_lengths(train_dataset, "target_ids")
         self.eval_dataset = eval_dataset
 
         self.trains_lm = any(p.train_lm for p in phases) and not args.freeze_lm
