@@ -73,6 +73,20 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None
         time.sleep(0.05)
 
 
+def _sigkill_when(condition, argv: list[str], **env) -> subprocess.Popen:
+    """Start the run and SIGKILL it as soon as ``condition()`` holds."""
+    proc = _start(argv, **env)
+    _wait_for(condition, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return proc
+
+
+def _resume_gives(expected: dict, trainer: str, model_dir: Path, out: Path) -> None:
+    assert main(_argv(trainer, model_dir, out) + ["--resume"]) == 0
+    _assert_same_weights(_weights(trainer, out), expected)
+
+
 def _complete(root: Path, step: int) -> bool:
     return (root / f"checkpoint-{step}" / MARKER).is_file()
 
@@ -90,14 +104,10 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(reference, tmp_path):
     trainer, expected, model_dir = reference
     out = tmp_path / "run"
     root = _checkpoint_root(trainer, out)
-    proc = _start(_argv(trainer, model_dir, out), FAULT_STEP_DELAY="0.3")
-    _wait_for(lambda: _complete(root, 4), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc = _sigkill_when(lambda: _complete(root, 4), _argv(trainer, model_dir, out), FAULT_STEP_DELAY="0.3")
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists()
-    assert main(_argv(trainer, model_dir, out) + ["--resume"]) == 0
-    _assert_same_weights(_weights(trainer, out), expected)
+    _resume_gives(expected, trainer, model_dir, out)
 
 
 def test_sigkill_while_writing_a_checkpoint_never_resumes_from_it(reference, tmp_path):
@@ -105,17 +115,15 @@ def test_sigkill_while_writing_a_checkpoint_never_resumes_from_it(reference, tmp
     out = tmp_path / "run"
     root = _checkpoint_root(trainer, out)
     sentinel = tmp_path / "saving"
-    proc = _start(_argv(trainer, model_dir, out), FAULT_SLOW_SAVE="4", FAULT_SENTINEL=str(sentinel))
-    _wait_for(sentinel.exists, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc = _sigkill_when(sentinel.exists, _argv(trainer, model_dir, out), FAULT_SLOW_SAVE="4",
+                         FAULT_SENTINEL=str(sentinel))
+    assert proc.returncode == -signal.SIGKILL
     # the half-written checkpoint 4 is on disk (in place for the Trainer, under a temporary name
     # for REINFORCE) but not marked complete, so resume takes the one before it
     half = Path(sentinel.read_text())
     assert half.is_dir() and any(half.iterdir()) and not (half / MARKER).exists()
     assert latest_checkpoint(root).name == ("checkpoint-2" if trainer == "selective" else "checkpoint-3")
-    assert main(_argv(trainer, model_dir, out) + ["--resume"]) == 0
-    _assert_same_weights(_weights(trainer, out), expected)
+    _resume_gives(expected, trainer, model_dir, out)
 
 
 def test_sigint_saves_a_checkpoint_and_exits_130(reference, tmp_path):
@@ -134,5 +142,4 @@ def test_sigint_saves_a_checkpoint_and_exits_130(reference, tmp_path):
     assert 2 <= step < 8
     assert _complete(root, step) and latest_checkpoint(root).name == f"checkpoint-{step}"
     assert not (out / "results.json").exists()
-    assert main(_argv(trainer, model_dir, out) + ["--resume"]) == 0
-    _assert_same_weights(_weights(trainer, out), expected)
+    _resume_gives(expected, trainer, model_dir, out)
