@@ -33,13 +33,20 @@ def world() -> tuple[int, int]:
 
 
 def build(size: str, seed: int):
-    from forgetful.modeling import build_model
-    from forgetful.synthetic import pretraining_documents
+    from forgetful.data.embedded import pretraining_documents
+    from forgetful.models import build_model
 
     s = SIZES[size]
     docs = pretraining_documents(400, seed=0, copy_docs=40)
-    return build_model("tiny-llama", corpus=docs, vocab_size=s["vocab_size"], seed=seed,
-                       hidden_size=s["hidden_size"], num_layers=s["num_layers"], num_heads=s["num_heads"])
+    return build_model(
+        "tiny-llama",
+        corpus=docs,
+        vocab_size=s["vocab_size"],
+        seed=seed,
+        hidden_size=s["hidden_size"],
+        num_layers=s["num_layers"],
+        num_heads=s["num_heads"],
+    )
 
 
 def checksum(model) -> list[float]:
@@ -49,8 +56,8 @@ def checksum(model) -> list[float]:
 
 
 def run_selective(a, rank, size) -> dict:
-    from forgetful.selective import SelectiveLossConfig, SelectiveLossTrainer
-    from forgetful.tasks import prepare_dataset_for_training
+    from forgetful.loss.tasks import prepare_dataset_for_training
+    from forgetful.loss.trainer import SelectiveLossConfig, SelectiveLossTrainer
 
     model, tok = build(a.size, a.seed)
     ds = prepare_dataset_for_training("tofu", tok, num_authors=a.authors, strategy="forget_facts", max_length=a.seq)
@@ -76,44 +83,79 @@ def run_selective(a, rank, size) -> dict:
 
     cuda = torch.cuda.is_available()
     args = SelectiveLossConfig(
-        output_dir=a.workdir, per_device_train_batch_size=per_device, max_steps=a.steps, learning_rate=1e-3,
-        logging_steps=1, logging_strategy="steps", report_to="none", save_strategy="no", seed=0, data_seed=0,
-        use_cpu=not cuda, bf16=cuda, train_sampling_strategy="sequential", disable_tqdm=True,
-        dataloader_num_workers=0, ddp_backend=("nccl" if cuda else "gloo") if size > 1 else None, max_grad_norm=1.0,
+        output_dir=a.workdir,
+        per_device_train_batch_size=per_device,
+        max_steps=a.steps,
+        learning_rate=1e-3,
+        logging_steps=1,
+        logging_strategy="steps",
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        use_cpu=not cuda,
+        bf16=cuda,
+        train_sampling_strategy="sequential",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_backend=("nccl" if cuda else "gloo") if size > 1 else None,
+        max_grad_norm=1.0,
     )
     if a.fsdp:  # shard parameters, gradients and optimizer state (FSDP2), one unit per decoder layer
-        args.fsdp, args.fsdp_config = "full_shard auto_wrap", {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+        args.fsdp, args.fsdp_config = (
+            "full_shard auto_wrap",
+            {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+        )
     trainer = SelectiveLossTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Record()])
     trainer.train()
     rows = per_device * size
-    warm = times[a.warmup:] or times
-    return {"losses": losses, "checksum": checksum(model), "rows_per_s": rows * len(warm) / sum(warm),
-            "step_s": sum(warm) / len(warm), "per_device_batch": per_device}
+    warm = times[a.warmup :] or times
+    return {
+        "losses": losses,
+        "checksum": checksum(model),
+        "rows_per_s": rows * len(warm) / sum(warm),
+        "step_s": sum(warm) / len(warm),
+        "per_device_batch": per_device,
+    }
 
 
 def run_reinforce(a, rank, size) -> dict:
-    from forgetful.data import load_forget_examples
-    from forgetful.masks import MLPForgetMask
-    from forgetful.reinforce import ForgetTrainingConfig, reinforce_model
+    from forgetful.input.examples import load_forget_examples
+    from forgetful.input.policies import MLPForgetMask
+    from forgetful.input.reinforce import ForgetTrainingConfig, reinforce_model
 
     model, tok = build(a.size, a.seed)
     torch.manual_seed(1)
     policy = MLPForgetMask(model, hidden_size=32)
     per_device = a.global_batch // size if a.global_batch else a.per_device_batch
     ds = load_forget_examples(None, tok, embedded_examples=max(64, per_device * size * a.steps), seed=0)
-    cfg = ForgetTrainingConfig(per_device_batch_size=per_device, num_samples=2, max_steps_per_epoch=a.steps,
-                               logging_steps=1, disable_tqdm=True, lm_learning_rate=1e-3, policy_learning_rate=1e-2,
-                               seed=0, mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    result = reinforce_model(model, policy, forget_p=0.5, exploration_epochs=[0.25], train_dataset=ds, tokenizer=tok,
-                             args=cfg)
+    cfg = ForgetTrainingConfig(
+        per_device_batch_size=per_device,
+        num_samples=2,
+        max_steps_per_epoch=a.steps,
+        logging_steps=1,
+        disable_tqdm=True,
+        lm_learning_rate=1e-3,
+        policy_learning_rate=1e-2,
+        seed=0,
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+    )
+    result = reinforce_model(
+        model, policy, forget_p=0.5, exploration_epochs=[0.25], train_dataset=ds, tokenizer=tok, args=cfg
+    )
     steps = [h for h in result.history if "lm_loss" in h]
     # every step is logged with the wall clock since training began; time the steps after warm-up
     clock = [0.0] + [h["time_s"] for h in steps]
     times = [b - a_ for a_, b in zip(clock[:-1], clock[1:])]
-    warm = times[a.warmup:] or times
-    return {"losses": [h["lm_loss"] for h in steps], "rewards": [h["reward"] for h in steps],
-            "checksum": checksum(result.model) + checksum(result.policy), "per_device_batch": per_device,
-            "rows_per_s": per_device * size * len(warm) / sum(warm), "step_s": sum(warm) / len(warm)}
+    warm = times[a.warmup :] or times
+    return {
+        "losses": [h["lm_loss"] for h in steps],
+        "rewards": [h["reward"] for h in steps],
+        "checksum": checksum(result.model) + checksum(result.policy),
+        "per_device_batch": per_device,
+        "rows_per_s": per_device * size * len(warm) / sum(warm),
+        "step_s": sum(warm) / len(warm),
+    }
 
 
 def main() -> None:
@@ -122,7 +164,9 @@ def main() -> None:
     p.add_argument("--size", choices=list(SIZES), default="tiny")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--global-batch", type=int, default=0, help="rows per step over all processes (0: use --per-device-batch)")
+    p.add_argument(
+        "--global-batch", type=int, default=0, help="rows per step over all processes (0: use --per-device-batch)"
+    )
     p.add_argument("--per-device-batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--authors", type=int, default=4)
@@ -138,8 +182,13 @@ def main() -> None:
     rank, size = world()
     torch.set_num_threads(1)
     result = (run_selective if a.trainer == "selective" else run_reinforce)(a, rank, size)
-    result.update(trainer=a.trainer, processes=size, device="cuda" if torch.cuda.is_available() else "cpu",
-                  gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, config=vars(a))
+    result.update(
+        trainer=a.trainer,
+        processes=size,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        config=vars(a),
+    )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if rank == 0:

@@ -24,9 +24,9 @@ import contextlib
 import torch
 from common import cuda_time_ms, environment, gpt2, peak_mb, write
 
-from forgetful.compression import compress_examples
-from forgetful.masks import build_policy
-from forgetful.token_loss import token_nll
+from forgetful.input.compression import compress_examples
+from forgetful.input.policies import build_mask
+from forgetful.nll import token_nll
 
 
 def main() -> None:
@@ -39,8 +39,11 @@ def main() -> None:
     p.add_argument("--policy", default="mlp", help="mlp, cnn_mlp, rnn, birnn")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sdpa", default="default", help="default, flash, efficient, cudnn, math")
-    p.add_argument("--compile", default="", help="torch.compile the LM with this mode: default, reduce-overhead, "
-                   "max-autotune-no-cudagraphs (empty: eager)")
+    p.add_argument(
+        "--compile",
+        default="",
+        help="torch.compile the LM with this mode: default, reduce-overhead, max-autotune-no-cudagraphs (empty: eager)",
+    )
     p.add_argument("--out", default="bench_forgetting.json")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,8 +55,12 @@ def main() -> None:
     if a.sdpa != "default":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[a.sdpa]
+        kind = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[a.sdpa]
         backend = lambda: sdpa_kernel(kind)  # noqa: E731
     results = {"env": environment(device), "config": vars(a), "rows": []}
     model = gpt2(a.size, max(lengths) + a.target, device)
@@ -64,77 +71,88 @@ def main() -> None:
         lm = torch.compile(model, mode=a.compile, dynamic=False)
     else:
         lm = model
-    policy = build_policy(a.policy, model, hidden_size=128).to(device)
+    policy = build_mask(a.policy, model, learned=True, hidden_size=128).to(device)
     V, B, m = model.config.vocab_size, a.batch, a.target
 
     def measure_length(n: int) -> None:
-            g = torch.Generator(device=device).manual_seed(0)
-            ctx = torch.randint(0, V, (B, n), device=device, generator=g)
-            tgt = torch.randint(0, V, (B, m), device=device, generator=g)
-            ctx_mask = torch.ones(B, n, dtype=torch.bool, device=device)
-            tgt_mask = torch.ones(B, m, dtype=torch.bool, device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        ctx = torch.randint(0, V, (B, n), device=device, generator=g)
+        tgt = torch.randint(0, V, (B, m), device=device, generator=g)
+        ctx_mask = torch.ones(B, n, dtype=torch.bool, device=device)
+        tgt_mask = torch.ones(B, m, dtype=torch.bool, device=device)
 
-            def dense(length: int, train: bool):
-                ids = torch.randint(0, V, (B, length), device=device, generator=g)
-                labels = torch.full_like(ids, -100)
-                labels[:, -m:] = ids[:, -m:]
+        def dense(length: int, train: bool):
+            ids = torch.randint(0, V, (B, length), device=device, generator=g)
+            labels = torch.full_like(ids, -100)
+            labels[:, -m:] = ids[:, -m:]
 
-                def run():
-                    model.zero_grad(set_to_none=True)
-                    with torch.set_grad_enabled(train), autocast(), backend():
-                        out = token_nll(lm, ids, labels)
-                        loss = out.nll.mean()
+            def run():
+                model.zero_grad(set_to_none=True)
+                with torch.set_grad_enabled(train), autocast(), backend():
+                    out = token_nll(lm, ids, labels)
+                    loss = out.nll.mean()
+                if train:
+                    loss.backward()
+
+            return run
+
+        def pipeline(keep: float, train: bool):
+            def run():
+                model.zero_grad(set_to_none=True)
+                policy.zero_grad(set_to_none=True)
+                with torch.set_grad_enabled(train), autocast(), backend():
                     if train:
-                        loss.backward()
-                return run
-
-            def pipeline(keep: float, train: bool):
-                def run():
-                    model.zero_grad(set_to_none=True)
-                    policy.zero_grad(set_to_none=True)
-                    with torch.set_grad_enabled(train), autocast(), backend():
-                        if train:
-                            sample = policy.sample(ctx, ctx_mask, forget_p=1 - keep, num_samples=1)
-                            kept = sample.keep[0]
-                        else:
-                            kept = policy.greedy(ctx, ctx_mask, forget_p=1 - keep)
-                        inputs = compress_examples(ctx, ctx_mask, kept, tgt, tgt_mask)
-                        out = token_nll(lm, inputs["input_ids"], inputs["labels"],
-                                        attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"], target_length=inputs["target_length"])
-                        per_row = out.sum_per_row() / m
-                        if train:
-                            reward = -per_row.detach()
-                            adv = (reward - reward.mean()) / (reward.std() + 1e-6)
-                            loss = per_row.mean() - (adv * sample.log_prob[0]).mean()
+                        sample = policy.sample(ctx, ctx_mask, forget_p=1 - keep, num_samples=1)
+                        kept = sample.keep[0]
+                    else:
+                        kept = policy.greedy(ctx, ctx_mask, forget_p=1 - keep)
+                    inputs = compress_examples(ctx, ctx_mask, kept, tgt, tgt_mask)
+                    out = token_nll(
+                        lm,
+                        inputs["input_ids"],
+                        inputs["labels"],
+                        attention_mask=inputs["attention_mask"],
+                        position_ids=inputs["position_ids"],
+                        target_length=inputs["target_length"],
+                    )
+                    per_row = out.sum_per_row() / m
                     if train:
-                        loss.backward()
-                return run
+                        reward = -per_row.detach()
+                        adv = (reward - reward.mean()) / (reward.std() + 1e-6)
+                        loss = per_row.mean() - (adv * sample.log_prob[0]).mean()
+                if train:
+                    loss.backward()
 
-            full_train_ms, _ = cuda_time_ms(dense(n + m, True), repeats=a.repeats)
-            full_eval_ms, _ = cuda_time_ms(dense(n + m, False), repeats=a.repeats)
-            full_mem = peak_mb(dense(n + m, True))
-            for keep in keeps:
-                b = int(round(keep * n))
-                row = {"n": n, "m": m, "batch": B, "keep": keep, "kept_length": b + m, "full_length": n + m}
-                row["train_ms"], _ = cuda_time_ms(pipeline(keep, True), repeats=a.repeats)
-                row["train_ceiling_ms"], _ = cuda_time_ms(dense(b + m, True), repeats=a.repeats)
-                row["train_full_ms"] = full_train_ms
-                row["eval_ms"], _ = cuda_time_ms(pipeline(keep, False), repeats=a.repeats)
-                row["eval_ceiling_ms"], _ = cuda_time_ms(dense(b + m, False), repeats=a.repeats)
-                row["eval_full_ms"] = full_eval_ms
-                for kind in ("train", "eval"):
-                    row[f"{kind}_speedup"] = row[f"{kind}_full_ms"] / row[f"{kind}_ms"]
-                    row[f"{kind}_ceiling_speedup"] = row[f"{kind}_full_ms"] / row[f"{kind}_ceiling_ms"]
-                    row[f"{kind}_achieved_over_ceiling"] = row[f"{kind}_speedup"] / row[f"{kind}_ceiling_speedup"]
-                row["train_peak_mb"] = peak_mb(pipeline(keep, True))
-                row["train_full_peak_mb"] = full_mem
-                if full_mem:
-                    row["mem_ratio"] = row["train_peak_mb"] / full_mem
-                results["rows"].append(row)
-                print(f"n={n} keep={keep:.2f}: train {row['train_ms']:.1f} ms, speedup {row['train_speedup']:.2f}x "
-                      f"(ceiling {row['train_ceiling_speedup']:.2f}x, {100 * row['train_achieved_over_ceiling']:.0f}%); "
-                      f"eval speedup {row['eval_speedup']:.2f}x ({100 * row['eval_achieved_over_ceiling']:.0f}% of "
-                      f"ceiling); memory {row.get('mem_ratio', float('nan')):.2f} of full", flush=True)
+            return run
+
+        full_train_ms, _ = cuda_time_ms(dense(n + m, True), repeats=a.repeats)
+        full_eval_ms, _ = cuda_time_ms(dense(n + m, False), repeats=a.repeats)
+        full_mem = peak_mb(dense(n + m, True))
+        for keep in keeps:
+            b = int(round(keep * n))
+            row = {"n": n, "m": m, "batch": B, "keep": keep, "kept_length": b + m, "full_length": n + m}
+            row["train_ms"], _ = cuda_time_ms(pipeline(keep, True), repeats=a.repeats)
+            row["train_ceiling_ms"], _ = cuda_time_ms(dense(b + m, True), repeats=a.repeats)
+            row["train_full_ms"] = full_train_ms
+            row["eval_ms"], _ = cuda_time_ms(pipeline(keep, False), repeats=a.repeats)
+            row["eval_ceiling_ms"], _ = cuda_time_ms(dense(b + m, False), repeats=a.repeats)
+            row["eval_full_ms"] = full_eval_ms
+            for kind in ("train", "eval"):
+                row[f"{kind}_speedup"] = row[f"{kind}_full_ms"] / row[f"{kind}_ms"]
+                row[f"{kind}_ceiling_speedup"] = row[f"{kind}_full_ms"] / row[f"{kind}_ceiling_ms"]
+                row[f"{kind}_achieved_over_ceiling"] = row[f"{kind}_speedup"] / row[f"{kind}_ceiling_speedup"]
+            row["train_peak_mb"] = peak_mb(pipeline(keep, True))
+            row["train_full_peak_mb"] = full_mem
+            if full_mem:
+                row["mem_ratio"] = row["train_peak_mb"] / full_mem
+            results["rows"].append(row)
+            print(
+                f"n={n} keep={keep:.2f}: train {row['train_ms']:.1f} ms, speedup {row['train_speedup']:.2f}x "
+                f"(ceiling {row['train_ceiling_speedup']:.2f}x, {100 * row['train_achieved_over_ceiling']:.0f}%); "
+                f"eval speedup {row['eval_speedup']:.2f}x ({100 * row['eval_achieved_over_ceiling']:.0f}% of "
+                f"ceiling); memory {row.get('mem_ratio', float('nan')):.2f} of full",
+                flush=True,
+            )
 
     for n in lengths:
         measure_length(n)

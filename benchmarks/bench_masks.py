@@ -20,9 +20,9 @@ import contextlib
 import torch
 from common import cuda_time_ms, environment, gpt2, write
 
-from forgetful.compression import compress_examples
-from forgetful.masks import build_policy
-from forgetful.token_loss import token_nll
+from forgetful.input.compression import compress_examples
+from forgetful.input.policies import build_mask
+from forgetful.nll import token_nll
 
 
 def main() -> None:
@@ -38,7 +38,9 @@ def main() -> None:
     p.add_argument("--out", default="bench_masks.json")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    )
     model = gpt2(a.size, a.n + a.target, device)
     V, B, n, m = model.config.vocab_size, a.batch, a.n, a.target
     g = torch.Generator(device=device).manual_seed(0)
@@ -60,7 +62,7 @@ def main() -> None:
     results = {"env": environment(device), "config": vars(a), "lm_step_ms": lm_ms, "rows": []}
     print(f"LM forward+backward at length {n + m}, batch {B}: {lm_ms:.2f} ms")
     for kind in a.policies.split(","):
-        policy = build_policy(kind, model, hidden_size=a.hidden).to(device)
+        policy = build_mask(kind, model, learned=True, hidden_size=a.hidden).to(device)
 
         def run(train: bool, policy=policy):
             def fn():
@@ -73,16 +75,25 @@ def main() -> None:
                         loss = -(adv * sample.log_prob[0]).mean()
                 if train:
                     loss.backward()
+
             return fn
 
         fwd_ms, _ = cuda_time_ms(run(False), repeats=a.repeats)
         train_ms, _ = cuda_time_ms(run(True), repeats=a.repeats)
-        row = {"policy": kind, "parameters": sum(q.numel() for q in policy.parameters()), "policy_ms": fwd_ms,
-               "policy_train_ms": train_ms, "share_of_lm_step": fwd_ms / lm_ms,
-               "train_share_of_lm_step": train_ms / lm_ms}
+        row = {
+            "policy": kind,
+            "parameters": sum(q.numel() for q in policy.parameters()),
+            "policy_ms": fwd_ms,
+            "policy_train_ms": train_ms,
+            "share_of_lm_step": fwd_ms / lm_ms,
+            "train_share_of_lm_step": train_ms / lm_ms,
+        }
         results["rows"].append(row)
-        print(f"{kind:8s} forward+sample+gather {fwd_ms:7.2f} ms = {100 * fwd_ms / lm_ms:5.2f}% of the LM step; "
-              f"with REINFORCE backward {train_ms:7.2f} ms = {100 * train_ms / lm_ms:5.2f}%", flush=True)
+        print(
+            f"{kind:8s} forward+sample+gather {fwd_ms:7.2f} ms = {100 * fwd_ms / lm_ms:5.2f}% of the LM step; "
+            f"with REINFORCE backward {train_ms:7.2f} ms = {100 * train_ms / lm_ms:5.2f}%",
+            flush=True,
+        )
     write(results, a.out)
 
 

@@ -20,7 +20,7 @@ from common import environment, gpt2, write
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from forgetful.selective import SelectiveLossConfig, SelectiveLossTrainer
+from forgetful.loss.trainer import SelectiveLossConfig, SelectiveLossTrainer
 
 
 class StepMeter(TrainerCallback):
@@ -54,26 +54,44 @@ def rows(n_rows: int, seq: int, vocab: int, density: float, seed: int = 0) -> di
 
 
 def plain_collate(batch):
-    return {"input_ids": torch.tensor([r["input_ids"] for r in batch]),
-            "labels": torch.tensor([r["labels"] for r in batch])}
+    return {
+        "input_ids": torch.tensor([r["input_ids"] for r in batch]),
+        "labels": torch.tensor([r["labels"] for r in batch]),
+    }
 
 
 def run(kind: str, size: str, data: dict, a, device) -> StepMeter:
     model = gpt2(size, a.seq, device)
     meter = StepMeter()
-    common = dict(output_dir=f"/tmp/bench_selective_{kind}", per_device_train_batch_size=a.batch, max_steps=a.steps,
-                  learning_rate=1e-4, bf16=device.type == "cuda", use_cpu=device.type != "cuda", report_to="none",
-                  save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                  train_sampling_strategy="sequential")
+    common = dict(
+        output_dir=f"/tmp/bench_selective_{kind}",
+        per_device_train_batch_size=a.batch,
+        max_steps=a.steps,
+        learning_rate=1e-4,
+        bf16=device.type == "cuda",
+        use_cpu=device.type != "cuda",
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+    )
     if kind == "selective":
         ds = Dataset.from_dict({"input_ids": data["input_ids"], "loss_mask": data["loss_mask"]})
-        trainer = SelectiveLossTrainer(model=model, args=SelectiveLossConfig(**common), train_dataset=ds,
-                                       callbacks=[meter])
+        trainer = SelectiveLossTrainer(
+            model=model, args=SelectiveLossConfig(**common), train_dataset=ds, callbacks=[meter]
+        )
         trainer.data_collator.pad_token_id = 0
     else:
         ds = Dataset.from_dict({"input_ids": data["input_ids"], "labels": data["labels"]})
-        trainer = Trainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False),
-                          train_dataset=ds, data_collator=plain_collate, callbacks=[meter])
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common, remove_unused_columns=False),
+            train_dataset=ds,
+            data_collator=plain_collate,
+            callbacks=[meter],
+        )
     trainer.train()
     del trainer, model
     if torch.cuda.is_available():
@@ -101,7 +119,7 @@ def main() -> None:
         row = {"density": density}
         for kind in ("plain", "selective"):
             m = run(kind, a.size, data, a, device)
-            row[f"{kind}_step_ms"] = statistics.median(m.times[a.warmup:])
+            row[f"{kind}_step_ms"] = statistics.median(m.times[a.warmup :])
             if m.step_peaks:
                 row[f"{kind}_step_peak_mb"] = max(m.step_peaks)
                 row[f"{kind}_total_peak_mb"] = max(m.total_peaks)
@@ -110,9 +128,12 @@ def main() -> None:
             row["step_mem_ratio"] = row["selective_step_peak_mb"] / row["plain_step_peak_mb"]
             row["total_mem_ratio"] = row["selective_total_peak_mb"] / row["plain_total_peak_mb"]
         results["rows"].append(row)
-        print(f"density {density:.0%}: step {row['selective_step_ms']:.1f} vs {row['plain_step_ms']:.1f} ms "
-              f"({row['time_ratio']:.3f}x); step memory {row.get('step_mem_ratio', float('nan')):.3f}x, "
-              f"process peak {row.get('total_mem_ratio', float('nan')):.3f}x", flush=True)
+        print(
+            f"density {density:.0%}: step {row['selective_step_ms']:.1f} vs {row['plain_step_ms']:.1f} ms "
+            f"({row['time_ratio']:.3f}x); step memory {row.get('step_mem_ratio', float('nan')):.3f}x, "
+            f"process peak {row.get('total_mem_ratio', float('nan')):.3f}x",
+            flush=True,
+        )
     write(results, a.out)
 
 

@@ -14,6 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from forgetful.measure import peak_memory_mb, timings_ms  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 SIZES = {
     # GPT-2 small: 124M parameters, the size DESIGN's ceiling is quoted for
     "gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
@@ -52,39 +56,14 @@ def environment(device: torch.device) -> dict:
 
 
 def cuda_time_ms(fn, warmup: int = 3, repeats: int = 10) -> tuple[float, list[float]]:
-    """Median milliseconds of fn() between CUDA events (host clock on the CPU)."""
-    import time
-
-    for _ in range(warmup):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+    """Median milliseconds of fn() and every repeat (the library's timer: CUDA events on a GPU)."""
+    times = timings_ms(fn, DEVICE, warmup=warmup, repeats=repeats)
     return statistics.median(times), times
 
 
-def peak_mb(fn) -> float:
+def peak_mb(fn) -> float | None:
     """Peak memory of fn() above what was allocated before (CUDA; None on the CPU)."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak_memory_mb(fn, DEVICE)[0] if DEVICE.type == "cuda" else None
 
 
 def write(results: dict, out: str | os.PathLike) -> None:
@@ -92,7 +71,3 @@ def write(results: dict, out: str | os.PathLike) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
-
-
-def median(xs):
-    return statistics.median(xs)

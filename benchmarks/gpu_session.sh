@@ -22,7 +22,7 @@ case "$phase" in
   probe)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
     python3 -c "import torch, transformers, accelerate, pyarrow, fsspec, huggingface_hub as h; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__, 'hub', h.__version__, 'gpus', torch.cuda.device_count())"
-    python3 -c "import datasets, rouge_score, forgetful.tofu_eval; print('datasets', datasets.__version__, 'imports ok')"
+    python3 -c "import datasets, rouge_score, forgetful.tofu.evaluation; print('datasets', datasets.__version__, 'imports ok')"
     ;;
   bench)
     python3 benchmarks/bench_masks.py --size gpt2-small --n 1024 --batch 32 --out "$out/bench_masks.json" "$@"

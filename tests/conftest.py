@@ -15,16 +15,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def tiny_corpus(n: int = 200) -> list[str]:
-    from forgetful.synthetic import pretraining_documents
+    from forgetful.data.embedded import pretraining_documents
 
     return pretraining_documents(n, seed=0, copy_docs=n // 10)
 
 
 def make_tiny(name: str = "tiny-gpt2", vocab_size: int = 400, hidden: int = 32, layers: int = 2, seed: int = 0):
-    from forgetful.modeling import build_model
+    from forgetful.models import build_model
 
-    return build_model(name, corpus=tiny_corpus(), vocab_size=vocab_size, seed=seed, hidden_size=hidden,
-                       num_layers=layers, num_heads=2)
+    return build_model(
+        name, corpus=tiny_corpus(), vocab_size=vocab_size, seed=seed, hidden_size=hidden, num_layers=layers, num_heads=2
+    )
 
 
 @pytest.fixture(scope="session")

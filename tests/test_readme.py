@@ -9,8 +9,7 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 SMALLER = {  # README text -> the same call at test size
     "embedded_examples=2000": "embedded_examples=32",
-    "exploration_epochs=[0.75, 0.5, 0.25, 0],":
-        "exploration_epochs=[0.5], max_steps_per_epoch=2, per_device_batch_size=4, num_samples=2, disable_tqdm=True,",
+    "exploration_epochs=[0.75, 0.5, 0.25, 0],": "exploration_epochs=[0.5], max_steps_per_epoch=2, per_device_batch_size=4, num_samples=2, disable_tqdm=True,",
     'SelectiveLossConfig(output_dir="runs/ck")': 'SelectiveLossConfig(output_dir="runs/ck", max_steps=2, use_cpu=True)',
 }
 
@@ -30,6 +29,6 @@ def test_the_readme_api_example_runs(tiny_model_dir, shared_data, tmp_path, monk
     exec(compile(code, str(README), "exec"), scope)
     assert scope["short"].input_ids.shape[1] < scope["ids"].shape[1]
     assert scope["out"].logits.shape[:2] == scope["short"].input_ids.shape
-    assert (work / "runs" / "mine" / "policy" / "model.safetensors").is_file()
+    assert (work / "runs" / "mine" / "policy" / "policy.safetensors").is_file()
     assert scope["trainer"].state.global_step == 2
     assert len(scope["history"]) > 0

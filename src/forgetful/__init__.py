@@ -1,10 +1,12 @@
 """forgetful: teach language models to forget tokens.
 
-* Input forgetting: a learned forget mask drops context tokens so the LM reads ``b < n`` tokens
-  (policies in :mod:`forgetful.masks`, ops in :mod:`forgetful.compression`, training in
-  :mod:`forgetful.reinforce`).
-* Loss forgetting: a per-token ``loss_mask`` decides which tokens are learned
-  (:class:`SelectiveLossTrainer`, :func:`prepare_dataset_for_training`, TOFU metrics).
+* Input forgetting (:mod:`forgetful.input`): a learned forget mask drops context tokens so the LM
+  reads ``b < n`` tokens; policies, compression ops, REINFORCE training, evaluation.
+* Loss forgetting (:mod:`forgetful.loss`): a per-token ``loss_mask`` decides which tokens are
+  learned (:class:`SelectiveLossTrainer`, :func:`prepare_dataset_for_training`); the TOFU benchmark
+  (:mod:`forgetful.tofu`) measures what was forgotten.
+* Models and data (:mod:`forgetful.models`, :mod:`forgetful.data`) underneath; the ``forgetful``
+  command (:mod:`forgetful.cli`) on top.
 
 Imports are lazy so ``import forgetful`` stays light.
 """
@@ -16,24 +18,31 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "IdentityMask": "forgetful.masks",
-    "RandomForgetMask": "forgetful.masks",
-    "RecencyMask": "forgetful.masks",
-    "SelfInformationMask": "forgetful.masks",
-    "MLPForgetMask": "forgetful.masks",
-    "CNNMLPForgetMask": "forgetful.masks",
-    "RNNForgetMask": "forgetful.masks",
-    "ForgetMask": "forgetful.masks",
-    "create_random_forgetting_mask": "forgetful.compression",
-    "apply_mask": "forgetful.compression",
-    "reinforce_model": "forgetful.reinforce",
-    "two_step_reinforce_model": "forgetful.reinforce",
-    "ForgetTrainingConfig": "forgetful.reinforce",
-    "SelectiveLossTrainer": "forgetful.selective",
-    "SelectiveLossConfig": "forgetful.selective",
-    "SelectiveLossCollator": "forgetful.selective",
-    "prepare_dataset_for_training": "forgetful.tasks",
-    "register_task": "forgetful.tasks",
+    "ForgetMask": "forgetful.input.policies",
+    "IdentityMask": "forgetful.input.policies",
+    "NoContextMask": "forgetful.input.policies",
+    "RandomForgetMask": "forgetful.input.policies",
+    "RecencyMask": "forgetful.input.policies",
+    "SelfInformationMask": "forgetful.input.policies",
+    "MLPForgetMask": "forgetful.input.policies",
+    "CNNMLPForgetMask": "forgetful.input.policies",
+    "RNNForgetMask": "forgetful.input.policies",
+    "LearnedForgetMask": "forgetful.input.policies",
+    "build_mask": "forgetful.input.policies",
+    "register_mask": "forgetful.input.policies",
+    "create_random_forgetting_mask": "forgetful.input.compression",
+    "apply_mask": "forgetful.input.compression",
+    "load_forget_examples": "forgetful.input.examples",
+    "ForgetMaskTrainer": "forgetful.input.reinforce",
+    "ForgetTrainingConfig": "forgetful.input.reinforce",
+    "reinforce_model": "forgetful.input.reinforce",
+    "two_step_reinforce_model": "forgetful.input.reinforce",
+    "SelectiveLossTrainer": "forgetful.loss.trainer",
+    "SelectiveLossConfig": "forgetful.loss.trainer",
+    "SelectiveLossCollator": "forgetful.loss.trainer",
+    "prepare_dataset_for_training": "forgetful.loss.tasks",
+    "register_task": "forgetful.loss.tasks",
+    "load_model": "forgetful.models.loading",
     "ForgetfulError": "forgetful.errors",
 }
 

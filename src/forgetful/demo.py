@@ -14,18 +14,25 @@ Writes ``OUT/report.md``, ``OUT/results.json`` and PNG plots (and each stage's o
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import ForgetfulError
+from .errors import ForgetfulError, check_probability
+from .input.evaluation import add_speedups, evaluate_forgetting, write_report
+from .input.examples import load_forget_examples
+from .input.policies import MLPForgetMask, RNNForgetMask
+from .input.reinforce import ForgetTrainingConfig, reinforce_model
+from .loss.pretrain import PretrainConfig, PretrainTrainingArguments, run_pretrain
+from .models import load_model
+from .reporting import markdown_table, plot_lines, write_json, write_text
+from .tofu.experiment import TofuExperimentConfig, TofuTrainingArguments, run_tofu_experiment
 
 
 @dataclass
-class DemoArguments:
+class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "Output folder."})
     pretrain_docs: int = field(default=24000, metadata={"help": "Embedded pretraining documents."})
     pretrain_copy_docs: int = field(default=14000, metadata={"help": "Of which copy documents (first)."})
@@ -41,8 +48,6 @@ class DemoArguments:
     skip_tofu: bool = field(default=False, metadata={"help": "Leave out the TOFU part."})
 
     def __post_init__(self):
-        from .errors import check_probability
-
         check_probability("forget_p", self.forget_p)
         for name in ("pretrain_docs", "forget_examples", "eval_examples", "steps_per_epoch", "tofu_authors"):
             if getattr(self, name) < 1:
@@ -54,15 +59,7 @@ def _stage(name: str):
     return time.perf_counter()
 
 
-def run_demo(a: DemoArguments) -> dict:
-    from .data import load_forget_examples
-    from .evaluation import add_speedups, evaluate_forgetting, write_report
-    from .masks import MLPForgetMask, RNNForgetMask
-    from .modeling import load_model
-    from .pretrain import PretrainArguments, run_pretrain
-    from .reinforce import ForgetTrainingConfig, reinforce_model
-    from .reporting import plot_lines, write_json, write_text
-
+def run_demo(a: DemoConfig) -> dict:
     torch.manual_seed(a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,62 +69,119 @@ def run_demo(a: DemoArguments) -> dict:
 
     # 1. The base LM ------------------------------------------------------------------------
     t = _stage("1/3 pretrain the base LM (embedded corpus)")
-    pre = run_pretrain(PretrainArguments(
-        out=str(out / "base"), model="tiny-llama", embedded_docs=a.pretrain_docs,
-        embedded_copy_docs=a.pretrain_copy_docs, lr_scheduler_type="constant_with_warmup", logging_steps=100,
-        seed=a.seed,
-    ))
+    pre = run_pretrain(
+        PretrainConfig(
+            out=str(out / "base"),
+            model="tiny-llama",
+            embedded_docs=a.pretrain_docs,
+            embedded_copy_docs=a.pretrain_copy_docs,
+        ),
+        PretrainTrainingArguments(lr_scheduler_type="constant_with_warmup", logging_steps=100, seed=a.seed),
+    )
     timings["pretrain"] = time.perf_counter() - t
-    results["pretrain"] = {k: pre[k] for k in ("parameters", "vocab_size", "steps", "eval_loss", "eval_ppl",
-                                               "train_runtime_s", "objective")}
+    results["pretrain"] = {
+        k: pre[k]
+        for k in ("parameters", "vocab_size", "steps", "eval_loss", "eval_ppl", "train_runtime_s", "objective")
+    }
 
     # 2. Input forgetting --------------------------------------------------------------------
     t = _stage(f"2/3 input forgetting: REINFORCE policies at forget_p={a.forget_p}")
     model, tok = load_model(str(out / "base"))
     train = load_forget_examples(None, tok, embedded_examples=a.forget_examples, seed=a.seed)
     held_out = load_forget_examples(None, tok, embedded_examples=a.eval_examples, seed=a.seed + 1234)
-    common = dict(per_device_batch_size=16, num_samples=4, max_steps_per_epoch=a.steps_per_epoch,
-                  logging_steps=10, eval_batches=6, seed=a.seed)
+    common = dict(
+        per_device_batch_size=16,
+        num_samples=4,
+        max_steps_per_epoch=a.steps_per_epoch,
+        logging_steps=10,
+        eval_batches=6,
+        seed=a.seed,
+    )
     mlp = MLPForgetMask(model, hidden_size=64)
-    joint = reinforce_model(model, mlp, forget_p=a.forget_p, exploration_epochs=[0.75, 0.5, 0.25, 0],
-                            train_dataset=train, eval_dataset=held_out, tokenizer=tok,
-                            args=ForgetTrainingConfig(output_dir=str(out / "forget_mlp"), lm_learning_rate=5e-4,
-                                                      policy_learning_rate=3e-3, save_total_limit=1, **common))
+    joint = reinforce_model(
+        model,
+        mlp,
+        forget_p=a.forget_p,
+        exploration_epochs=[0.75, 0.5, 0.25, 0],
+        train_dataset=train,
+        eval_dataset=held_out,
+        tokenizer=tok,
+        args=ForgetTrainingConfig(
+            output_dir=str(out / "forget_mlp"),
+            lm_learning_rate=5e-4,
+            policy_learning_rate=3e-3,
+            save_total_limit=1,
+            **common,
+        ),
+    )
     model = joint.model
     rnn = RNNForgetMask(model, hidden_size=64)
-    frozen = reinforce_model(model, rnn, forget_p=a.forget_p, exploration_epochs=[0.5, 0.25, 0],
-                             train_dataset=train, eval_dataset=held_out, tokenizer=tok,
-                             args=ForgetTrainingConfig(output_dir=str(out / "forget_rnn"), freeze_lm=True,
-                                                       policy_learning_rate=3e-3, save_total_limit=1, **common))
+    frozen = reinforce_model(
+        model,
+        rnn,
+        forget_p=a.forget_p,
+        exploration_epochs=[0.5, 0.25, 0],
+        train_dataset=train,
+        eval_dataset=held_out,
+        tokenizer=tok,
+        args=ForgetTrainingConfig(
+            output_dir=str(out / "forget_rnn"), freeze_lm=True, policy_learning_rate=3e-3, save_total_limit=1, **common
+        ),
+    )
     timings["train_forget"] = time.perf_counter() - t
     for name, run in (("mlp", joint), ("rnn", frozen)):
         hist = [h for h in run.history if "reward" in h]
-        plot_lines({"reward": ([h["step"] for h in hist], [h["reward"] for h in hist])},
-                   out / f"forget_{name}" / "reward.png", xlabel="step", ylabel="reward (-target NLL)",
-                   title=f"REINFORCE training of the {name.upper()} policy")
+        plot_lines(
+            {"reward": ([h["step"] for h in hist], [h["reward"] for h in hist])},
+            out / f"forget_{name}" / "reward.png",
+            xlabel="step",
+            ylabel="reward (-target NLL)",
+            title=f"REINFORCE training of the {name.upper()} policy",
+        )
     results["train_forget"] = {"mlp_history": joint.history, "rnn_history": frozen.history}
 
     t = _stage("evaluate forgetting strategies")
     model.eval()
-    rows = evaluate_forgetting(model, {"mlp": joint.policy, "rnn": frozen.policy}, held_out,
-                               keep_ratios=[1.0, 0.75, 0.5, 0.25], pad_token_id=tok.pad_token_id, batch_size=32,
-                               timing_repeats=3, seed=a.seed)
+    rows = evaluate_forgetting(
+        model,
+        {"mlp": joint.policy, "rnn": frozen.policy},
+        held_out,
+        keep_ratios=[1.0, 0.75, 0.5, 0.25],
+        pad_token_id=tok.pad_token_id,
+        batch_size=32,
+        timing_repeats=3,
+        seed=a.seed,
+    )
     add_speedups(rows)
-    write_report(rows, out / "eval_forget", title="Forgetting strategies on held-out biographies",
-                 notes="LM jointly trained with the MLP policy; the RNN policy trained on it with the LM frozen.")
+    write_report(
+        rows,
+        out / "eval_forget",
+        title="Forgetting strategies on held-out biographies",
+        notes="LM jointly trained with the MLP policy; the RNN policy trained on it with the LM frozen.",
+    )
     timings["eval_forget"] = time.perf_counter() - t
     results["eval_forget"] = rows
 
     # 3. Loss forgetting: TOFU ----------------------------------------------------------------
     if not a.skip_tofu:
-        from .tofu_experiment import TofuExperimentArguments, run_tofu_experiment
-
         t = _stage("3/3 loss forgetting: TOFU masked training (embedded TOFU data)")
-        tofu = run_tofu_experiment(TofuExperimentArguments(
-            model=str(out / "base"), out=str(out / "tofu"), forget_split="forget10", strategies=a.tofu_strategies,
-            epochs=a.tofu_epochs, learning_rate=a.tofu_learning_rate, batch_size=32, max_new_tokens=32, eval_batch_size=64,
-            num_authors=a.tofu_authors, seed=a.seed,
-        ))
+        tofu = run_tofu_experiment(
+            TofuExperimentConfig(
+                model=str(out / "base"),
+                out=str(out / "tofu"),
+                forget_split="forget10",
+                strategies=a.tofu_strategies,
+                max_new_tokens=32,
+                eval_batch_size=64,
+                num_authors=a.tofu_authors,
+            ),
+            TofuTrainingArguments(
+                num_train_epochs=a.tofu_epochs,
+                learning_rate=a.tofu_learning_rate,
+                per_device_train_batch_size=32,
+                seed=a.seed,
+            ),
+        )
         timings["tofu"] = time.perf_counter() - t
         results["tofu"] = tofu["runs"]
 
@@ -143,9 +197,7 @@ def _fmt_row(rows, strategy, keep):
     return next((r for r in rows if r["strategy"] == strategy and abs(r["keep_ratio"] - keep) < 1e-9), None)
 
 
-def _report(results: dict, rows: list[dict], a: DemoArguments) -> str:
-    from .reporting import markdown_table
-
+def _report(results: dict, rows: list[dict], a: DemoConfig) -> str:
     pre = results["pretrain"]
     keep = 1 - a.forget_p
     ident = _fmt_row(rows, "identity", 1.0)
@@ -169,8 +221,10 @@ def _report(results: dict, rows: list[dict], a: DemoArguments) -> str:
         f"on {a.eval_examples} held-out examples; `vs_identity` is the relative NLL increase over the full context; "
         "`fact_recall` is the share of fact tokens kept.",
         "",
-        markdown_table(sorted(at, key=lambda r: r["nll"]),
-                       ["strategy", "kept_tokens", "nll", "vs_identity", "fact_recall", "flops_ratio", "speedup"]),
+        markdown_table(
+            sorted(at, key=lambda r: r["nll"]),
+            ["strategy", "kept_tokens", "nll", "vs_identity", "fact_recall", "flops_ratio", "speedup"],
+        ),
         f"Identity (full context, {ident['kept_tokens']:.1f} tokens): NLL {ident['nll']:.3f}." if ident else "",
         "",
         "All keep ratios: [eval_forget/report.md](eval_forget/report.md). "
@@ -185,13 +239,12 @@ def _report(results: dict, rows: list[dict], a: DemoArguments) -> str:
             "p-value against the retain run; model utility: harmonic mean of nine retain / real-authors / world-facts "
             "metrics.",
             "",
-            markdown_table(results["tofu"], ["run", "trained_share", "forget_quality", "model_utility", "forget_rouge",
-                                             "retain_rouge"], digits=4),
+            markdown_table(
+                results["tofu"],
+                ["run", "trained_share", "forget_quality", "model_utility", "forget_rouge", "retain_rouge"],
+                digits=4,
+            ),
             "![utility vs forget quality](tofu/utility_vs_forget_quality.png)",
             "",
         ]
     return "\n".join(lines)
-
-
-def load_results(out: str | Path) -> dict:
-    return json.loads((Path(out) / "results.json").read_text())

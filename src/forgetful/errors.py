@@ -38,3 +38,22 @@ def check_probability(name: str, value: float, *, allow_one: bool = False) -> fl
         interval = "[0, 1]" if allow_one else "[0, 1)"
         raise ForgetfulError(f"{name} must lie in {interval}, got {value!r}")
     return v
+
+
+def check_choices(config) -> None:
+    """Check every ``Literal[...]`` field of a config dataclass. On the command line these are
+    argparse choices; library callers who build the dataclass themselves are checked here."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        tp = hints.get(f.name)
+        options = [tp] + list(typing.get_args(tp)) if typing.get_origin(tp) is not typing.Literal else [tp]
+        literals = [a for a in options if typing.get_origin(a) is typing.Literal]
+        if not literals:
+            continue
+        allowed = typing.get_args(literals[0])
+        value = getattr(config, f.name)
+        if value not in allowed and not (value is None and type(None) in typing.get_args(tp)):
+            raise ForgetfulError(f"{f.name} must be one of {', '.join(map(str, allowed))}, got {value!r}")

@@ -54,8 +54,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
+def timings_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 2, repeats: int = 5) -> list[float]:
+    """Wall time of each of ``repeats`` runs of ``fn()`` in milliseconds, after ``warmup`` runs."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
@@ -73,7 +73,12 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times)
+    return times
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    return statistics.median(timings_ms(fn, device, warmup, repeats))
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> tuple[float, str]:

@@ -53,14 +53,15 @@ def fmt(v, digits: int = 3) -> str:
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):
             return str(v)
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 10 ** -digits):
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 10**-digits):
             return f"{v:.2e}"
         return f"{v:.{digits}f}"
     return str(v)
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str] | None = None,
-                   digits: int = 3) -> str:
+def markdown_table(
+    rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str] | None = None, digits: int = 3
+) -> str:
     headers = list(headers or columns)
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
     for r in rows:
@@ -71,8 +72,13 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequen
 def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], path: str | os.PathLike, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    _finish(fig, ax, path, "step", "training loss", title)
+
+
+def _finish(fig, ax, path: str | os.PathLike, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, a light grid, and the PNG written (the figure closed: no display, no leak)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -80,9 +86,16 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], path: str |
     plt.close(fig)
 
 
-def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike, *,
-               xlabel: str, ylabel: str, title: str = "", logy: bool = False,
-               reference: tuple[Sequence[float], Sequence[float], str] | None = None) -> None:
+def plot_lines(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logy: bool = False,
+    reference: tuple[Sequence[float], Sequence[float], str] | None = None,
+) -> None:
     """One line per series name; an optional dashed reference line (e.g. the FLOP-ideal)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, (xs, ys) in series.items():
@@ -92,18 +105,19 @@ def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path:
         ax.plot(xs, ys, "k--", label=label)
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, xlabel, ylabel, title)
 
 
-def plot_scatter(points: dict[str, tuple[float, float]], path: str | os.PathLike, *, xlabel: str, ylabel: str,
-                 title: str = "", logx: bool = False) -> None:
+def plot_scatter(
+    points: dict[str, tuple[float, float]],
+    path: str | os.PathLike,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logx: bool = False,
+) -> None:
     """Labelled points (e.g. forget quality vs model utility per strategy)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, (x, y) in points.items():
@@ -111,10 +125,4 @@ def plot_scatter(points: dict[str, tuple[float, float]], path: str | os.PathLike
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, xlabel, ylabel, title)

@@ -1,0 +1,93 @@
+"""The ``forgetful`` command.
+
+``forgetful <command> [--config FILE.yaml] [--flag value ...]``. Each command is one thin module
+here: its options are the library's config dataclasses (plus the command's own arguments), parsed
+with ``HfArgumentParser`` (:mod:`.parsing`); it calls the library and prints. A problem the user
+can fix prints one line on stderr and exits with code 2. Library code never imports this package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from ..errors import ForgetfulError
+from ..training.interrupts import TrainingInterrupted
+from .parsing import parse_options
+
+# command -> (module under forgetful.cli with ARGUMENTS and run(), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "demo",
+        "Run everything at small scale on the embedded data, offline; writes report.md, results.json, plots.",
+    ),
+    "pretrain": ("pretrain", "Train a base causal LM (built-in tiny configs or any HF model)."),
+    "train-forget": ("train_forget", "Train a forget-mask policy (and the LM) with REINFORCE."),
+    "eval-forget": ("eval_forget", "Evaluate forgetting strategies: quality, FLOPs, time and memory per keep ratio."),
+    "train-selective": (
+        "train_selective",
+        "Train with per-token loss masks (SelectiveLossTrainer) on a registered task.",
+    ),
+    "eval-tofu": ("eval_tofu", "Score a model with the TOFU metrics (forget quality, model utility, ...)."),
+    "tofu-experiment": (
+        "tofu_experiment",
+        "Train full / retain / masked models from one initialisation, evaluate all, plot.",
+    ),
+    "generate-data": ("generate_data", "Write the embedded data (corpus, forgetting examples, TOFU splits) to files."),
+}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    # We turn every user error into one line; the libraries' own error logs would repeat it with a traceback.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(len(c) for c in COMMANDS)
+        print("usage: forgetful <command> [--config FILE.yaml] [options]\n\ncommands:")
+        for name, (*_, help_text) in COMMANDS.items():
+            print(f"  {name.ljust(width)}  {help_text}")
+        print("\n`forgetful <command> --help` lists a command's options.")
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command not in COMMANDS:
+            raise ForgetfulError(f"unknown command '{command}'; commands: {', '.join(COMMANDS)}")
+        _quiet_libraries()
+        module_name, help_text = COMMANDS[command]
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        module.run(*parse_options(command, module.ARGUMENTS, rest, help_text))
+    except ForgetfulError as exc:
+        msg = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"forgetful: error: {msg}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as exc:
+        print(f"forgetful: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("forgetful: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _close_process_group()
+    return 0
+
+
+def _close_process_group() -> None:
+    """Under a launcher the command owns the process group: close it before the process exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""``forgetful eval-forget``: every strategy at every keep ratio on held-out data (quality, FLOPs,
+time, memory); writes ``results.json``, ``report.md`` and plots."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ForgetfulError
+from ..input.evaluation import BASELINES, add_speedups, evaluate_forgetting, write_report
+from ..input.examples import load_forget_examples
+from ..input.policies import LearnedForgetMask, mask_names
+from ..models import load_model
+
+
+def parse_keep_ratios(text: str | list) -> list[float]:
+    parts = text if isinstance(text, list) else [p for p in str(text).split(",") if p.strip()]
+    try:
+        ratios = [float(p) for p in parts]
+    except ValueError:
+        raise ForgetfulError(f"keep ratios must be numbers like 1,0.75,0.5,0.25, got {text!r}") from None
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        raise ForgetfulError(f"keep ratios must lie in (0, 1], got {text!r}")
+    return sorted(set(ratios), reverse=True)
+
+
+@dataclass
+class EvalForgetArguments:
+    model: str = field(metadata={"help": "The LM folder (save_pretrained), e.g. a train-forget OUT/lm."})
+    out: str = field(metadata={"help": "Output folder for results.json, report.md and plots."})
+    mask_dir: list[str] = field(
+        default_factory=list, metadata={"help": "Saved learned policies to evaluate (folders)."}
+    )
+    eval_file: str | None = field(
+        default=None, metadata={"help": "Held-out text/JSON file; default: embedded biographies."}
+    )
+    keep: str = field(default="1,0.75,0.5,0.25", metadata={"help": "Keep ratios, comma separated."})
+    strategies: str = field(default=",".join(BASELINES), metadata={"help": "Baselines to include."})
+    context_length: int = field(default=256)
+    target_length: int = field(default=32)
+    max_examples: int = field(default=256)
+    batch_size: int = field(default=16)
+    timing_repeats: int = field(default=5)
+    embedded_seed: int = field(default=1234, metadata={"help": "Seed of the embedded held-out examples."})
+    seed: int = field(default=0)
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on a GPU that supports it)."})
+
+    def __post_init__(self):
+        self.keep_ratios = parse_keep_ratios(self.keep)
+        self.strategy_names = [s.strip() for s in self.strategies.split(",") if s.strip()]
+        baselines = mask_names(learned=False)
+        unknown = [s for s in self.strategy_names if s not in baselines]
+        if unknown:
+            raise ForgetfulError(f"unknown strategies {', '.join(unknown)}; baselines are {', '.join(baselines)}")
+        if self.batch_size < 1 or self.max_examples < 1 or self.timing_repeats < 1:
+            raise ForgetfulError("batch_size, max_examples and timing_repeats must be positive")
+
+
+ARGUMENTS = (EvalForgetArguments,)
+
+
+def run(a: EvalForgetArguments) -> list[dict]:
+    model, tokenizer = load_model(a.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    policies = {}
+    for d in a.mask_dir:
+        policy = LearnedForgetMask.from_pretrained(d, model)
+        name = Path(d).name if Path(d).name not in ("policy",) else Path(d).parent.name
+        policies[name] = policy
+    ds = load_forget_examples(
+        a.eval_file,
+        tokenizer,
+        context_length=a.context_length,
+        target_length=a.target_length,
+        max_examples=a.max_examples,
+        seed=a.embedded_seed,
+    )
+    bf16 = a.bf16 if a.bf16 is not None else (device == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else None
+    rows = evaluate_forgetting(
+        model,
+        policies,
+        ds,
+        keep_ratios=a.keep_ratios,
+        pad_token_id=tokenizer.pad_token_id,
+        strategies=a.strategy_names,
+        batch_size=a.batch_size,
+        timing_repeats=a.timing_repeats,
+        seed=a.seed,
+        autocast=autocast,
+    )
+    add_speedups(rows)
+    notes = (
+        f"Model `{a.model}`, data `{a.eval_file or 'embedded biographies'}`, {len(ds)} examples, device "
+        f"{device}{', bf16' if bf16 else ''}. NLL/perplexity are over target tokens. FLOP ratios count the "
+        "policy's own cost; wall time and peak memory are for one forward of the first batch (policy + gather "
+        "+ LM), median of repeats."
+    )
+    write_report(rows, Path(a.out), notes=notes)
+    best = min(
+        (r for r in rows if r["keep_ratio"] < 1 and r["strategy"] != "identity"), key=lambda r: r["nll"], default=None
+    )
+    if best:
+        print(
+            f"wrote {a.out}/report.md; best at keep<1: {best['strategy']} @ {best['keep_ratio']} "
+            f"(nll {best['nll']:.3f}, ppl {best['ppl']:.2f})"
+        )
+    if any(not math.isfinite(r["nll"]) for r in rows):
+        raise ForgetfulError("some strategies gave a non-finite NLL; see results.json")
+    return rows

@@ -1,0 +1,42 @@
+"""``forgetful eval-tofu``: score a model with the TOFU suite; writes ``tofu_eval.json`` (per
+example) and ``tofu_summary.json`` (aggregates, forget quality against a retain run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models import load_model
+from ..reporting import write_json
+from ..tofu.evaluation import TofuEvalConfig, evaluate_tofu
+
+
+@dataclass
+class EvalTofuArguments:
+    model: str = field(metadata={"help": "Model folder (save_pretrained) or Hub name."})
+    out: str = field(metadata={"help": "Output folder for tofu_eval.json and tofu_summary.json."})
+    retain_eval: str | None = field(
+        default=None, metadata={"help": "The retain model's tofu_eval.json, for forget quality."}
+    )
+
+
+ARGUMENTS = (EvalTofuArguments, TofuEvalConfig)
+
+
+def run(a: EvalTofuArguments, config: TofuEvalConfig) -> dict:
+    model, tokenizer = load_model(a.model)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    per_example, summary = evaluate_tofu(model, tokenizer, config, retain_eval=a.retain_eval)
+    out = Path(a.out)
+    per_example["meta"]["model"] = a.model
+    write_json(per_example, out / "tofu_eval.json")
+    write_json(summary, out / "tofu_summary.json")
+    fq = summary["forget_quality"]
+    print(
+        f"model utility {summary['model_utility']:.4f}; forget quality "
+        f"{'n/a (no --retain-eval)' if fq is None else f'{fq:.4g}'}; forget ROUGE {summary['forget']['rouge']:.3f}"
+    )
+    return summary

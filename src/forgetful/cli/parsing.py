@@ -1,0 +1,143 @@
+"""Parsing a command's options: ``HfArgumentParser`` over the command's dataclasses (flags take
+``--with-dashes`` or ``--with_underscores``), a YAML config of defaults that flags override
+(unknown keys and wrong types refused with one line), and argparse errors as one-line
+:class:`~forgetful.errors.ForgetfulError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+from ..errors import ForgetfulError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one-line ForgetfulErrors."""
+
+    def error(self, message: str):  # noqa: D102
+        raise ForgetfulError(f"{self.prog}: {message}")
+
+
+def _hf_parser(cls: type, prog: str, description: str):
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):
+            raise ForgetfulError(f"{prog}: {message}")
+
+    return Parser(cls, prog=prog, description=description)
+
+
+def _field_types(cls: type) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _field_aliases(cls: type) -> dict[str, str]:
+    """Flag aliases (``--out`` for ``output_dir``) as config keys, mapped to their field."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        aliases = f.metadata.get("aliases", [])
+        for alias in [aliases] if isinstance(aliases, str) else aliases:
+            out[alias.lstrip("-").replace("-", "_")] = f.name
+    return out
+
+
+def _coerce(name: str, tp, value):
+    """Check/convert one config value to the field's type; clear error if it does not fit."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(name, a, value)
+            except ForgetfulError as e:
+                errors.append(str(e))
+        raise ForgetfulError(errors[0])
+    if origin is typing.Literal:
+        if value not in args:
+            raise ForgetfulError(f"config key '{name}' must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(name, args[0] if args else str, v) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ForgetfulError(f"config key '{name}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ForgetfulError(f"config key '{name}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ForgetfulError(f"config key '{name}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ForgetfulError(f"config key '{name}' must be a string, got {value!r}")
+        return str(value)
+    return value  # types we do not check (dicts, enums of TrainingArguments) go to the dataclass
+
+
+def load_config(path: str, classes: tuple[type, ...]) -> dict:
+    """Read a YAML config; every key must be a field of one of ``classes`` and fit its type."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ForgetfulError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ForgetfulError(f"config file {p} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ForgetfulError(f"config file {p} must be a mapping of option: value, got {type(data).__name__}")
+    types_by_field: dict[str, object] = {}
+    aliases: dict[str, str] = {}
+    for cls in classes:
+        types_by_field.update(_field_types(cls))
+        aliases.update(_field_aliases(cls))
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        name = aliases.get(name, name)
+        if name not in types_by_field:
+            close = [f for f in types_by_field if f.startswith(name[:4])][:3]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ForgetfulError(f"unknown config key '{key}' in {p}{hint}")
+        out[name] = _coerce(name, types_by_field[name], value)
+    return out
+
+
+def parse_options(command: str, classes: tuple[type, ...], argv: list[str], help_text: str = "") -> list:
+    """Instances of ``classes`` from the command line ``argv`` (and its ``--config`` YAML)."""
+    parser = _hf_parser(classes if len(classes) > 1 else classes[0], f"forgetful {command}", help_text)
+    parser.add_argument("--config", default=None, help="YAML file of option: value defaults (flags override).")
+    pre = _Parser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        values = load_config(known.config, classes)
+        parser.set_defaults(**values)
+        for action in parser._actions:  # options given by the config are no longer required flags
+            if action.dest in values:
+                action.required = False
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except (TypeError, ValueError) as exc:  # raised by dataclass __post_init__ checks
+        if isinstance(exc, ForgetfulError):
+            raise
+        raise ForgetfulError(f"forgetful {command}: {str(exc).splitlines()[0]}") from None
+    return [a for a in parsed if not isinstance(a, argparse.Namespace)]

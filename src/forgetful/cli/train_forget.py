@@ -1,0 +1,161 @@
+"""``forgetful train-forget``: train a forget-mask policy and the LM with REINFORCE, then score the
+policy against the baselines on held-out data. The training options are
+:class:`~forgetful.input.reinforce.ForgetTrainingConfig`'s fields (``--out`` is its
+``output_dir``, ``--batch-size`` its ``per_device_batch_size``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import ForgetfulError, check_probability
+from ..input.evaluation import baseline_masks, batches_of, evaluate_strategy
+from ..input.examples import load_forget_examples
+from ..input.policies import build_mask, mask_names
+from ..input.reinforce import ForgetMaskTrainer, ForgetTrainingConfig
+from ..models import load_model
+from ..reporting import plot_lines, write_json
+
+
+@dataclass
+class TrainForgetArguments:
+    model: str = field(metadata={"help": "The base LM: a folder (save_pretrained) or a Hub name."})
+    mask: str = field(default="mlp", metadata={"help": "Learned policy: mlp, cnn_mlp, rnn or birnn."})
+    method: Literal["reinforce", "two_step"] = field(
+        default="reinforce", metadata={"help": "reinforce (joint) or two_step (alternating)."}
+    )
+    forget_p: float = field(default=0.1, metadata={"help": "Share of the context to forget, in [0, 1)."})
+    exploration: str = field(
+        default="0.75,0.5,0.25,0",
+        metadata={
+            "help": "One entry per epoch. reinforce: share of random keep sets (0.75,0.5,0.25,0); "
+            "two_step: true = LM epoch on random masks, false = policy epoch (true,false,true,false)."
+        },
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "Text or JSON (context/target) file; default: embedded biographies."}
+    )
+    eval_file: str | None = field(
+        default=None, metadata={"help": "Held-out data; default: embedded biographies (other seed)."}
+    )
+    context_length: int = field(default=256, metadata={"help": "Text files: context tokens per window (n)."})
+    target_length: int = field(default=32, metadata={"help": "Text files: target tokens per window (m)."})
+    stride: int | None = field(default=None, metadata={"help": "Text files: window stride (default n + m)."})
+    max_examples: int | None = field(default=None)
+    embedded_examples: int = field(default=2000)
+    eval_examples: int = field(default=256)
+    hidden_size: int = field(default=128, metadata={"help": "Policy width."})
+    kernel_size: int = field(default=5, metadata={"help": "cnn_mlp: convolution width."})
+    cell: Literal["gru", "lstm"] = field(default="gru", metadata={"help": "rnn/birnn: gru or lstm."})
+
+    def __post_init__(self):
+        check_probability("forget_p", self.forget_p)
+        if self.mask not in mask_names(learned=True):
+            raise ForgetfulError(f"unknown mask '{self.mask}'; choose from {', '.join(mask_names(learned=True))}")
+
+    def policy_options(self) -> dict:
+        """The options of the chosen policy."""
+        extra = {"cnn_mlp": {"kernel_size": self.kernel_size}, "rnn": {"cell": self.cell}, "birnn": {"cell": self.cell}}
+        return {"hidden_size": self.hidden_size, **extra.get(self.mask, {})}
+
+
+ARGUMENTS = (TrainForgetArguments, ForgetTrainingConfig)
+
+
+def parse_exploration(text: str, method: str) -> list:
+    parts = [p.strip().lower() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise ForgetfulError("exploration is empty: give one entry per epoch, e.g. 0.75,0.5,0.25,0")
+    if method == "two_step":
+        table = {"true": True, "1": True, "lm": True, "false": False, "0": False, "policy": False}
+        if any(p not in table for p in parts):
+            raise ForgetfulError(
+                f"two_step exploration entries are true (LM epoch) or false (policy epoch), got {text!r}"
+            )
+        return [table[p] for p in parts]
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise ForgetfulError(f"reinforce exploration entries are numbers in [0, 1], got {text!r}") from None
+
+
+def run(a: TrainForgetArguments, config: ForgetTrainingConfig) -> dict:
+    from accelerate import PartialState
+
+    if config.output_dir is None:
+        raise ForgetfulError("--out is required: the folder for lm/, policy/, checkpoints and results.json")
+    exploration = parse_exploration(a.exploration, a.method)
+    out = Path(config.output_dir)
+    (out / "results.json").unlink(missing_ok=True)
+    if config.run_name == ForgetTrainingConfig.run_name:
+        config.run_name = f"forget-{a.mask}"
+    model, tok = load_model(a.model)
+    data_kw = dict(context_length=a.context_length, target_length=a.target_length, stride=a.stride, seed=config.seed)
+    train = load_forget_examples(
+        a.train_file, tok, max_examples=a.max_examples, embedded_examples=a.embedded_examples, **data_kw
+    )
+    if a.eval_file is not None:
+        held = load_forget_examples(a.eval_file, tok, max_examples=a.eval_examples, **data_kw)
+    elif a.train_file is None:
+        held = load_forget_examples(
+            None, tok, embedded_examples=a.eval_examples, **{**data_kw, "seed": config.seed + 1234}
+        )
+    else:
+        held = None
+    # The policy's initial weights are a function of --seed alone: the global generator's state here
+    # depends on what loading did before (which varies with Python's string-hash seed).
+    torch.manual_seed(config.seed)
+    policy = build_mask(a.mask, model, learned=True, **a.policy_options())
+    trainer = ForgetMaskTrainer(
+        model,
+        policy,
+        config,
+        forget_p=a.forget_p,
+        exploration_epochs=exploration,
+        method=a.method,
+        train_dataset=train,
+        eval_dataset=held,
+        tokenizer=tok,
+    )
+    result = trainer.train()
+    trainer.save_model(out)
+    if not PartialState().is_main_process:  # under a launcher, one process evaluates and writes the outputs
+        return {}
+    write_json(result.history, out / "history.json")
+    steps = [h for h in result.history if "reward" in h]
+    if steps:
+        plot_lines(
+            {"reward": ([h["step"] for h in steps], [h["reward"] for h in steps])},
+            out / "reward.png",
+            xlabel="step",
+            ylabel="reward (-target NLL)",
+            title=f"REINFORCE: {a.mask} policy",
+        )
+    final: dict = {
+        "mask": a.mask,
+        "method": a.method,
+        "forget_p": a.forget_p,
+        "exploration": exploration,
+        "train_examples": len(train),
+    }
+    if held is not None:
+        device = next(result.model.parameters()).device
+        batches = batches_of(held, config.per_device_batch_size, tok.pad_token_id)
+        strategies = {
+            a.mask: result.policy,
+            **baseline_masks(result.model, config.seed, ("identity", "random", "recency"), device),
+        }
+        for name, mask in strategies.items():
+            res = evaluate_strategy(
+                result.model, mask, batches, keep_ratio=1 - a.forget_p, pad_token_id=tok.pad_token_id, device=device
+            )
+            final[f"{name}_nll"] = res["nll"]
+        print(
+            f"held-out target NLL at keep {1 - a.forget_p:.2f}: "
+            + ", ".join(f"{k[:-4]} {v:.3f}" for k, v in final.items() if k.endswith("_nll"))
+        )
+    write_json(final, out / "results.json")
+    return final

@@ -1,0 +1,278 @@
+"""Compression ops: budgets, keep-mask sampling, and the physical gather that saves compute.
+
+A *keep mask* is a bool tensor shaped like ``input_ids``: True = the token is kept, False = it is
+forgotten. Everything here is vectorised over rows and tokens (no Python loops) and runs on any
+device.
+
+* :func:`kept_counts` - the exact budget ``b = round((1 - forget_p) * n)`` per row;
+* :func:`create_random_forgetting_mask` - forget each token with probability ``forget_prob``;
+* :func:`topk_keep`, :func:`gumbel_topk_keep` - exact-budget masks (greedy / sampled), with the
+  Plackett-Luce log-probability of the ordered sample;
+* :func:`bernoulli_keep` - keep each token with its own probability, with the log-probability;
+* :func:`apply_mask` - gather the kept tokens (in order, original positions), right-padded;
+* :func:`compress_examples` - the LM input for (context, target) examples: ``c[K] ++ y`` with
+  original position ids and labels on the target only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ForgetfulError, check_probability
+
+# A finite stand-in for -inf in log-probabilities: exp() underflows to exactly 0, and unlike -inf
+# it never produces NaN gradients through logcumsumexp / where.
+NEG_LARGE = -1e9
+
+
+def _check_same_shape(input_ids: torch.Tensor, mask: torch.Tensor, name: str = "mask") -> None:
+    if input_ids.dim() != 2:
+        raise ForgetfulError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    if mask.shape != input_ids.shape:
+        raise ForgetfulError(f"{name} has shape {tuple(mask.shape)} but input_ids has {tuple(input_ids.shape)}")
+
+
+def kept_counts(
+    lengths: torch.Tensor,
+    *,
+    forget_p: float | None = None,
+    budget: int | torch.Tensor | None = None,
+    keep_first: bool = True,
+) -> torch.Tensor:
+    """Tokens to keep per row: ``round((1 - forget_p) * n)`` or an explicit ``budget``, at least
+    one when ``keep_first`` (the first token is always kept), at most ``n``."""
+    lengths = lengths.long()
+    if budget is not None:
+        k = torch.as_tensor(budget, device=lengths.device).long().expand_as(lengths).clone()
+        if (k < 0).any():
+            raise ForgetfulError(f"budget must be non-negative, got {budget}")
+        if (k > lengths).any():
+            raise ForgetfulError(
+                f"budget {int(k.max())} is larger than the context ({int(lengths.min())} tokens); "
+                "use a smaller budget or forget_p"
+            )
+    else:
+        if forget_p is None:
+            raise ForgetfulError("give forget_p (share of context to forget) or budget (tokens to keep)")
+        check_probability("forget_p", forget_p)
+        k = torch.floor((1.0 - forget_p) * lengths.double() + 0.5 + 1e-9).long()
+    floor = (lengths > 0).long() if keep_first else torch.zeros_like(lengths)
+    return torch.maximum(torch.minimum(k, lengths), floor)
+
+
+def _eligible(attention_mask: torch.Tensor, keep_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens the sampler may choose, tokens forced in). Token 0 is forced when keep_first."""
+    valid = attention_mask.bool()
+    forced = torch.zeros_like(valid)
+    if keep_first:
+        forced[..., 0] = valid[..., 0]
+    return valid & ~forced, forced
+
+
+def create_random_forgetting_mask(
+    input_ids: torch.Tensor,
+    forget_prob: float,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    keep_first: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Keep mask that forgets each token independently with probability ``forget_prob``
+    (token 0 kept when ``keep_first``; padding never kept)."""
+    check_probability("forget_prob", forget_prob)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    _check_same_shape(input_ids, attention_mask, "attention_mask")
+    u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    eligible, forced = _eligible(attention_mask, keep_first)
+    return (eligible & (u >= forget_prob)) | forced
+
+
+def topk_keep(scores: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Keep the ``k`` highest-scoring tokens per row (``k`` counts forced tokens too)."""
+    k_free = (k - forced.sum(-1)).clamp(min=0)
+    k_free = torch.minimum(k_free, eligible.sum(-1))
+    s = scores.float().masked_fill(~eligible, float("-inf"))
+    order = s.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(s.shape[-1], device=s.device).expand_as(s)
+    chosen = ranks < k_free.unsqueeze(-1)
+    return torch.zeros_like(eligible).scatter(-1, order, chosen) | forced
+
+
+@dataclass
+class KeepSample:
+    """Sampled keep masks ``[S, B, n]`` and their log-probabilities ``[S, B]`` under the policy."""
+
+    keep: torch.Tensor
+    log_prob: torch.Tensor
+    entropy: torch.Tensor  # [B], the policy's entropy (exact mode: of the softmax over tokens)
+    expected_keep: torch.Tensor | None = None  # [B], differentiable expected kept count (Bernoulli)
+
+
+def plackett_luce_log_prob(logits: torch.Tensor, order: torch.Tensor, k_free: torch.Tensor) -> torch.Tensor:
+    """Log-probability of drawing the first ``k_free`` items of ``order`` in that order without
+    replacement, each with probability softmax(logits over the items not yet drawn).
+    ``logits`` use :data:`NEG_LARGE` for items that can never be drawn."""
+    s = logits.gather(-1, order)
+    # log of the mass still undrawn before step j: logsumexp over order[j:]
+    suffix = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
+    ranks = torch.arange(s.shape[-1], device=s.device)
+    step = ranks < k_free.unsqueeze(-1)
+    return torch.where(step, s - suffix, torch.zeros_like(s)).sum(-1)
+
+
+def _sampling_noise(logits: torch.Tensor, num_samples: int, generator, noise):
+    """float32 logits, the sample shape ``[S, *logits.shape]`` and uniform noise of that shape
+    (drawn here unless given, e.g. to share it across processes)."""
+    shape = (num_samples, *logits.shape)
+    if noise is None:
+        noise = torch.rand(shape, generator=generator, device=logits.device)
+    return logits.float(), shape, noise
+
+
+def gumbel_topk_keep(
+    logits: torch.Tensor,
+    k: torch.Tensor,
+    eligible: torch.Tensor,
+    forced: torch.Tensor,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> KeepSample:
+    """Sample ``num_samples`` exact-budget keep sets per row by Gumbel-top-k, which draws
+    without replacement from softmax(logits) (Plackett-Luce). ``noise`` (uniform [S, B, n]) may be
+    given to share randomness across processes."""
+    k_free = torch.minimum((k - forced.sum(-1)).clamp(min=0), eligible.sum(-1))
+    logits, shape, noise = _sampling_noise(logits, num_samples, generator, noise)
+    u = noise.clamp(1e-12, 1 - 1e-7)
+    gumbel = -torch.log(-torch.log(u))
+    finite = logits.masked_fill(~eligible, NEG_LARGE)
+    perturbed = (logits.detach() + gumbel).masked_fill(~eligible, float("-inf"))
+    order = perturbed.argsort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    chosen = (ranks < k_free.unsqueeze(-1)).expand(shape)
+    keep = torch.zeros(shape, dtype=torch.bool, device=logits.device).scatter(-1, order, chosen) | forced
+    log_prob = plackett_luce_log_prob(finite.expand(shape), order, k_free)
+    probs = torch.softmax(finite, dim=-1)
+    entropy = -(probs * torch.log_softmax(finite, dim=-1)).masked_fill(~eligible, 0.0).sum(-1)
+    return KeepSample(keep, log_prob, entropy)
+
+
+def bernoulli_keep(
+    logits: torch.Tensor,
+    eligible: torch.Tensor,
+    forced: torch.Tensor,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> KeepSample:
+    """Keep each eligible token with probability sigmoid(logit), independently."""
+    logits, shape, noise = _sampling_noise(logits, num_samples, generator, noise)
+    p = torch.sigmoid(logits.detach())
+    keep = ((noise < p) & eligible) | forced
+    logp_keep = torch.nn.functional.logsigmoid(logits)
+    logp_drop = torch.nn.functional.logsigmoid(-logits)
+    per_token = torch.where(keep, logp_keep, logp_drop).masked_fill(~eligible, 0.0)
+    log_prob = per_token.sum(-1)
+    q = torch.sigmoid(logits)
+    ent = -(q * logp_keep + (1 - q) * logp_drop)
+    expected = q.masked_fill(~eligible, 0.0).sum(-1) + forced.sum(-1)
+    return KeepSample(keep, log_prob, ent.masked_fill(~eligible, 0.0).sum(-1), expected)
+
+
+@dataclass
+class CompressedInputs:
+    """The kept tokens of each row, in order, right-padded to the longest row."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L] long, 1 on kept tokens
+    position_ids: torch.Tensor  # [B, L] the original positions (0 on padding)
+    lengths: torch.Tensor  # [B] kept tokens per row
+    index: torch.Tensor  # [B, L] source column of each output slot
+    padded: bool = True  # False when every row kept the same number of tokens
+
+    def gather(self, values: torch.Tensor, pad_value) -> torch.Tensor:
+        """Gather another ``[B, n]`` tensor aligned with the input (labels, fact masks, ...)."""
+        out = values.gather(1, self.index)
+        return out.masked_fill(~self.attention_mask.bool(), pad_value)
+
+
+def apply_mask(
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int = 0,
+) -> CompressedInputs:
+    """Gather the tokens where ``mask`` is true (and ``attention_mask``, if given), keeping their
+    order and original positions, and right-pad rows to one length. Rows that keep nothing come
+    back as all padding. This physical shortening is what saves compute."""
+    _check_same_shape(input_ids, mask)
+    keep = mask.bool()
+    if attention_mask is not None:
+        _check_same_shape(input_ids, attention_mask, "attention_mask")
+        keep = keep & attention_mask.bool()
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    elif position_ids.shape != input_ids.shape:
+        if position_ids.dim() == 2 and position_ids.shape[0] == 1 and position_ids.shape[1] == input_ids.shape[1]:
+            position_ids = position_ids.expand_as(input_ids)
+        else:
+            raise ForgetfulError(
+                f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}"
+            )
+    lengths = keep.sum(1)
+    # one device->host transfer for both bounds (the width must be known on the host)
+    shortest, width = torch.stack([lengths.min(), lengths.max()]).tolist() if lengths.numel() else (0, 0)
+    # A stable sort on "is forgotten" puts kept columns first, in their original order.
+    index = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=input_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
+    ids = input_ids.gather(1, index).masked_fill(~valid, pad_token_id)
+    pos = position_ids.gather(1, index).masked_fill(~valid, 0)
+    return CompressedInputs(ids, valid.long(), pos, lengths, index, padded=shortest != width)
+
+
+def compress_examples(
+    context_ids: torch.Tensor,
+    context_mask: torch.Tensor,
+    keep: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The LM input ``c[K] ++ y`` with original position ids, and labels on the target tokens
+    (HF convention, unshifted). ``keep`` is ``[B, n]`` or ``[S, B, n]`` (S samples per row, which
+    come out as ``S * B`` rows, sample-major). ``target_length`` is set when every row ends with
+    its whole target and no row is padded (then :func:`~forgetful.nll.token_nll` can skip
+    gathering positions)."""
+    if keep.dim() == 3:
+        s = keep.shape[0]
+        rep = lambda t: t.unsqueeze(0).expand(s, *t.shape).reshape(-1, t.shape[-1])  # noqa: E731
+        context_ids, context_mask, target_ids, target_mask = map(
+            rep, (context_ids, context_mask, target_ids, target_mask)
+        )
+        keep = keep.reshape(-1, keep.shape[-1])
+    _check_same_shape(context_ids, keep, "keep mask")
+    ids = torch.cat([context_ids, target_ids], 1)
+    real = torch.cat([context_mask.bool(), target_mask.bool()], 1)
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)  # original positions, skipping pad gaps
+    full_keep = torch.cat([keep.bool() & context_mask.bool(), target_mask.bool()], 1)
+    labels = torch.cat([torch.full_like(context_ids, -100), target_ids.masked_fill(~target_mask.bool(), -100)], 1)
+    out = apply_mask(ids, full_keep, position_ids=positions, pad_token_id=pad_token_id)
+    # The attention mask is always passed, even without padding: given position_ids with gaps and
+    # no mask, transformers reads the gaps as boundaries of packed sequences and would stop every
+    # token from attending across a forgotten one. An all-ones mask keeps SDPA's causal fast path.
+    result = {
+        "input_ids": out.input_ids,
+        "attention_mask": out.attention_mask,
+        "position_ids": out.position_ids,
+        "labels": out.gather(labels, -100),
+        "target_length": None,
+    }
+    if not out.padded and bool(target_mask.all()):
+        # every row ends with its full target: the LM head is needed on the last positions only
+        result["target_length"] = int(target_mask.shape[1])
+    return result

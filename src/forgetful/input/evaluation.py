@@ -1,0 +1,290 @@
+"""Scoring forgetting strategies: target NLL of compressed inputs at a keep ratio
+(:func:`evaluate_strategy`, shared by training's periodic evaluation), and the full comparison
+behind ``forgetful eval-forget`` (:func:`evaluate_forgetting`): for every keep ratio and strategy,
+target NLL and perplexity, kept tokens, the FLOP ratio against the full length (the policy's own
+cost included) and the attention-only ratio, measured wall time and peak memory of the forward
+pass (policy + gather + LM). :func:`write_report` writes ``results.json``, ``report.md`` and two
+plots: perplexity vs keep ratio, and measured speedup vs keep ratio beside the FLOP-ideal line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..measure import peak_memory_mb, time_ms
+from ..nll import token_nll, unwrap_model
+from .compression import compress_examples
+from .examples import ForgetBatch, ForgetCollator
+from .flops import forward_flops
+from .policies import ForgetMask, build_mask
+
+# The strategies that are not learned, compared in every report.
+BASELINES = ("identity", "none", "random", "recency", "self_information")
+
+
+def baseline_masks(
+    model: nn.Module, seed: int = 0, names: Sequence[str] = BASELINES, device: torch.device | str = "cpu"
+) -> dict[str, ForgetMask]:
+    """The named baselines, built from the policy registry."""
+    return {name: build_mask(name, model, seed=seed, device=device, learned=False) for name in names}
+
+
+def batches_of(dataset, batch_size: int, pad_token_id: int, max_batches: int | None = None) -> list[ForgetBatch]:
+    """Collated evaluation batches, in dataset order."""
+    collate = ForgetCollator(pad_token_id)
+    n = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
+    return [collate(dataset.select(range(i, min(i + batch_size, n))).to_list()) for i in range(0, n, batch_size)]
+
+
+def forget_share(keep_ratio: float) -> float:
+    """``forget_p`` for a keep ratio (keep 1 forgets nothing)."""
+    return 1.0 - keep_ratio if keep_ratio < 1 else 0.0
+
+
+def score_compressed(
+    model: nn.Module,
+    mask: ForgetMask,
+    batch: ForgetBatch,
+    *,
+    keep_ratio: float,
+    pad_token_id: int,
+    keep_first: bool = True,
+):
+    """The strategy's greedy keep mask at ``keep_ratio`` and the target NLL of the compressed
+    inputs: ``(keep [B, n], TokenNLL)``."""
+    keep = mask.greedy(batch.context_ids, batch.context_mask, forget_p=forget_share(keep_ratio), keep_first=keep_first)
+    inputs = compress_examples(
+        batch.context_ids, batch.context_mask, keep, batch.target_ids, batch.target_mask, pad_token_id
+    )
+    out = token_nll(
+        model,
+        inputs["input_ids"],
+        inputs["labels"],
+        attention_mask=inputs["attention_mask"],
+        position_ids=inputs["position_ids"],
+        target_length=inputs["target_length"],
+    )
+    return keep, out
+
+
+@torch.no_grad()
+def evaluate_strategy(
+    model: nn.Module,
+    mask: ForgetMask,
+    batches: Iterable[ForgetBatch],
+    *,
+    keep_ratio: float,
+    pad_token_id: int,
+    keep_first: bool = True,
+    device: torch.device | str | None = None,
+    autocast=None,
+) -> dict:
+    """Target NLL (token-weighted mean), perplexity, kept tokens, and - where the data marks fact
+    tokens - the share of fact tokens the strategy kept."""
+    device = device or next(model.parameters()).device
+    autocast = autocast or contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    nll_sum, n_tok, kept, ctx, facts_kept, facts = 0.0, 0, 0, 0, 0, 0
+    for batch in batches:
+        b = batch.to(device)
+        with autocast():
+            keep, out = score_compressed(
+                model, mask, b, keep_ratio=keep_ratio, pad_token_id=pad_token_id, keep_first=keep_first
+            )
+        nll_sum += float(out.nll.sum())
+        n_tok += out.nll.numel()
+        kept += int((keep & b.context_mask).sum())
+        ctx += int(b.context_mask.sum())
+        if b.fact_mask is not None:
+            facts_kept += int((keep & b.fact_mask).sum())
+            facts += int(b.fact_mask.sum())
+    model.train(was_training)
+    n_rows = sum(len(b) for b in batches) if isinstance(batches, list) else None
+    nll = nll_sum / max(n_tok, 1)
+    return {
+        "nll": nll,
+        "ppl": math.exp(nll) if nll < 50 else float("inf"),
+        "kept_tokens": kept / n_rows if n_rows else float(kept),
+        "context_tokens": ctx / n_rows if n_rows else float(ctx),
+        "target_tokens": n_tok,
+        "fact_recall": facts_kept / facts if facts else None,
+    }
+
+
+def flops_ratios(
+    config, batches: list[ForgetBatch], keeps: list[torch.Tensor], policy_flops_per_token: float
+) -> tuple[float, float]:
+    """(total FLOP ratio, attention FLOP ratio) of compressed vs full inputs, summed per example;
+    logits are computed at target positions in both."""
+    full = comp = att_full = att_comp = 0.0
+    for batch, keep in zip(batches, keeps):
+        n = batch.context_mask.sum(-1).tolist()
+        m = batch.target_mask.sum(-1).tolist()
+        b = (keep & batch.context_mask).sum(-1).tolist()
+        for n_i, m_i, b_i in zip(n, m, b):
+            full += forward_flops(config, n_i + m_i, m_i)
+            comp += forward_flops(config, b_i + m_i, m_i) + policy_flops_per_token * n_i
+            att_full += (n_i + m_i) ** 2
+            att_comp += (b_i + m_i) ** 2
+    return comp / full, att_comp / att_full
+
+
+def _forward_fn(
+    model: nn.Module, mask: ForgetMask, batch: ForgetBatch, keep_ratio: float, pad: int, keep_first: bool, autocast
+):
+    """One timed unit: policy + gather + LM forward on ``batch``."""
+
+    @torch.no_grad()
+    def run():
+        with autocast():
+            return score_compressed(model, mask, batch, keep_ratio=keep_ratio, pad_token_id=pad, keep_first=keep_first)[
+                1
+            ].nll
+
+    return run
+
+
+def evaluate_forgetting(
+    model: nn.Module,
+    policies: dict[str, ForgetMask],
+    dataset,
+    *,
+    keep_ratios: list[float],
+    pad_token_id: int,
+    strategies: tuple[str, ...] = BASELINES,
+    batch_size: int = 16,
+    keep_first: bool = True,
+    timing_repeats: int = 5,
+    seed: int = 0,
+    autocast=None,
+    progress: bool = True,
+) -> list[dict]:
+    """One row per (strategy, keep ratio); see the module docstring."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    autocast = autocast or contextlib.nullcontext
+    model.eval()
+    batches = [b.to(device) for b in batches_of(dataset, batch_size, pad_token_id)]
+    masks: dict[str, ForgetMask] = {**baseline_masks(model, seed, strategies, device), **policies}
+    config = unwrap_model(model).config
+    rows = []
+    work = [(name, r) for name in masks for r in keep_ratios]
+    bar = tqdm(work, desc="eval-forget", disable=not progress)
+    for name, ratio in bar:
+        mask = masks[name].to(device)
+        if name == "random":  # the same random subsets for every run
+            mask.generator = torch.Generator(device=device).manual_seed(seed)
+        quality = evaluate_strategy(
+            model,
+            mask,
+            batches,
+            keep_ratio=ratio,
+            pad_token_id=pad_token_id,
+            keep_first=keep_first,
+            device=device,
+            autocast=autocast,
+        )
+        with torch.no_grad(), autocast():
+            keeps = [
+                mask.greedy(b.context_ids, b.context_mask, forget_p=forget_share(ratio), keep_first=keep_first)
+                for b in batches
+            ]
+        policy_flops = mask.extra_flops_per_token(int(batches[0].context_ids.shape[1]))
+        fr, afr = flops_ratios(config, batches, keeps, policy_flops)
+        fwd = _forward_fn(model, mask, batches[0], ratio, pad_token_id, keep_first, autocast)
+        wall = time_ms(fwd, device, warmup=1, repeats=timing_repeats)
+        mem, mem_method = peak_memory_mb(fwd, device)
+        rows.append(
+            {
+                "strategy": name,
+                "keep_ratio": ratio,
+                "kept_tokens": quality["kept_tokens"],
+                "context_tokens": quality["context_tokens"],
+                "nll": quality["nll"],
+                "ppl": quality["ppl"],
+                "fact_recall": quality["fact_recall"],
+                "flops_ratio": fr,
+                "attn_flops_ratio": afr,
+                "wall_ms": wall,
+                "peak_mem_mb": mem,
+                "mem_method": mem_method,
+                "batch_size": len(batches[0]),
+                "device": str(device),
+            }
+        )
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speedup of each row against the identity at keep 1 (wall time and FLOPs)."""
+    ref = next((r for r in rows if r["strategy"] == "identity"), None)
+    for r in rows:
+        r["speedup"] = ref["wall_ms"] / r["wall_ms"] if ref and r["wall_ms"] > 0 else None
+        r["flops_speedup_ideal"] = 1.0 / r["flops_ratio"] if r["flops_ratio"] > 0 else None
+
+
+def write_report(rows: list[dict], out: Path, title: str = "Forgetting evaluation", notes: str = "") -> str:
+    """report.md with the table, and the two plots; returns the markdown."""
+    from ..reporting import markdown_table, plot_lines, write_json, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(rows, out / "results.json")
+    names = list(dict.fromkeys(r["strategy"] for r in rows))
+    series = {
+        n: ([r["keep_ratio"] for r in rows if r["strategy"] == n], [r["ppl"] for r in rows if r["strategy"] == n])
+        for n in names
+    }
+    plot_lines(
+        series,
+        out / "ppl_vs_keep.png",
+        xlabel="keep ratio",
+        ylabel="target perplexity",
+        logy=True,
+        title="Target perplexity vs kept share of the context",
+    )
+    speed = {
+        n: ([r["keep_ratio"] for r in rows if r["strategy"] == n], [r["speedup"] for r in rows if r["strategy"] == n])
+        for n in names
+        if n not in ("identity", "none")
+    }
+    ideal_rows = [r for r in rows if r["strategy"] == "recency"] or rows
+    plot_lines(
+        speed,
+        out / "speedup_vs_keep.png",
+        xlabel="keep ratio",
+        ylabel="measured forward speedup",
+        title=f"Speedup vs keep ratio ({rows[0]['device']})",
+        reference=(
+            [r["keep_ratio"] for r in ideal_rows],
+            [r["flops_speedup_ideal"] for r in ideal_rows],
+            "FLOP-ideal (no policy cost)",
+        ),
+    )
+    cols = [
+        "strategy",
+        "keep_ratio",
+        "kept_tokens",
+        "nll",
+        "ppl",
+        "fact_recall",
+        "flops_ratio",
+        "attn_flops_ratio",
+        "wall_ms",
+        "speedup",
+        "peak_mem_mb",
+    ]
+    table = markdown_table(sorted(rows, key=lambda r: (-r["keep_ratio"], r["nll"])), cols)
+    md = (
+        f"# {title}\n\n{notes}\n\n{table}\n"
+        "![perplexity vs keep ratio](ppl_vs_keep.png)\n\n![speedup vs keep ratio](speedup_vs_keep.png)\n"
+    )
+    write_text(md, out / "report.md")
+    return md

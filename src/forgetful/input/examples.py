@@ -1,0 +1,137 @@
+"""Input-forgetting examples and their batches.
+
+An example is a (context, target) pair of token lists: a window cut from a token stream (context
+``n`` tokens, target the next ``m``), or a question-answer example whose context is a passage plus
+a question and whose target is the answer. Only the context can be compressed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from ..data.embedded import biography_examples
+from ..data.sources import EMBEDDED, load_rows, load_text_corpus, text_windows, tokenize_stream
+from ..errors import ForgetfulError
+from ..tokens import bos_ids, encode_text, overlap_mask, pad_sequences, with_special_tokens
+
+
+def qa_examples(rows: Sequence[dict] | Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Question-answer examples: ``context`` (passage + question) and ``target`` (the answer,
+    followed by EOS). Contexts start with BOS, the attention sink that policies always keep.
+    Rows with ``fact_spans`` (character spans in the context) also get a token ``fact_mask``."""
+    ctx_ids, tgt_ids, fact_masks = [], [], []
+    has_spans = len(rows) > 0 and "fact_spans" in rows[0]
+    n_bos = len(bos_ids(tokenizer))
+    for row in rows:
+        if not isinstance(row.get("context"), str) or not isinstance(row.get("target"), str):
+            raise ForgetfulError("question-answer rows need string fields 'context' and 'target'")
+        if not row["target"].strip() or not row["context"].strip():
+            raise ForgetfulError(
+                f"empty context or target in row with context {row['context'][:40]!r}: "
+                "every example needs both (zero-length sequences cannot be scored)"
+            )
+        enc = encode_text(tokenizer, row["context"], offsets=True)
+        ctx_ids.append(with_special_tokens(tokenizer, enc["input_ids"], eos=False))
+        target = with_special_tokens(tokenizer, encode_text(tokenizer, row["target"]), bos=False)
+        if not target:
+            raise ForgetfulError(f"empty target in row with context {row['context'][:40]!r}")
+        tgt_ids.append(target)
+        if has_spans:
+            facts = overlap_mask(enc["offset_mapping"], row["fact_spans"]).astype(np.int8).tolist()
+            fact_masks.append([0] * n_bos + facts)
+    cols = {"context_ids": ctx_ids, "target_ids": tgt_ids}
+    if has_spans:
+        cols["fact_mask"] = fact_masks
+    return Dataset.from_dict(cols)
+
+
+def embedded_qa_rows(n: int, seed: int, n_facts: int = 3, n_filler: int = 6) -> list[dict]:
+    return [ex.as_dict() for ex in biography_examples(n, seed=seed, n_facts=n_facts, n_filler=n_filler)]
+
+
+def load_forget_examples(
+    source: str | Path | None,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    context_length: int = 256,
+    target_length: int = 32,
+    stride: int | None = None,
+    max_examples: int | None = None,
+    embedded_examples: int = 1000,
+    seed: int = 0,
+    config_name: str | None = None,
+    split: str = "train",
+) -> Dataset:
+    """Input-forgetting examples from any source.
+
+    * ``None``/``"embedded"``: biography QA examples from the generator (seeded);
+    * JSON rows with ``context`` and ``target`` fields: question-answer examples;
+    * text (files, folders, Hub datasets): windows of ``context_length`` + ``target_length``.
+    """
+    if source is None or str(source) == EMBEDDED:
+        ds = qa_examples(embedded_qa_rows(embedded_examples, seed), tokenizer)
+    else:
+        rows = load_rows(source, config_name=config_name, split=split)
+        if {"context", "target"} <= set(rows.column_names):
+            ds = qa_examples(rows, tokenizer)
+        else:
+            corpus = load_text_corpus(source, config_name=config_name, split=split)
+            ds = text_windows(tokenize_stream(corpus, tokenizer), context_length, target_length, stride)
+    if len(ds) == 0:
+        raise ForgetfulError(f"no input-forgetting examples could be made from {source}")
+    if max_examples is not None:
+        ds = ds.select(range(min(max_examples, len(ds))))
+    return ds
+
+
+@dataclass
+class ForgetBatch:
+    """Right-padded contexts and targets. Masks are 1 on real tokens."""
+
+    context_ids: torch.Tensor  # [B, n] long
+    context_mask: torch.Tensor  # [B, n] bool
+    target_ids: torch.Tensor  # [B, m] long
+    target_mask: torch.Tensor  # [B, m] bool
+    fact_mask: torch.Tensor | None = None  # [B, n] bool
+
+    def to(self, device) -> ForgetBatch:
+        return ForgetBatch(
+            *(
+                t.to(device) if t is not None else None
+                for t in (self.context_ids, self.context_mask, self.target_ids, self.target_mask, self.fact_mask)
+            )
+        )
+
+    def __len__(self) -> int:
+        return self.context_ids.shape[0]
+
+    def select(self, rows: slice | torch.Tensor) -> ForgetBatch:
+        return ForgetBatch(
+            *(
+                t[rows] if t is not None else None
+                for t in (self.context_ids, self.context_mask, self.target_ids, self.target_mask, self.fact_mask)
+            )
+        )
+
+
+class ForgetCollator:
+    """Collates input-forgetting examples into a :class:`ForgetBatch` (right padding)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: Sequence[dict]) -> ForgetBatch:
+        ctx, ctx_mask = pad_sequences([r["context_ids"] for r in rows], self.pad_token_id)
+        tgt, tgt_mask = pad_sequences([r["target_ids"] for r in rows], self.pad_token_id)
+        fact = None
+        if "fact_mask" in rows[0]:
+            fact, _ = pad_sequences([r["fact_mask"] for r in rows], 0)
+            fact = fact.bool()
+        return ForgetBatch(ctx, ctx_mask, tgt, tgt_mask, fact)

@@ -1,0 +1,875 @@
+"""Train forget masks with REINFORCE while the LM learns to read compressed context.
+
+* :func:`reinforce_model` (joint): every step samples ``K`` keep sets per context from the policy
+  (an example uses random keep sets of the same budget instead with probability
+  ``exploration_epochs[epoch]``); the LM is trained on the compressed inputs (NLL of the targets);
+  the reward ``r = -NLL(y)`` per sample (detached) trains the policy with
+  ``-(r - baseline) * log pi(K)``: leave-one-out baseline over the K samples (RLOO) or a moving
+  average, normalised advantages, an entropy bonus.
+* :func:`two_step_reinforce_model` (alternating): ``exploration_epochs[e]`` is a bool; ``True``
+  trains the LM on random masks with the policy frozen, ``False`` trains the policy with the LM
+  frozen.
+
+Both are thin wrappers over :class:`ForgetMaskTrainer`, which has a Trainer-like surface
+(``train(resume_from_checkpoint=...)``, ``evaluate()``, ``save_model()``). The loop is written on
+Accelerate by hand rather than on ``transformers.Trainer``, which assumes one model, one optimizer
+and one loss: here two modules have their own optimizers, phases freeze one or the other, K samples
+share noise across processes, and the two backward passes run in a fixed order.
+
+Both run on Accelerate (``accelerate launch`` / ``torchrun`` give DDP unchanged; bf16 on GPU),
+shard every global batch over processes so 1 and N processes compute the same thing, draw all
+randomness from ``(seed, epoch, step)`` so a resumed run repeats an uninterrupted one exactly,
+and checkpoint atomically (LM and policy via ``save_pretrained``, optimizers, schedulers, RNG,
+step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from ..errors import ForgetfulError, check_choices, check_probability
+from ..nll import token_nll, unwrap_model
+from ..tokens import pad_token_id
+from ..training.checkpoints import latest_checkpoint, mark_complete, rotate
+from ..training.interrupts import StopOnSignal, TrainingInterrupted
+from .compression import _eligible, bernoulli_keep, compress_examples, gumbel_topk_keep, kept_counts
+from .evaluation import baseline_masks, batches_of, evaluate_strategy
+from .examples import ForgetBatch, ForgetCollator
+from .policies import ForgetMask, LearnedForgetMask
+from .policies.learned import WEIGHTS_NAME as POLICY_WEIGHTS
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "forget_trainer_state.json"
+
+
+@dataclass
+class ForgetTrainingConfig:
+    """Options of :class:`ForgetMaskTrainer` (and so of :func:`reinforce_model`,
+    :func:`two_step_reinforce_model` and ``forgetful train-forget``, whose flags these are)."""
+
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--out"],
+            "help": "Output folder: checkpoints (and, from the CLI, lm/, policy/, results.json).",
+        },
+    )
+    mode: Literal["exact", "bernoulli"] = field(
+        default="exact",
+        metadata={
+            "help": "exact: keep exactly the budget (Gumbel-top-k); bernoulli: keep each token on its own, budget by penalty."
+        },
+    )
+    num_samples: int = field(default=4, metadata={"help": "Keep sets sampled per context (K); RLOO needs at least 2."})
+    baseline: Literal["rloo", "moving_average"] = field(default="rloo", metadata={"help": "REINFORCE baseline."})
+    baseline_momentum: float = 0.9
+    normalize_advantages: bool = True
+    entropy_coef: float = 0.01
+    budget_penalty: float = field(
+        default=10.0, metadata={"help": "Bernoulli mode: weight of (expected keep share - target)^2."}
+    )
+    budget: int | None = field(
+        default=None, metadata={"help": "Keep exactly this many context tokens (instead of forget_p)."}
+    )
+    per_device_batch_size: int = field(default=16, metadata={"aliases": ["--batch_size", "--batch-size"]})
+    gradient_accumulation_steps: int = 1
+    lm_learning_rate: float = 1e-4
+    policy_learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    freeze_lm: bool = field(default=False, metadata={"help": "Train the policy only."})
+    keep_first: bool = field(default=True, metadata={"help": "Always keep token 0 (the attention sink)."})
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = field(
+        default=None, metadata={"help": "Default: bf16 on a GPU that has it, else no."}
+    )
+    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is there."})
+    max_steps_per_epoch: int | None = None
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of every epoch)."})
+    eval_batches: int = 8
+    logging_steps: int = 10
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "Checkpoint every N steps (0: at the end of every epoch only, when output_dir is set)."},
+    )
+    save_total_limit: int = 2
+    resume: bool = field(default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir."})
+    report_to: str = field(default="none", metadata={"help": "none, wandb, tensorboard or all (comma separated)."})
+    run_name: str = "forget-mask"
+    seed: int = 0
+    disable_tqdm: bool = False
+    stop_after_steps: int | None = field(default=None, metadata={"help": "End the run early (tests of interruption)."})
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.num_samples < 1 or (self.baseline == "rloo" and self.num_samples < 2):
+            raise ForgetfulError(f"the leave-one-out baseline needs num_samples >= 2, got {self.num_samples}")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise ForgetfulError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lm_learning_rate", "policy_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ForgetfulError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.budget is not None and self.budget < 1:
+            raise ForgetfulError(f"budget must be at least 1 token, got {self.budget}")
+
+
+class ForgetTrainingResult(NamedTuple):
+    model: nn.Module
+    policy: ForgetMask
+    history: list[dict]
+
+
+@dataclass
+class _Phase:
+    """What one epoch trains: the LM, the policy, and the share of random (exploration) samples."""
+
+    train_lm: bool
+    train_policy: bool
+    explore: float
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    baseline: float | None = None  # moving-average baseline
+    history: list[dict] = field(default_factory=list)
+
+
+def _check_exploration(method: str, exploration_epochs: Sequence) -> None:
+    if isinstance(exploration_epochs, str | bytes) or not isinstance(exploration_epochs, Sequence):
+        raise ForgetfulError(f"exploration_epochs must be a list, got {exploration_epochs!r}")
+    if len(exploration_epochs) == 0:
+        raise ForgetfulError("exploration_epochs is empty: give one entry per epoch")
+    if method == "reinforce":
+        for e in exploration_epochs:
+            if isinstance(e, bool) or not isinstance(e, int | float) or not 0.0 <= float(e) <= 1.0:
+                raise ForgetfulError(
+                    f"reinforce_model: exploration_epochs entries are shares of random masks in [0, 1], got {e!r}"
+                )
+    else:
+        for e in exploration_epochs:
+            if not isinstance(e, bool):
+                raise ForgetfulError(
+                    "two_step_reinforce_model: exploration_epochs entries are booleans "
+                    f"(True = LM epoch on random masks, False = policy epoch), got {e!r}"
+                )
+
+
+def _row_lengths(ds, column: str) -> torch.Tensor:
+    """Tokens per row of a list column, computed by Arrow (no Python lists)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(ds.with_format("arrow")[column])
+    return torch.from_numpy(lengths.to_numpy(zero_copy_only=False).astype(np.int64))
+
+
+def _check_dataset(ds, name: str, budget: int | None) -> None:
+    if ds is None:
+        return
+    cols = getattr(ds, "column_names", None)
+    if cols is None or "context_ids" not in cols or "target_ids" not in cols:
+        raise ForgetfulError(
+            f"{name} needs context_ids and target_ids columns (build it with forgetful.data.load_forget_examples)"
+        )
+    if len(ds) == 0:
+        raise ForgetfulError(f"{name} is empty")
+    shortest = int(_row_lengths(ds, "context_ids").min())
+    if shortest == 0 or int(_row_lengths(ds, "target_ids").min()) == 0:
+        raise ForgetfulError(f"{name} has an example with an empty context or target")
+    if budget is not None and budget > shortest:
+        raise ForgetfulError(f"budget {budget} is larger than the shortest context in {name} ({shortest} tokens)")
+
+
+def _scheduler(optimizer, kind: str, total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _trackers(report_to: str) -> list[str]:
+    names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+    if "all" in names:
+        names = ["wandb", "tensorboard"]
+    for n in names:
+        if n not in ("wandb", "tensorboard"):
+            raise ForgetfulError(f"report_to takes none, wandb, tensorboard or all, got '{n}'")
+    if "wandb" in names and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"  # log locally; `wandb sync` uploads later
+    return names
+
+
+class ForgetMaskTrainer:
+    """Trains a forget-mask policy and the LM that reads its compressions, by REINFORCE.
+
+    ``method="reinforce"``: one joint epoch per entry of ``exploration_epochs`` (the share of rows
+    that use a random keep set of the same budget); ``"two_step"``: ``True`` epochs train the LM on
+    random masks, ``False`` epochs the policy with the LM frozen. Everything is checked here, before
+    any training starts.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: ForgetMask,
+        args: ForgetTrainingConfig | None = None,
+        *,
+        forget_p: float = 0.1,
+        exploration_epochs: Sequence = (0.75, 0.5, 0.25, 0),
+        method: Literal["reinforce", "two_step"] = "reinforce",
+        train_dataset=None,
+        eval_dataset=None,
+        tokenizer=None,
+    ):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        args = args or ForgetTrainingConfig()
+        if method not in ("reinforce", "two_step"):
+            raise ForgetfulError(f"method must be reinforce or two_step, got '{method}'")
+        check_probability("forget_p", forget_p)
+        _check_exploration(method, exploration_epochs)
+        if not isinstance(policy, ForgetMask):
+            raise ForgetfulError(f"mask must be a forgetful ForgetMask policy, got {type(policy).__name__}")
+        if train_dataset is None:
+            raise ForgetfulError("train_dataset is required")
+        _check_dataset(train_dataset, "train_dataset", args.budget)
+        _check_dataset(eval_dataset, "eval_dataset", args.budget)
+        phases = _phases(method, policy, list(exploration_epochs), args.freeze_lm)
+        if args.output_dir:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+        self.args = args
+        self.forget_p = forget_p
+        self.phases = phases
+        self.tokenizer = tokenizer
+        self.learned = isinstance(policy, LearnedForgetMask)
+        mp = args.mixed_precision
+        if mp is None:
+            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        trackers = _trackers(args.report_to)
+        project_dir = args.output_dir or "."
+        # cpu=True on a machine without GPUs also makes a multi-process launch (torchrun) use gloo
+        cpu = args.use_cpu or not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=project_dir, cpu=cpu)
+        set_seed(args.seed)
+        acc = self.accelerator
+        self.world = acc.num_processes
+        self.rank = acc.process_index
+        self.pad_token_id = pad_token_id(tokenizer, unwrap_model(model))
+        self.collate = ForgetCollator(self.pad_token_id)
+        self.train_dataset = train_dataset
+        # Row lengths up front: each process then collates only its own rows, yet draws the same
+        # noise and uses the same global token counts as a single process would.
+        self.context_lengths = _row_lengths(train_dataset, "context_ids")
+        self.target_lengths = _row_lengths(train_dataset, "target_ids")
+        self.eval_dataset = eval_dataset
+
+        self.trains_lm = any(p.train_lm for p in phases) and not args.freeze_lm
+        self.trains_policy = self.learned and any(p.train_policy for p in phases)
+        for p in model.parameters():
+            p.requires_grad_(self.trains_lm)
+        self.model = model
+        self.policy = policy
+        self.micro = args.per_device_batch_size * self.world  # rows per global micro-batch
+        self.rows_per_step = self.micro * args.gradient_accumulation_steps
+        if len(train_dataset) < self.rows_per_step:
+            raise ForgetfulError(
+                f"the training set has {len(train_dataset)} examples, fewer than one step "
+                f"({args.per_device_batch_size} per device x {self.world} processes x "
+                f"{args.gradient_accumulation_steps} accumulation); lower the batch size"
+            )
+        self.steps_per_epoch = len(train_dataset) // self.rows_per_step
+        if args.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, args.max_steps_per_epoch)
+        self.total_steps = self.steps_per_epoch * len(phases)
+
+        # Optimizers and schedules, one per trained module.
+        self.lm_opt = self.policy_opt = self.lm_sched = self.policy_sched = None
+        if self.trains_lm:
+            lm_steps = self.steps_per_epoch * sum(p.train_lm for p in phases)
+            self.lm_opt = torch.optim.AdamW(
+                model.parameters(), lr=args.lm_learning_rate, weight_decay=args.weight_decay
+            )
+            self.lm_sched = _scheduler(self.lm_opt, args.lr_scheduler_type, lm_steps, int(args.warmup_ratio * lm_steps))
+        if self.trains_policy:
+            pol_steps = self.steps_per_epoch * sum(p.train_policy for p in phases)
+            self.policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_learning_rate)
+            self.policy_sched = _scheduler(
+                self.policy_opt, args.lr_scheduler_type, pol_steps, int(args.warmup_ratio * pol_steps)
+            )
+        # Accelerate places and wraps (DDP under a launcher); frozen modules are only moved. The
+        # schedulers stay ours: every process steps them once per optimizer step (Accelerate's
+        # wrapper would step them once per process, assuming a split data loader).
+        if self.trains_lm:
+            self.model, self.lm_opt = acc.prepare(self.model, self.lm_opt)
+        else:
+            self.model = self.model.to(acc.device)
+        if self.trains_policy:
+            self.policy, self.policy_opt = acc.prepare(self.policy, self.policy_opt)
+        else:
+            self.policy = self.policy.to(acc.device)
+        self.inner_policy = unwrap_model(self.policy)
+        if self.learned:
+            self.inner_policy.attach(self.model)
+        self.state = _State()
+        if trackers:
+            acc.init_trackers(args.run_name, config={**asdict(args), "forget_p": forget_p})
+
+    # -- randomness: a pure function of (seed, epoch, step) ---------------------------------
+    def _generator(self, *key: int) -> torch.Generator:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(hash((self.args.seed, *key)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return g
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.train_dataset), generator=self._generator(1, epoch))
+
+    # -- one micro-batch ---------------------------------------------------------------------
+    def _micro_loss(
+        self,
+        batch: ForgetBatch,
+        phase: _Phase,
+        explore_rows: torch.Tensor,
+        noise: torch.Tensor,
+        rand_noise: torch.Tensor,
+        counts: dict,
+    ) -> dict:
+        """Losses of this process's rows; ``counts`` holds global normalisers for the step."""
+        args, acc = self.args, self.accelerator
+        K = noise.shape[0]
+        b = batch.to(acc.device)
+        noise, rand_noise, explore_rows = noise.to(acc.device), rand_noise.to(acc.device), explore_rows.to(acc.device)
+        eligible, forced = _eligible(b.context_mask, args.keep_first)
+        k = kept_counts(
+            b.context_mask.sum(-1),
+            forget_p=self.forget_p if args.budget is None else None,
+            budget=args.budget,
+            keep_first=args.keep_first,
+        )
+        use_policy = phase.train_policy or not phase.explore >= 1.0
+        with acc.autocast():
+            if use_policy:
+                with torch.set_grad_enabled(phase.train_policy and self.trains_policy):
+                    sample = self.policy_sample(b, noise, k)
+                keep = sample.keep
+            else:
+                sample, keep = None, None
+            random_keep = gumbel_topk_keep(
+                torch.zeros_like(b.context_ids, dtype=torch.float), k, eligible, forced, K, noise=rand_noise
+            ).keep
+            keep = random_keep if keep is None else torch.where(explore_rows.view(1, -1, 1), random_keep, keep)
+            inputs = compress_examples(
+                b.context_ids, b.context_mask, keep, b.target_ids, b.target_mask, self.pad_token_id
+            )
+            train_lm = phase.train_lm and self.trains_lm
+            with torch.set_grad_enabled(train_lm):
+                out = token_nll(
+                    self.model,
+                    inputs["input_ids"],
+                    inputs["labels"],
+                    attention_mask=inputs["attention_mask"],
+                    position_ids=inputs["position_ids"],
+                    target_length=inputs["target_length"],
+                )
+        # per (sample, row) mean target NLL -> reward
+        per_row = out.sum_per_row() / out.count_per_row().clamp(min=1)
+        reward = -per_row.detach().view(K, -1)
+        result = {
+            "reward_sum": reward.sum().detach(),
+            "keep_sum": (keep & b.context_mask).sum().detach(),
+            "ctx_sum": b.context_mask.sum().detach() * K,
+        }
+        losses = {}
+        if train_lm:
+            lm_loss = out.nll.sum() / counts["target_tokens"] * self.world
+            losses["lm"] = lm_loss
+            result["lm_loss_sum"] = out.nll.sum().detach()
+        if phase.train_policy and self.trains_policy and sample is not None:
+            own = ~explore_rows  # the policy learns from its own samples only
+            adv = self._advantages(reward, own)
+            w = own.float().view(1, -1)
+            pg = -(adv.detach() * sample.log_prob * w).sum() / counts["policy_samples"] * self.world
+            ent = (sample.entropy * own.float()).sum() / counts["policy_rows"] * self.world
+            pol_loss = pg - args.entropy_coef * ent
+            if args.mode == "bernoulli":
+                target = k.float() / b.context_mask.sum(-1).clamp(min=1)
+                share = sample.expected_keep / b.context_mask.sum(-1).clamp(min=1)
+                penalty = ((share - target) ** 2 * own.float()).sum() / counts["policy_rows"] * self.world
+                pol_loss = pol_loss + args.budget_penalty * penalty
+            losses["policy"] = pol_loss
+            result["policy_loss_sum"] = (-(adv * sample.log_prob.detach() * w).sum()).detach()
+            result["entropy_sum"] = (sample.entropy.detach() * own.float()).sum()
+        return result, losses
+
+    def policy_sample(self, b: ForgetBatch, noise: torch.Tensor, k: torch.Tensor):
+        if self.args.mode == "bernoulli":
+            return (
+                self.inner_policy.sample(
+                    b.context_ids,
+                    b.context_mask,
+                    mode="bernoulli",
+                    num_samples=noise.shape[0],
+                    keep_first=self.args.keep_first,
+                    noise=noise,
+                )
+                if self.policy is self.inner_policy
+                else self._wrapped_sample(b, noise, "bernoulli", k)
+            )
+        if self.policy is self.inner_policy:
+            return self.inner_policy.sample(
+                b.context_ids,
+                b.context_mask,
+                budget=k,
+                num_samples=noise.shape[0],
+                keep_first=self.args.keep_first,
+                noise=noise,
+            )
+        return self._wrapped_sample(b, noise, "exact", k)
+
+    def _wrapped_sample(self, b, noise, mode, k):
+        # Under DDP the forward must go through the wrapper so gradients are synchronised:
+        # compute the logits with it, then sample exactly as the policy would.
+        attn = b.context_mask
+        logits = self.policy(b.context_ids, attn).float().masked_fill(~attn, float("-inf"))
+        eligible, forced = _eligible(attn, self.args.keep_first)
+        if mode == "bernoulli":
+            return bernoulli_keep(logits, eligible, forced, noise.shape[0], noise=noise)
+        return gumbel_topk_keep(logits, k, eligible, forced, noise.shape[0], noise=noise)
+
+    def _advantages(self, reward: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """Advantages ``[K, B]`` of this process's samples, normalised over the global batch."""
+        args, acc = self.args, self.accelerator
+        K = reward.shape[0]
+        if args.baseline == "rloo":
+            adv = reward - (reward.sum(0, keepdim=True) - reward) / (K - 1)
+        else:
+            own_r = torch.stack([(reward * own.float()).sum(), own.float().sum() * K])
+            if self.world > 1:
+                own_r = acc.reduce(own_r, "sum")
+            mean_r = float(own_r[0] / own_r[1].clamp(min=1))
+            base = self.state.baseline if self.state.baseline is not None else mean_r
+            adv = reward - base
+            m = args.baseline_momentum
+            self.state.baseline = m * base + (1 - m) * mean_r
+        if args.normalize_advantages:
+            w = own.float().expand_as(adv)
+            stats = torch.stack([(adv * w).sum(), (adv * adv * w).sum(), w.sum()])
+            if self.world > 1:
+                stats = acc.reduce(stats, "sum")
+            n = stats[2].clamp(min=1)
+            mean = stats[0] / n
+            var = (stats[1] / n - mean * mean).clamp(min=0)
+            adv = (adv - mean) / (var.sqrt() + 1e-6)
+        return adv
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> ForgetTrainingResult:
+        """Run every epoch; returns ``(model, policy, history)``. ``resume_from_checkpoint``: ``True``
+        takes the newest complete checkpoint in ``output_dir``, a path that checkpoint; ``None``
+        follows ``args.resume``. Ctrl-C or SIGTERM stops after the current step, writes a
+        checkpoint and raises :class:`TrainingInterrupted`."""
+        from tqdm.auto import tqdm
+
+        args, acc = self.args, self.accelerator
+        self._started = time.perf_counter()
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = args.resume
+        if resume_from_checkpoint:
+            self._resume(None if resume_from_checkpoint is True else Path(resume_from_checkpoint))
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.global_step,
+            disable=args.disable_tqdm or not acc.is_main_process,
+            desc="train-forget",
+            dynamic_ncols=True,
+        )
+        running: dict[str, float] = {}
+        stopped = False
+        with StopOnSignal() as signals:
+            while self.state.epoch < len(self.phases):
+                phase = self.phases[self.state.epoch]
+                order = self._epoch_order(self.state.epoch)
+                while self.state.step_in_epoch < self.steps_per_epoch:
+                    stats = self._step(phase, order)
+                    for key, v in stats.items():
+                        running[key] = running.get(key, 0.0) + v
+                    running["n"] = running.get("n", 0) + 1
+                    self.state.step_in_epoch += 1
+                    self.state.global_step += 1
+                    bar.update(1)
+                    if self.state.global_step % args.logging_steps == 0:
+                        self._log(running, phase, bar)
+                        running = {}
+                    if args.eval_steps and self.state.global_step % args.eval_steps == 0:
+                        self.evaluate()
+                    if args.output_dir and args.save_steps and self.state.global_step % args.save_steps == 0:
+                        self.save_checkpoint()
+                    if signals.should_stop(acc):  # Ctrl-C / SIGTERM: checkpoint this step, then stop
+                        bar.close()
+                        folder = self.save_checkpoint() if args.output_dir else None
+                        raise TrainingInterrupted(self.state.global_step, str(folder) if folder else None)
+                    if args.stop_after_steps and self.state.global_step >= args.stop_after_steps:
+                        stopped = True
+                        break
+                if stopped:
+                    break
+                if running.get("n"):
+                    self._log(running, phase, bar)
+                    running = {}
+                self.state.epoch += 1
+                self.state.step_in_epoch = 0
+                if not args.eval_steps:
+                    self.evaluate()
+                if args.output_dir:
+                    self.save_checkpoint()
+        bar.close()
+        # Drop the DDP wrappers at the same point on every process: left to the garbage collector,
+        # their reducers can be torn down while a peer still talks to them, which hangs gloo. The
+        # process group stays up (unlike ``end_training``) so the caller can evaluate next.
+        acc.wait_for_everyone()
+        self.model, self.policy = unwrap_model(self.model), self.inner_policy
+        self.lm_opt = self.policy_opt = None
+        acc.free_memory()
+        for tracker in acc.trackers:
+            tracker.finish()
+        acc.wait_for_everyone()
+        return ForgetTrainingResult(self.model, self.inner_policy, self.state.history)
+
+    def _step(self, phase: _Phase, order: torch.Tensor) -> dict[str, float]:
+        args, acc = self.args, self.accelerator
+        step_rows = order[
+            self.state.step_in_epoch * self.rows_per_step : (self.state.step_in_epoch + 1) * self.rows_per_step
+        ]
+        g = self._generator(2, self.state.epoch, self.state.step_in_epoch)
+        K = 1 if (phase.train_lm and not phase.train_policy and phase.explore >= 1.0) else args.num_samples
+        explore_all = torch.rand(len(step_rows), generator=g) < phase.explore
+        micro_batches = [step_rows[i : i + self.micro] for i in range(0, len(step_rows), self.micro)]
+        # Global normalisers for the whole step (all processes, all micro-batches).
+        counts = {
+            "target_tokens": float(int(self.target_lengths[step_rows].sum()) * K),
+            "policy_samples": float(max(1, int((~explore_all).sum()) * K)),
+            "policy_rows": float(max(1, int((~explore_all).sum()))),
+        }
+        totals: dict[str, float] = {}
+        models = [
+            m
+            for m, trained in (
+                (self.model, self.trains_lm and phase.train_lm),
+                (self.policy, self.trains_policy and phase.train_policy),
+            )
+            if trained
+        ]
+        lo, hi = self.rank * args.per_device_batch_size, (self.rank + 1) * args.per_device_batch_size
+        for i, rows in enumerate(micro_batches):
+            # noise for the whole global micro-batch (as one process draws it), then this process's
+            # rows; padding is on the right, so a token's noise does not depend on the batch width
+            n_ctx = int(self.context_lengths[rows].max())
+            noise = torch.rand((K, len(rows), n_ctx), generator=g)
+            rand_noise = torch.rand((K, len(rows), n_ctx), generator=g)
+            explore = explore_all[i * self.micro : (i + 1) * self.micro]
+            local = self.collate(self.train_dataset.select(rows[lo:hi].tolist()).to_list())
+            width = local.context_ids.shape[1]
+            noise, rand_noise = noise[:, lo:hi, :width], rand_noise[:, lo:hi, :width]
+            sync = i == len(micro_batches) - 1
+            with contextlib.ExitStack() as stack:
+                if not sync:
+                    for m in models:
+                        stack.enter_context(acc.no_sync(m))
+                res, losses = self._micro_loss(local, phase, explore[lo:hi], noise, rand_noise, counts)
+                # The two graphs are disjoint (rewards and embeddings are detached). Separate backward
+                # passes keep the gradient all-reduces of the LM and of the policy in one order on
+                # every process; interleaved in one pass, gloo/NCCL can deadlock.
+                for name in ("lm", "policy"):
+                    if name in losses:
+                        acc.backward(losses[name])
+            for key, v in res.items():
+                totals[key] = totals.get(key, 0.0) + float(v)
+        for m, opt, sched, trained in (
+            (self.model, self.lm_opt, self.lm_sched, self.trains_lm and phase.train_lm),
+            (self.policy, self.policy_opt, self.policy_sched, self.trains_policy and phase.train_policy),
+        ):
+            if trained:
+                if args.max_grad_norm:
+                    acc.clip_grad_norm_(m.parameters(), args.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        if self.world > 1:
+            keys = sorted(totals)
+            vec = acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device, dtype=torch.float64), "sum")
+            totals = dict(zip(keys, vec.tolist()))
+        n_samples = len(step_rows) * K
+        stats = {
+            "reward": totals.get("reward_sum", 0.0) / max(n_samples, 1),
+            "keep_ratio": totals.get("keep_sum", 0.0) / max(totals.get("ctx_sum", 1.0), 1.0),
+        }
+        if "lm_loss_sum" in totals:
+            stats["lm_loss"] = totals["lm_loss_sum"] / counts["target_tokens"]
+        if "policy_loss_sum" in totals:
+            stats["policy_loss"] = totals["policy_loss_sum"] / counts["policy_samples"]
+            stats["entropy"] = totals["entropy_sum"] / counts["policy_rows"]
+        return stats
+
+    def _log(self, running: dict[str, float], phase: _Phase, bar) -> None:
+        n = running.pop("n", 1)
+        entry = {k: v / n for k, v in running.items()}
+        entry.update(
+            step=self.state.global_step,
+            epoch=self.state.epoch,
+            explore=phase.explore,
+            train_lm=phase.train_lm,
+            train_policy=phase.train_policy,
+            time_s=time.perf_counter() - self._started,
+        )  # wall clock since train() began
+        if self.lm_sched is not None:
+            entry["lm_lr"] = self.lm_sched.get_last_lr()[0]
+        if self.policy_sched is not None:
+            entry["policy_lr"] = self.policy_sched.get_last_lr()[0]
+        self.state.history.append(entry)
+        bar.set_postfix({k: f"{entry[k]:.3f}" for k in ("lm_loss", "reward", "keep_ratio") if k in entry})
+        self.accelerator.log(
+            {f"train/{k}": v for k, v in entry.items() if isinstance(v, int | float)}, step=self.state.global_step
+        )
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out target NLL of the policy and of the identity, random and recency baselines at
+        the training budget (on ``eval_batches`` batches); appended to the history and returned."""
+        if self.eval_dataset is None:
+            return {}
+        acc = self.accelerator
+        batches = batches_of(
+            self.eval_dataset, self.args.per_device_batch_size, self.pad_token_id, self.args.eval_batches
+        )
+        keep = 1.0 - self.forget_p
+        strategies = {
+            "policy": self.inner_policy,
+            **baseline_masks(self.model, self.args.seed, ("identity", "random", "recency"), acc.device),
+        }
+        entry: dict[str, Any] = {"step": self.state.global_step, "epoch": self.state.epoch, "eval": True}
+        for name, mask in strategies.items():
+            res = evaluate_strategy(
+                unwrap_model(self.model),
+                mask,
+                batches,
+                keep_ratio=keep,
+                pad_token_id=self.pad_token_id,
+                keep_first=self.args.keep_first,
+                device=acc.device,
+                autocast=acc.autocast,
+            )
+            entry[f"eval_{name}_nll"] = res["nll"]
+            if res.get("fact_recall") is not None:
+                entry[f"eval_{name}_fact_recall"] = res["fact_recall"]
+        self.state.history.append(entry)
+        acc.log(
+            {k.replace("eval_", "eval/"): v for k, v in entry.items() if k.startswith("eval_")},
+            step=self.state.global_step,
+        )
+        if acc.is_main_process and not self.args.disable_tqdm:
+            acc.print(
+                f"eval @ step {self.state.global_step}: "
+                + ", ".join(f"{k[5:-4]} {v:.3f}" for k, v in entry.items() if k.endswith("_nll"))
+            )
+        return entry
+
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """Write the LM (and tokenizer) to ``output_dir/lm`` and a learned policy to
+        ``output_dir/policy`` (default: ``args.output_dir``); one process writes under a launcher."""
+        out = Path(output_dir or self.args.output_dir or ".")
+        if self.accelerator.is_main_process:
+            self._write_weights(out)
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def _write_weights(self, folder: Path) -> None:
+        unwrap_model(self.model).save_pretrained(folder / "lm")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder / "lm")
+        if self.learned:
+            self.inner_policy.save_pretrained(folder / "policy")
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _modules(self):
+        """(name, module, optimizer, scheduler) of everything whose state a checkpoint holds."""
+        out = []
+        if self.trains_lm:
+            out.append(("lm", self.model, self.lm_opt, self.lm_sched))
+        if self.trains_policy:
+            out.append(("policy", self.policy, self.policy_opt, self.policy_sched))
+        return out
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint-<step>`` atomically (temporary folder, then rename)."""
+        acc, args = self.accelerator, self.args
+        root = Path(args.output_dir)
+        final = root / f"checkpoint-{self.state.global_step}"
+        tmp = root / f".tmp-checkpoint-{self.state.global_step}"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        # Every process saves its own RNG state; the main process saves the rest.
+        torch.save(
+            {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            tmp / f"rng_state_{self.rank}.pt",
+        )
+        if acc.is_main_process:
+            self._write_weights(tmp)
+            for name, _, opt, sched in self._modules():
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / f"{name}_optim.pt")
+            state = asdict(self.state)
+            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+            mark_complete(tmp)
+            import shutil
+
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            rotate(root, args.save_total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def _resume(self, ckpt: Path | None = None) -> None:
+        from safetensors.torch import load_file
+
+        if ckpt is None:
+            root = Path(self.args.output_dir) if self.args.output_dir else None
+            ckpt = latest_checkpoint(root) if root else None
+            if ckpt is None:
+                self.accelerator.print("resume: no complete checkpoint found, starting fresh")
+                return
+        try:
+            state = json.loads((ckpt / STATE_NAME).read_text())
+            if self.trains_lm:
+                lm_state = {}
+                for f in sorted((ckpt / "lm").glob("*.safetensors")):
+                    lm_state.update(load_file(str(f)))
+                _, unexpected = unwrap_model(self.model).load_state_dict(lm_state, strict=False)
+                if unexpected or not lm_state:
+                    raise ForgetfulError(f"LM weights do not match the model ({len(lm_state)} tensors)")
+            if self.learned and (ckpt / "policy").exists():
+                pol = load_file(str(ckpt / "policy" / POLICY_WEIGHTS))
+                self.inner_policy.load_state_dict(pol)
+            for name, _, opt, sched in self._modules():
+                blob = torch.load(ckpt / f"{name}_optim.pt", map_location="cpu", weights_only=False)
+                opt.load_state_dict(blob["optimizer"])
+                sched.load_state_dict(blob["scheduler"])
+            rng_file = ckpt / f"rng_state_{self.rank}.pt"
+            if rng_file.exists():
+                rng = torch.load(rng_file, weights_only=False)
+                torch.set_rng_state(rng["torch"])
+                if rng["cuda"] is not None and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(rng["cuda"])
+        except (OSError, StopIteration, json.JSONDecodeError, RuntimeError, KeyError) as exc:
+            raise ForgetfulError(
+                f"cannot resume from {ckpt}: {str(exc).splitlines()[0]} (a corrupt checkpoint?)"
+            ) from None
+        self.state = _State(**state)
+        self.accelerator.print(f"resumed from {ckpt} (step {self.state.global_step})")
+
+
+def _phases(method: str, mask: ForgetMask, exploration_epochs: list, freeze_lm: bool) -> list[_Phase]:
+    """What each epoch trains, from the method and ``exploration_epochs``."""
+    learned = isinstance(mask, LearnedForgetMask)
+    if method == "two_step" and not learned and not all(exploration_epochs):
+        raise ForgetfulError("policy epochs (False) need a learned mask (MLP, CNN-MLP or RNN)")
+    if method == "reinforce":
+        phases = [_Phase(train_lm=True, train_policy=learned, explore=float(e)) for e in exploration_epochs]
+    else:
+        phases = [
+            _Phase(train_lm=True, train_policy=False, explore=1.0)
+            if e
+            else _Phase(train_lm=False, train_policy=True, explore=0.0)
+            for e in exploration_epochs
+        ]
+    if freeze_lm:
+        if not learned:
+            raise ForgetfulError("freeze_lm with a mask that is not learned trains nothing")
+        phases = [_Phase(False, p.train_policy, p.explore) for p in phases]
+    return phases
+
+
+def _with_overrides(args: ForgetTrainingConfig | None, overrides: dict) -> ForgetTrainingConfig:
+    args = args or ForgetTrainingConfig()
+    known = {f.name for f in fields(ForgetTrainingConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ForgetfulError(f"unknown training option(s) {', '.join(unknown)}")
+    return replace(args, **overrides) if overrides else args
+
+
+def _train(method, model, mask, forget_p, exploration_epochs, args, overrides, data) -> ForgetTrainingResult:
+    args = _with_overrides(args, overrides)
+    trainer = ForgetMaskTrainer(
+        model, mask, args, forget_p=forget_p, exploration_epochs=exploration_epochs, method=method, **data
+    )
+    return trainer.train()
+
+
+def reinforce_model(
+    base_llm_model: nn.Module,
+    mask: ForgetMask,
+    forget_p: float = 0.1,
+    exploration_epochs: Sequence[float] = (0.75, 0.5, 0.25, 0),
+    *,
+    train_dataset=None,
+    eval_dataset=None,
+    tokenizer=None,
+    args: ForgetTrainingConfig | None = None,
+    **overrides,
+) -> ForgetTrainingResult:
+    """Train the LM and the forget policy jointly, one epoch per entry of ``exploration_epochs``
+    (the share of examples that use a random keep set of the same budget instead of the
+    policy's sample). Returns ``(model, policy, history)``."""
+    data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, tokenizer=tokenizer)
+    return _train("reinforce", base_llm_model, mask, forget_p, exploration_epochs, args, overrides, data)
+
+
+def two_step_reinforce_model(
+    base_llm_model: nn.Module,
+    mask: ForgetMask,
+    forget_p: float = 0.1,
+    exploration_epochs: Sequence[bool] = (True, False, True, False),
+    *,
+    train_dataset=None,
+    eval_dataset=None,
+    tokenizer=None,
+    args: ForgetTrainingConfig | None = None,
+    **overrides,
+) -> ForgetTrainingResult:
+    """Alternate: ``True`` epochs train the LM on random masks (policy frozen), ``False`` epochs
+    train the policy by REINFORCE (LM frozen). Returns ``(model, policy, history)``."""
+    data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, tokenizer=tokenizer)
+    return _train("two_step", base_llm_model, mask, forget_p, exploration_epochs, args, overrides, data)

@@ -1,0 +1,106 @@
+"""Loading causal LMs and their tokenizers: local folders and Hub names through the Auto classes
+(offline: the local cache only, else one clear line), and the built-in configs
+(:mod:`~forgetful.models.builtin`), which are initialised here instead of loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from ..errors import ForgetfulError
+from ..hub import cache_only_when_offline, hub_error
+from .builtin import BUILTIN_MODELS, init_builtin_model, is_builtin
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local folder or the Hub, with a pad token (EOS when it has none)."""
+    try:
+        with cache_only_when_offline():
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise _load_error("tokenizer", name_or_path, exc) from None
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ForgetfulError("the tokenizer has neither a pad nor an EOS token; add one before training")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_error(kind: str, name: str, exc: BaseException) -> ForgetfulError:
+    if Path(name).exists():
+        return ForgetfulError(f"cannot load {kind} from {name}: {str(exc).strip().splitlines()[0]}")
+    if "/" not in name and name not in BUILTIN_MODELS and not Path(name).exists():
+        hint = f"built-in models are {', '.join(BUILTIN_MODELS)}; or pass a local folder saved with save_pretrained"
+    else:
+        hint = "pass a local folder saved with save_pretrained"
+    return hub_error(kind, name, exc, hint)
+
+
+def build_model(
+    name_or_path: str,
+    *,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    **tiny_overrides,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer.
+
+    Built-in names (``tiny-gpt2``, ...): a BPE tokenizer is trained on ``corpus`` and a fresh model
+    initialised with ``seed``. Anything else is loaded with the Auto classes from a local folder or
+    the Hub (offline: from the cache, else a clear error).
+    """
+    if is_builtin(name_or_path):
+        if corpus is None:
+            raise ForgetfulError(f"the built-in model {name_or_path} needs a corpus to train its tokenizer on")
+        return init_builtin_model(name_or_path, corpus, vocab_size=vocab_size, seed=seed, dtype=dtype,
+                                  **tiny_overrides)
+    return load_model(name_or_path, dtype=dtype)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a folder or the Hub, and check they agree."""
+    p = Path(name_or_path)
+    if p.exists() and p.is_dir() and not (p / "config.json").exists():
+        raise ForgetfulError(f"{p} is not a saved model: it has no config.json (save it with save_pretrained)")
+    try:
+        with cache_only_when_offline():
+            config = AutoConfig.from_pretrained(name_or_path)
+            if getattr(config, "_attn_implementation", None) is None:
+                config._attn_implementation = "sdpa"
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise _load_error("model", name_or_path, exc) from None
+    tokenizer = load_tokenizer(name_or_path)
+    check_vocab(model, tokenizer)
+    return model, tokenizer
+
+
+def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The tokenizer must not produce ids outside the model's embedding table."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ForgetfulError(
+            f"tokenizer/model vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens but the model's "
+            f"embedding table has {rows} rows; use the tokenizer saved with this model"
+        )
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,144 @@
+"""Per-token negative log-likelihood with vocabulary logits only where a token is scored.
+
+A causal LM computes ``logits = lm_head(hidden)`` for every position; with sparse loss masks
+(completion-only, forgetting, RL targets) most of those logits are thrown away, yet they dominate
+activation memory (batch x length x vocab). We install a forward pre-hook on the model's output
+embedding that replaces its input with the hidden states of the scored positions only, so the
+model's own forward (and anything it applies after the head, such as logit soft-capping) runs on
+``[1, N, d]`` instead of ``[B, L, d]``. The call still goes through the outermost wrapper (DDP,
+FSDP, PEFT), so gradient synchronisation is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ForgetfulError
+
+IGNORE_INDEX = -100
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP/FSDP/compile wrappers (PEFT models keep their own forward)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def output_embedding(model: nn.Module) -> nn.Module:
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        raise ForgetfulError(
+            f"{type(inner).__name__} has no output embedding (LM head); sparse logits need a causal LM "
+            "with get_output_embeddings(), or set sparse_logits=False"
+        )
+    return head
+
+
+@contextlib.contextmanager
+def lm_head_on(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, the LM head only sees hidden states where ``positions`` ([B, L] bool) is
+    True, flattened in row-major order to ``[1, N, d]``."""
+    head = output_embedding(model)
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0]
+        if hidden.shape[:2] != positions.shape:
+            raise ForgetfulError(
+                f"the LM head received hidden states of shape {tuple(hidden.shape)}, not [batch, length] = "
+                f"{tuple(positions.shape)}; this model computes its head in an unusual way: set sparse_logits=False"
+            )
+        return (hidden[positions].unsqueeze(0), *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class TokenNLL:
+    """Per-token NLL of the scored tokens, in row-major order, and the row of each."""
+
+    nll: torch.Tensor  # [N] float32, connected to the graph
+    rows: torch.Tensor  # [N] long
+    batch_size: int
+
+    def sum_per_row(self) -> torch.Tensor:
+        return torch.zeros(self.batch_size, dtype=self.nll.dtype, device=self.nll.device).index_add(
+            0, self.rows, self.nll
+        )
+
+    def count_per_row(self) -> torch.Tensor:
+        return torch.bincount(self.rows, minlength=self.batch_size)
+
+
+def prediction_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: position ``t`` predicts ``labels[t + 1]`` (HF convention: labels unshifted)."""
+    pos = torch.zeros_like(labels, dtype=torch.bool)
+    pos[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return pos
+
+
+def token_nll(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    sparse_logits: bool = True,
+    target_length: int | None = None,
+) -> TokenNLL:
+    """NLL of every token whose label is not -100 (labels as HF causal LMs take them: unshifted,
+    token ``t`` predicted from position ``t - 1``). Logits are computed only at the predicting
+    positions when ``sparse_logits``; otherwise the full logits are gathered (same values).
+
+    ``target_length=m`` declares that the labels are exactly the last ``m`` tokens of every row
+    (no padding after them): the model's own ``logits_to_keep`` then does the selection, with no
+    data-dependent indexing (no host synchronisation)."""
+    if target_length is not None and sparse_logits:
+        kwargs = {"input_ids": input_ids, "use_cache": False, "logits_to_keep": target_length + 1}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        logits = model(**kwargs).logits[:, :-1]
+        nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels[:, -target_length:].reshape(-1), reduction="none"
+        )
+        rows = torch.arange(labels.shape[0], device=labels.device).repeat_interleave(target_length)
+        return TokenNLL(nll, rows, labels.shape[0])
+    positions = prediction_positions(labels)
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    kwargs = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if sparse_logits:
+        with lm_head_on(model, positions):
+            logits = model(**kwargs).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+    else:
+        logits = model(**kwargs).logits[positions]
+    if logits.shape[0] != targets.shape[0]:
+        raise ForgetfulError(
+            f"the model returned {logits.shape[0]} scored logits for {targets.shape[0]} labels; set sparse_logits=False"
+        )
+    # With nothing to score, ``nll`` is empty but still has a grad_fn: its sum is a zero connected
+    # to every parameter, so backward gives zero gradients (no NaN, no DDP hang).
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    return TokenNLL(nll, positions.nonzero()[:, 0], labels.shape[0])

@@ -1,0 +1,113 @@
+"""The FLOP model against a hand count, and eval-forget end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from forgetful.cli import main
+from forgetful.cli.eval_forget import parse_keep_ratios
+from forgetful.errors import ForgetfulError
+from forgetful.input.evaluation import flops_ratios
+from forgetful.input.flops import decoder_dims, forward_flops
+from forgetful.input.policies import MLPForgetMask
+
+
+def test_gpt2_flops_match_a_hand_count(tiny_gpt2):
+    model, tok = tiny_gpt2
+    cfg = model.config  # d=32, 2 layers, 2 heads, MLP 4d, vocab V
+    V = cfg.vocab_size
+    per_layer = 4 * 32 * 32 + 2 * 32 * 128  # Q, K, V, O projections + two MLP matrices
+    linear = 2 * 2 * per_layer * 10  # 2 FLOPs per multiply-add, 2 layers, 10 tokens
+    attention = 2 * 2 * 32 * 10 * 10  # causal QK^T and AV: 2 * d * L^2 per layer
+    head = 2 * 32 * V * 3  # logits at 3 positions
+    assert forward_flops(cfg, 10, logit_positions=3) == linear + attention + head
+
+
+def test_llama_flops_match_a_hand_count(tiny_llama):
+    model, _ = tiny_llama
+    cfg = model.config  # d=32, 2 heads (head_dim 16), 1 KV head, gated MLP of width 88
+    dims = decoder_dims(cfg)
+    assert (dims.hidden, dims.heads, dims.kv_heads, dims.intermediate, dims.gated_mlp) == (32, 2, 1, 88, True)
+    per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 88
+    expected = 2 * 2 * per_layer * 7 + 2 * 2 * 32 * 49 + 2 * 32 * cfg.vocab_size * 7
+    assert forward_flops(cfg, 7) == expected
+
+
+def test_flops_ratio_counts_kept_tokens_and_policy_cost(tiny_gpt2):
+    from forgetful.input.examples import ForgetBatch
+
+    model, _ = tiny_gpt2
+    cfg = model.config
+    batch = ForgetBatch(
+        torch.zeros(1, 8, dtype=torch.long),
+        torch.ones(1, 8, dtype=torch.bool),
+        torch.zeros(1, 2, dtype=torch.long),
+        torch.ones(1, 2, dtype=torch.bool),
+    )
+    keep = torch.tensor([[True, False, True, False, True, False, True, False]])
+    fr, afr = flops_ratios(cfg, [batch], [keep], policy_flops_per_token=100.0)
+    assert fr == pytest.approx((forward_flops(cfg, 6, 2) + 800) / forward_flops(cfg, 10, 2))
+    assert afr == pytest.approx(36 / 100)
+
+
+@pytest.mark.parametrize("text", ["", "0", "1.5", "a,b", "-0.5"])
+def test_bad_keep_ratios(text):
+    with pytest.raises(ForgetfulError, match="keep ratios"):
+        parse_keep_ratios(text)
+
+
+def test_eval_forget_writes_complete_finite_results(tiny_model_dir, tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    policy_dir = tmp_path / "mlp"
+    MLPForgetMask(model, hidden_size=16).save_pretrained(policy_dir)
+    out = tmp_path / "eval"
+    rc = main(
+        [
+            "eval-forget",
+            "--model",
+            str(tiny_model_dir),
+            "--mask-dir",
+            str(policy_dir),
+            "--out",
+            str(out),
+            "--keep",
+            "1,0.5,0.25",
+            "--max-examples",
+            "8",
+            "--batch-size",
+            "4",
+            "--timing-repeats",
+            "1",
+        ]
+    )
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())
+    strategies = {"identity", "none", "random", "recency", "self_information", "mlp"}
+    assert {(r["strategy"], r["keep_ratio"]) for r in rows} == {(s, k) for s in strategies for k in (1.0, 0.5, 0.25)}
+    fields = ["kept_tokens", "nll", "ppl", "flops_ratio", "attn_flops_ratio", "wall_ms", "peak_mem_mb", "speedup"]
+    for r in rows:
+        assert all(isinstance(r[f], float | int) and math.isfinite(r[f]) for f in fields), r
+        assert r["device"] == "cpu" and r["peak_mem_mb"] > 0
+    half = {r["strategy"]: r for r in rows if r["keep_ratio"] == 0.5}
+    assert half["recency"]["kept_tokens"] == half["mlp"]["kept_tokens"] == half["random"]["kept_tokens"]
+    assert half["identity"]["flops_ratio"] == pytest.approx(1.0)
+    assert half["recency"]["flops_ratio"] < 0.75 and half["none"]["kept_tokens"] == 1.0
+    assert (out / "report.md").read_text().count("| mlp |") == 3
+    assert (out / "ppl_vs_keep.png").stat().st_size > 1000 and (out / "speedup_vs_keep.png").is_file()
+
+
+def test_peak_memory_tracker_sees_live_tensors():
+    from forgetful.measure import peak_memory_mb
+
+    def work():
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a * 2  # 4 MiB more while a lives
+        del a
+        return b.sum()
+
+    mb, method = peak_memory_mb(work, "cpu")
+    assert method == "cpu_live_tensors" and 7.9 < mb < 8.5

@@ -1,0 +1,234 @@
+"""REINFORCE training of forget policies: runs, freezing, exact resume, and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from forgetful.errors import ForgetfulError
+from forgetful.input.examples import load_forget_examples
+from forgetful.input.policies import MLPForgetMask, RandomForgetMask, RNNForgetMask
+from forgetful.input.reinforce import ForgetTrainingConfig, reinforce_model, two_step_reinforce_model
+
+
+@pytest.fixture(scope="module")
+def data(tiny_llama):
+    _, tok = tiny_llama
+    train = load_forget_examples(None, tok, embedded_examples=24, seed=0)
+    held = load_forget_examples(None, tok, embedded_examples=8, seed=99)
+    return train, held
+
+
+def _config(**kw) -> ForgetTrainingConfig:
+    base = dict(
+        per_device_batch_size=4,
+        num_samples=2,
+        max_steps_per_epoch=2,
+        logging_steps=1,
+        eval_batches=1,
+        disable_tqdm=True,
+        lm_learning_rate=1e-3,
+        policy_learning_rate=1e-2,
+    )
+    base.update(kw)
+    return ForgetTrainingConfig(**base)
+
+
+def _state(model, policy):
+    out = {f"lm.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    out.update({f"policy.{k}": v.detach().clone() for k, v in policy.state_dict().items()})
+    return out
+
+
+def test_joint_training_returns_model_policy_history(tiny_llama, data):
+    model, tok = tiny_llama
+    model = copy.deepcopy(model)
+    train, held = data
+    before = _state(model, MLPForgetMask(model, hidden_size=16))
+    policy = MLPForgetMask(model, hidden_size=16)
+    p0 = {k: v.clone() for k, v in policy.state_dict().items()}
+    m, p, history = reinforce_model(
+        model,
+        policy,
+        forget_p=0.5,
+        exploration_epochs=[0.5, 0.0],
+        train_dataset=train,
+        eval_dataset=held,
+        tokenizer=tok,
+        args=_config(),
+    )
+    steps = [h for h in history if "reward" in h]
+    evals = [h for h in history if h.get("eval")]
+    assert len(steps) == 4 and len(evals) == 2
+    assert all(abs(h["keep_ratio"] - 0.5) < 0.05 for h in steps)
+    assert all(torch.isfinite(torch.tensor([h["lm_loss"], h["reward"], h["policy_loss"]])).all() for h in steps)
+    assert {"eval_policy_nll", "eval_identity_nll", "eval_random_nll", "eval_recency_nll"} <= set(evals[0])
+    assert any(not torch.equal(v, before[f"lm.{k}"]) for k, v in m.state_dict().items())
+    assert any(not torch.equal(v, p0[k]) for k, v in p.state_dict().items())
+
+
+def test_freeze_lm_trains_only_the_policy(tiny_llama, data):
+    model, tok = tiny_llama
+    model = copy.deepcopy(model)
+    lm0 = {k: v.clone() for k, v in model.state_dict().items()}
+    policy = RNNForgetMask(model, hidden_size=16, bidirectional=True)
+    p0 = {k: v.clone() for k, v in policy.state_dict().items()}
+    m, p, _ = reinforce_model(
+        model,
+        policy,
+        forget_p=0.25,
+        exploration_epochs=[0.0],
+        train_dataset=data[0],
+        tokenizer=tok,
+        args=_config(freeze_lm=True, baseline="moving_average"),
+    )
+    assert all(torch.equal(v, lm0[k]) for k, v in m.state_dict().items())
+    assert any(not torch.equal(v, p0[k]) for k, v in p.state_dict().items())
+
+
+def test_two_step_alternates_what_is_trained(tiny_llama, data):
+    model, tok = tiny_llama
+    model = copy.deepcopy(model)
+    policy = MLPForgetMask(model, hidden_size=16)
+    lm0 = {k: v.clone() for k, v in model.state_dict().items()}
+    p0 = {k: v.clone() for k, v in policy.state_dict().items()}
+    # one LM epoch on random masks: the policy must not move
+    m, p, hist = two_step_reinforce_model(
+        model, policy, forget_p=0.5, exploration_epochs=[True], train_dataset=data[0], tokenizer=tok, args=_config()
+    )
+    assert all(torch.equal(v, p0[k]) for k, v in p.state_dict().items())
+    assert any(not torch.equal(v, lm0[k]) for k, v in m.state_dict().items())
+    assert all("policy_loss" not in h for h in hist)
+    # one policy epoch: the LM must not move
+    lm1 = {k: v.clone() for k, v in m.state_dict().items()}
+    m2, p2, hist2 = two_step_reinforce_model(
+        m, p, forget_p=0.5, exploration_epochs=[False], train_dataset=data[0], tokenizer=tok, args=_config()
+    )
+    assert all(torch.equal(v, lm1[k]) for k, v in m2.state_dict().items())
+    assert any(not torch.equal(v, p0[k]) for k, v in p2.state_dict().items())
+    assert all("lm_loss" not in h for h in hist2 if "reward" in h)
+
+
+def test_bernoulli_mode_holds_the_budget_in_expectation(tiny_llama, data):
+    model, tok = tiny_llama
+    _, _, hist = reinforce_model(
+        copy.deepcopy(model),
+        MLPForgetMask(model, hidden_size=16),
+        forget_p=0.5,
+        exploration_epochs=[0.0, 0.0],
+        train_dataset=data[0],
+        tokenizer=tok,
+        args=_config(mode="bernoulli", budget_penalty=50.0, max_steps_per_epoch=3),
+    )
+    keeps = [h["keep_ratio"] for h in hist if "keep_ratio" in h]
+    assert all(0.0 < k < 1.0 for k in keeps)
+
+
+def test_lm_only_training_with_a_random_mask(tiny_llama, data):
+    model, tok = tiny_llama
+    m, p, hist = reinforce_model(
+        copy.deepcopy(model),
+        RandomForgetMask(0.5),
+        forget_p=0.5,
+        exploration_epochs=[0.0],
+        train_dataset=data[0],
+        tokenizer=tok,
+        args=_config(),
+    )
+    assert isinstance(p, RandomForgetMask)
+    assert all("policy_loss" not in h for h in hist) and any("lm_loss" in h for h in hist)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_llama, data, tmp_path):
+    model, tok = tiny_llama
+    train, held = data
+    cfg = dict(max_steps_per_epoch=3, save_steps=2, eval_batches=1)
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        m = copy.deepcopy(model)
+        pol = MLPForgetMask(m, hidden_size=16)
+        torch.manual_seed(1)
+        return reinforce_model(
+            m,
+            pol,
+            forget_p=0.5,
+            exploration_epochs=[0.5, 0.0],
+            train_dataset=train,
+            eval_dataset=held,
+            tokenizer=tok,
+            args=_config(output_dir=str(out), **cfg, **kw),
+        )
+
+    full = run(tmp_path / "full")
+    # interrupted after step 4 (a checkpoint at 4), then resumed in a fresh call
+    run(tmp_path / "cut", stop_after_steps=4)
+    resumed = run(tmp_path / "cut", resume=True)
+    a, b = _state(full.model, full.policy), _state(resumed.model, resumed.policy)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "cut" / "checkpoint-6" / "lm" / "config.json").is_file()
+    assert (tmp_path / "cut" / "checkpoint-6" / "policy" / "policy.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"forget_p": 1.0}, "forget_p must lie in"),
+        ({"forget_p": -0.1}, "forget_p must lie in"),
+        ({"exploration_epochs": []}, "exploration_epochs is empty"),
+        ({"exploration_epochs": "0.5"}, "must be a list"),
+        ({"exploration_epochs": [1.5]}, "shares of random masks in [0, 1]"),
+        ({"exploration_epochs": [True]}, "shares of random masks"),
+        ({"args": {"budget": 10_000}}, "larger than the shortest context"),
+        ({"args": {"num_samples": 1}}, "num_samples >= 2"),
+        ({"args": {"mode": "topk"}}, "mode must be"),
+        ({"args": {"per_device_batch_size": 64}}, "fewer than one step"),
+    ],
+)
+def test_bad_input_fails_before_training(tiny_llama, data, kwargs, fragment):
+    model, tok = tiny_llama
+    kw = {"forget_p": 0.5, "exploration_epochs": [0.5], **{k: v for k, v in kwargs.items() if k != "args"}}
+    with pytest.raises(ForgetfulError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        reinforce_model(
+            model,
+            MLPForgetMask(model, hidden_size=8),
+            train_dataset=data[0],
+            tokenizer=tok,
+            args=_config(**kwargs.get("args", {})),
+            **kw,
+        )
+
+
+def test_two_step_rejects_non_boolean_epochs(tiny_llama, data):
+    model, tok = tiny_llama
+    with pytest.raises(ForgetfulError, match="booleans"):
+        two_step_reinforce_model(
+            model,
+            MLPForgetMask(model, hidden_size=8),
+            forget_p=0.5,
+            exploration_epochs=[0.5],
+            train_dataset=data[0],
+            tokenizer=tok,
+            args=_config(),
+        )
+
+
+def test_dataset_without_forgetting_columns_is_rejected(tiny_llama):
+    from datasets import Dataset
+
+    model, tok = tiny_llama
+    ds = Dataset.from_dict({"input_ids": [[1, 2, 3]]})
+    with pytest.raises(ForgetfulError, match="context_ids and target_ids"):
+        reinforce_model(
+            model,
+            MLPForgetMask(model, hidden_size=8),
+            forget_p=0.5,
+            exploration_epochs=[0.5],
+            train_dataset=ds,
+            tokenizer=tok,
+            args=_config(),
+        )
