@@ -25,6 +25,43 @@ SIZES = {
     "gpt2-tiny": dict(n_embd=128, n_layer=4, n_head=4, vocab_size=2048),
 }
 
+# Llama-architecture shapes (random weights: speed does not depend on them)
+LLAMA_SHAPES = {
+    # SmolLM2-135M-Instruct, the built-in real model (forgetful.models.gguf)
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    # Llama-3.2-1B
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    # a CPU-friendly stand-in
+    "llama-tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+    ),
+}
+ARCHS = sorted(SIZES) + sorted(LLAMA_SHAPES)
+
 
 def gpt2(size: str, positions: int, device, dtype=torch.float32):
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -33,6 +70,39 @@ def gpt2(size: str, positions: int, device, dtype=torch.float32):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return GPT2LMHeadModel(cfg).to(device=device, dtype=dtype)
+
+
+def build_lm(arch: str, positions: int, device, dtype=torch.float32):
+    """A randomly initialised causal LM of a named shape (GPT-2 or Llama family), SDPA attention."""
+    if arch in SIZES:
+        return gpt2(arch, positions, device, dtype)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**LLAMA_SHAPES[arch], max_position_embeddings=max(positions, 2048), attention_dropout=0.0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def compile_lm(model, how: str):
+    """``full``: torch.compile the whole model; ``regional``: each decoder layer (the layers share one
+    compiled graph, so compilation takes seconds instead of minutes); the model runs as returned."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = 64
+    if how == "full":
+        return torch.compile(model)
+    if how == "regional":
+        inner = getattr(model, "model", None) or getattr(model, "transformer", None)
+        for layer in getattr(inner, "layers", None) or inner.h:
+            layer.compile()
+        return model
+    raise ValueError(f"unknown compile mode {how!r}")
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def environment(device: torch.device) -> dict:

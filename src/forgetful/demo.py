@@ -8,6 +8,11 @@
 3. Loss forgetting: the TOFU experiment on embedded TOFU-shaped data: train on ``full``, on the
    retain split, and on ``full`` with the forget split masked by each strategy; score them all
    with the TOFU metrics.
+4. The real model (SmolLM2-135M-Instruct), zero-shot: target NLL of WikiText-2 test windows when
+   each strategy keeps half of the context.
+
+Speed is not measured here: on a 2-core CPU the timings of a tiny model are noise. The GPU
+benchmarks (``benchmarks/``) measure it.
 
 Writes ``OUT/report.md``, ``OUT/results.json`` and PNG plots (and each stage's own folder).
 """
@@ -27,7 +32,7 @@ from .input.policies import MLPForgetMask, RNNForgetMask
 from .input.reinforce import ForgetTrainingConfig, reinforce_model
 from .loss.pretrain import PretrainConfig, PretrainTrainingArguments, run_pretrain
 from .models import load_model
-from .reporting import markdown_table, plot_lines, write_json, write_text
+from .reporting import markdown_table, plot_bars, plot_lines, write_json, write_text
 from .tofu.experiment import TofuExperimentConfig, TofuTrainingArguments, run_tofu_experiment
 
 
@@ -46,10 +51,27 @@ class DemoConfig:
     tofu_strategies: str = field(default="forget_answers,forget_facts,goldfish,random")
     seed: int = field(default=0)
     skip_tofu: bool = field(default=False, metadata={"help": "Leave out the TOFU part."})
+    real_model: str = field(default="smollm2-135m", metadata={"help": "The real model of part 4 (a name or folder)."})
+    wikitext: str = field(
+        default="../shared/data/wikitext2/test.txt", metadata={"help": "WikiText-2 test file for part 4."}
+    )
+    real_windows: int = field(default=16, metadata={"help": "Part 4: WikiText-2 windows scored."})
+    real_context: int = field(default=128, metadata={"help": "Part 4: context tokens per window."})
+    real_target: int = field(default=32, metadata={"help": "Part 4: target tokens per window."})
+    skip_real: bool = field(default=False, metadata={"help": "Leave out the real-model part."})
 
     def __post_init__(self):
         check_probability("forget_p", self.forget_p)
-        for name in ("pretrain_docs", "forget_examples", "eval_examples", "steps_per_epoch", "tofu_authors"):
+        for name in (
+            "pretrain_docs",
+            "forget_examples",
+            "eval_examples",
+            "steps_per_epoch",
+            "tofu_authors",
+            "real_windows",
+            "real_context",
+            "real_target",
+        ):
             if getattr(self, name) < 1:
                 raise ForgetfulError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -68,7 +90,7 @@ def run_demo(a: DemoConfig) -> dict:
     results: dict = {"args": asdict(a), "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
     # 1. The base LM ------------------------------------------------------------------------
-    t = _stage("1/3 pretrain the base LM (embedded corpus)")
+    t = _stage("1/4 pretrain the base LM (embedded corpus)")
     pre = run_pretrain(
         PretrainConfig(
             out=str(out / "base"),
@@ -85,7 +107,7 @@ def run_demo(a: DemoConfig) -> dict:
     }
 
     # 2. Input forgetting --------------------------------------------------------------------
-    t = _stage(f"2/3 input forgetting: REINFORCE policies at forget_p={a.forget_p}")
+    t = _stage(f"2/4 input forgetting: REINFORCE policies at forget_p={a.forget_p}")
     model, tok = load_model(str(out / "base"))
     train = load_forget_examples(None, tok, embedded_examples=a.forget_examples, seed=a.seed)
     held_out = load_forget_examples(None, tok, embedded_examples=a.eval_examples, seed=a.seed + 1234)
@@ -149,7 +171,7 @@ def run_demo(a: DemoConfig) -> dict:
         keep_ratios=[1.0, 0.75, 0.5, 0.25],
         pad_token_id=tok.pad_token_id,
         batch_size=32,
-        timing_repeats=3,
+        timing_repeats=3 if torch.cuda.is_available() else 0,  # CPU timings of a tiny model are noise
         seed=a.seed,
     )
     add_speedups(rows)
@@ -164,7 +186,7 @@ def run_demo(a: DemoConfig) -> dict:
 
     # 3. Loss forgetting: TOFU ----------------------------------------------------------------
     if not a.skip_tofu:
-        t = _stage("3/3 loss forgetting: TOFU masked training (embedded TOFU data)")
+        t = _stage("3/4 loss forgetting: TOFU masked training (embedded TOFU data)")
         tofu = run_tofu_experiment(
             TofuExperimentConfig(
                 model=str(out / "base"),
@@ -185,12 +207,63 @@ def run_demo(a: DemoConfig) -> dict:
         timings["tofu"] = time.perf_counter() - t
         results["tofu"] = tofu["runs"]
 
+    # 4. The real model, zero-shot ----------------------------------------------------------------
+    if not a.skip_real:
+        t = _stage(f"4/4 the real model ({a.real_model}), zero-shot on WikiText-2 at keep {1 - a.forget_p:g}")
+        results["real_model"] = _real_model_section(a, out / "real_model")
+        timings["real_model"] = time.perf_counter() - t
+
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     results["total_s"] = round(sum(timings.values()), 1)
     write_text(_report(results, rows, a), out / "report.md")
     write_json(results, out / "results.json")
     print(f"\nDemo finished in {results['total_s']:.0f} s: {out / 'report.md'}")
     return results
+
+
+def _real_model_section(a: DemoConfig, out: Path) -> dict:
+    """Every baseline at the demo's budget on WikiText-2 test windows, read by the real model as it
+    comes (no finetuning). Missing WikiText-2 is a note in the report, not a failure."""
+    if not Path(a.wikitext).is_file():
+        print(f"skipping the real-model part: {a.wikitext} is not there (pass --wikitext FILE)")
+        return {"skipped": f"{a.wikitext} not found"}
+    model, tok = load_model(a.real_model)
+    model.eval()
+    windows = load_forget_examples(
+        a.wikitext, tok, context_length=a.real_context, target_length=a.real_target, max_examples=a.real_windows
+    )
+    keep = 1 - a.forget_p
+    rows = evaluate_forgetting(
+        model,
+        {},
+        windows,
+        keep_ratios=[keep],
+        pad_token_id=tok.pad_token_id,
+        batch_size=8,
+        timing_repeats=0,
+        seed=a.seed,
+    )
+    write_report(
+        rows,
+        out,
+        title=f"{a.real_model}, zero-shot, WikiText-2 test",
+        notes=f"{len(windows)} windows of {a.real_context} context + {a.real_target} target tokens; every strategy "
+        f"keeps {keep:g} of the context (identity keeps it all; none keeps only token 0).",
+    )
+    plot_bars(
+        {r["strategy"]: r["nll"] for r in rows if r["strategy"] not in ("identity", "none")},
+        out / "nll_at_keep.png",
+        ylabel="target NLL (nats per token)",
+        title=f"{a.real_model} zero-shot: WikiText-2 target NLL at keep {keep:g}",
+        levels={"full context": _fmt_row(rows, "identity", keep)["nll"]},
+    )
+    return {
+        "model": a.real_model,
+        "windows": len(windows),
+        "context": a.real_context,
+        "target": a.real_target,
+        "rows": rows,
+    }
 
 
 def _fmt_row(rows, strategy, keep):
@@ -223,12 +296,16 @@ def _report(results: dict, rows: list[dict], a: DemoConfig) -> str:
         "",
         markdown_table(
             sorted(at, key=lambda r: r["nll"]),
-            ["strategy", "kept_tokens", "nll", "vs_identity", "fact_recall", "flops_ratio", "speedup"],
+            ["strategy", "kept_tokens", "nll", "vs_identity", "fact_recall", "flops_ratio"],
         ),
         f"Identity (full context, {ident['kept_tokens']:.1f} tokens): NLL {ident['nll']:.3f}." if ident else "",
         "",
         "All keep ratios: [eval_forget/report.md](eval_forget/report.md). "
-        "![perplexity vs keep ratio](eval_forget/ppl_vs_keep.png)",
+        "![target NLL vs keep ratio](eval_forget/nll_vs_keep.png)",
+        "",
+        "Speed is not measured here: on a 2-core CPU the timings of a 1 M-parameter model are noise. "
+        "`flops_ratio` is the compute a strategy needs against the full context, its own scoring included; "
+        "measured GPU speedups are in `benchmarks/results/` (see the README).",
         "",
     ]
     if "tofu" in results:
@@ -247,4 +324,26 @@ def _report(results: dict, rows: list[dict], a: DemoConfig) -> str:
             "![utility vs forget quality](tofu/utility_vs_forget_quality.png)",
             "",
         ]
+    real = results.get("real_model")
+    if real and "rows" in real:
+        keep = 1 - a.forget_p
+        ident = _fmt_row(real["rows"], "identity", keep)
+        at = [r for r in real["rows"] if r["strategy"] != "identity"]
+        for r in at:
+            r["vs_identity"] = r["nll"] / ident["nll"] - 1
+        lines += [
+            f"## 4. The real model, zero-shot: {real['model']}",
+            "",
+            f"SmolLM2-135M-Instruct as it comes (no finetuning) on {real['windows']} WikiText-2 test windows of "
+            f"{real['context']} context + {real['target']} target tokens; each strategy keeps {keep:g} of the "
+            f"context (token 0 always). Full context: target NLL {ident['nll']:.3f}.",
+            "",
+            markdown_table(
+                sorted(at, key=lambda r: r["nll"]), ["strategy", "kept_tokens", "nll", "vs_identity", "flops_ratio"]
+            ),
+            "![target NLL at the budget](real_model/nll_at_keep.png)",
+            "",
+        ]
+    elif real:
+        lines += ["## 4. The real model", "", f"Skipped: {real['skipped']}.", ""]
     return "\n".join(lines)

@@ -23,6 +23,46 @@ from .errors import ForgetfulError
 
 IGNORE_INDEX = -100
 
+# Rows without padding whose position ids have gaps (compressed inputs) are plain causal sequences.
+# transformers, given position ids with gaps and no attention mask, would read the gaps as
+# boundaries of packed sequences; given an all-ones mask, it builds a full mask under
+# torch.compile and SDPA loses its flash kernel. This attention implementation is SDPA with
+# is_causal and no mask: transformers builds no mask for an implementation it does not know.
+UNPADDED_CAUSAL = "forgetful_unpadded_causal"
+_SWAPPABLE = ("sdpa", "eager")  # implementations whose result this one reproduces
+
+
+def _unpadded_causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+def _register_unpadded_causal() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(UNPADDED_CAUSAL, _unpadded_causal_sdpa)
+
+
+_register_unpadded_causal()
+
+
+@contextlib.contextmanager
+def unpadded_causal_attention(model: nn.Module, input_ids: torch.Tensor) -> Iterator[torch.Tensor | None]:
+    """While active, ``model`` reads its rows as unpadded causal sequences, whatever their position
+    ids; yields the attention mask to pass (None, or an all-ones mask for an attention
+    implementation that cannot be swapped)."""
+    config = getattr(unwrap_model(model), "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in _SWAPPABLE:
+        yield torch.ones_like(input_ids)
+        return
+    config._attn_implementation = UNPADDED_CAUSAL
+    try:
+        yield None
+    finally:
+        config._attn_implementation = impl
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP/FSDP/compile wrappers (PEFT models keep their own forward)."""
@@ -92,6 +132,18 @@ def prediction_positions(labels: torch.Tensor) -> torch.Tensor:
     return pos
 
 
+def _forward(model: nn.Module, input_ids, attention_mask, position_ids, **extra):
+    """The model's forward without a cache. Position ids without an attention mask mean unpadded
+    rows (compressed inputs): read them as causal sequences (see :func:`unpadded_causal_attention`)."""
+    kwargs = {"input_ids": input_ids, "use_cache": False, **extra}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if attention_mask is not None or position_ids is None:
+        return model(**kwargs, attention_mask=attention_mask)
+    with unpadded_causal_attention(model, input_ids) as mask:
+        return model(**kwargs, attention_mask=mask)
+
+
 def token_nll(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -106,16 +158,15 @@ def token_nll(
     token ``t`` predicted from position ``t - 1``). Logits are computed only at the predicting
     positions when ``sparse_logits``; otherwise the full logits are gathered (same values).
 
-    ``target_length=m`` declares that the labels are exactly the last ``m`` tokens of every row
-    (no padding after them): the model's own ``logits_to_keep`` then does the selection, with no
-    data-dependent indexing (no host synchronisation)."""
+    ``position_ids`` without an ``attention_mask`` declares rows without padding (as
+    :func:`~forgetful.input.compression.compress_examples` returns them): they are read as causal
+    sequences at those positions, gaps and all. ``target_length=m`` declares that the labels are
+    exactly the last ``m`` tokens of every row (no padding after them): the model's own
+    ``logits_to_keep`` then does the selection, with no data-dependent indexing (no host
+    synchronisation)."""
     if target_length is not None and sparse_logits:
-        kwargs = {"input_ids": input_ids, "use_cache": False, "logits_to_keep": target_length + 1}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
-        logits = model(**kwargs).logits[:, :-1]
+        logits = _forward(model, input_ids, attention_mask, position_ids, logits_to_keep=target_length + 1).logits
+        logits = logits[:, :-1]
         nll = F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels[:, -target_length:].reshape(-1), reduction="none"
         )
@@ -123,17 +174,12 @@ def token_nll(
         return TokenNLL(nll, rows, labels.shape[0])
     positions = prediction_positions(labels)
     targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-    kwargs = {"input_ids": input_ids, "use_cache": False}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
     if sparse_logits:
         with lm_head_on(model, positions):
-            logits = model(**kwargs).logits
+            logits = _forward(model, input_ids, attention_mask, position_ids).logits
         logits = logits.reshape(-1, logits.shape[-1])
     else:
-        logits = model(**kwargs).logits[positions]
+        logits = _forward(model, input_ids, attention_mask, position_ids).logits[positions]
     if logits.shape[0] != targets.shape[0]:
         raise ForgetfulError(
             f"the model returned {logits.shape[0]} scored logits for {targets.shape[0]} labels; set sparse_logits=False"

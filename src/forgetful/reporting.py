@@ -95,18 +95,64 @@ def plot_lines(
     title: str = "",
     logy: bool = False,
     reference: tuple[Sequence[float], Sequence[float], str] | None = None,
+    levels: dict[str, float] | None = None,
 ) -> None:
-    """One line per series name; an optional dashed reference line (e.g. the FLOP-ideal)."""
+    """One line per series name; an optional dashed reference line (e.g. the FLOP-ideal); optional
+    labelled horizontal ``levels`` (e.g. the full context). The y axis fits the series and the
+    levels near them: a level far outside (e.g. no context at all) is written at the axis' edge
+    instead of squeezing every line into a corner."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)
     if reference is not None:
         xs, ys, label = reference
         ax.plot(xs, ys, "k--", label=label)
+    values = [y for _, ys in series.values() for y in ys if y is not None and math.isfinite(y)]
+    if levels and values:
+        lo, hi = min(values), max(values)
+        span = max(hi - lo, 0.05 * abs(hi), 1e-9)
+        near = {k: y for k, y in levels.items() if lo - span <= y <= hi + span}
+        lo, hi = min([lo, *near.values()]), max([hi, *near.values()])
+        span = max(hi - lo, 1e-9)
+        for i, (label, y) in enumerate(levels.items()):
+            style = dict(color="0.3", linestyle=("--", ":", "-.")[i % 3], linewidth=1)
+            if label in near:
+                ax.axhline(y, label=f"{label} ({fmt(y)})", **style)
+            else:  # far off the scale: say so at the edge
+                edge = hi + 0.08 * span if y > hi else lo - 0.08 * span
+                ax.annotate(
+                    f"{label}: {fmt(y)} (off the axis)",
+                    (0.01, edge),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=8,
+                    color="0.3",
+                    va="center",
+                )
+        ax.set_ylim(lo - 0.15 * span, hi + 0.15 * span)
     if logy:
         ax.set_yscale("log")
     ax.legend(fontsize=8)
     _finish(fig, ax, path, xlabel, ylabel, title)
+
+
+def plot_bars(
+    values: dict[str, float],
+    path: str | os.PathLike,
+    *,
+    ylabel: str,
+    title: str = "",
+    levels: dict[str, float] | None = None,
+) -> None:
+    """One bar per name, its value written on it; optional labelled horizontal ``levels``."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    bars = ax.bar(list(values), list(values.values()), color="tab:blue", alpha=0.8)
+    ax.bar_label(bars, labels=[fmt(v) for v in values.values()], fontsize=8)
+    for i, (label, y) in enumerate((levels or {}).items()):
+        ax.axhline(y, color="0.3", linestyle=("--", ":")[i % 2], linewidth=1, label=f"{label} ({fmt(y)})")
+    if levels:
+        ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=15)
+    _finish(fig, ax, path, "", ylabel, title)
 
 
 def plot_scatter(

@@ -514,50 +514,78 @@ def test_compress_examples_concrete():
         compress_examples(ctx, ctx_mask, keep[:, :3], tgt, tgt_mask)
 
 
-def test_compressed_tokens_attend_across_forgotten_gaps(tiny_llama):
-    """A kept token before a gap must still be visible to the target. (transformers reads gaps in
-    position_ids as packed-sequence boundaries when no attention mask is given.)"""
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_compressed_tokens_attend_across_forgotten_gaps(fixture, attention, request):
+    """Unpadded compressed rows come without an attention mask; token_nll reads them as causal
+    sequences at their (gapped) positions: a kept token before a gap stays visible to the target,
+    and the NLL equals a forward with an explicit all-ones mask. (Given position ids with gaps and
+    no mask, transformers itself would read the gaps as packed-sequence boundaries.)"""
     from forgetful.input.compression import compress_examples
     from forgetful.nll import token_nll
 
-    model, _ = tiny_llama
-    ctx = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
-    keep = torch.tensor([[True, True, False, False, True, False, False, True]])
-    tgt = torch.tensor([[13, 14]])
-    ones = torch.ones_like
-    inputs = compress_examples(ctx, ones(ctx, dtype=torch.bool), keep, tgt, ones(tgt, dtype=torch.bool))
-    assert inputs["attention_mask"] is not None and inputs["target_length"] == 2
-    assert inputs["position_ids"].tolist() == [[0, 1, 4, 7, 8, 9]]
-    with torch.no_grad():
-        fast = token_nll(
-            model,
-            inputs["input_ids"],
-            inputs["labels"],
-            attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"],
-            target_length=inputs["target_length"],
-        ).nll
-        slow = token_nll(
-            model,
-            inputs["input_ids"],
-            inputs["labels"],
-            attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"],
-        ).nll
-        # the reference: full logits of the same sequence with an explicit causal mask
-        logits = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"]
-        ).logits
-        ref = torch.nn.functional.cross_entropy(logits[0, -3:-1], tgt[0], reduction="none")
-        changed = inputs["input_ids"].clone()
-        changed[0, 1] = 42  # a kept token before the first gap
-        other = token_nll(
-            model,
-            changed,
-            inputs["labels"],
-            attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"],
-            target_length=2,
-        ).nll
-    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(slow, ref, atol=1e-5)
-    assert not torch.allclose(other, fast, atol=1e-4)
+    model, _ = request.getfixturevalue(fixture)
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = attention
+    try:
+        ctx = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+        keep = torch.tensor([[True, True, False, False, True, False, False, True]])
+        tgt = torch.tensor([[13, 14]])
+        ones = torch.ones_like
+        inputs = compress_examples(ctx, ones(ctx, dtype=torch.bool), keep, tgt, ones(tgt, dtype=torch.bool))
+        assert inputs["attention_mask"] is None and inputs["target_length"] == 2
+        assert inputs["position_ids"].tolist() == [[0, 1, 4, 7, 8, 9]]
+        ids, labels, pos = inputs["input_ids"], inputs["labels"], inputs["position_ids"]
+        with torch.no_grad():
+            fast = token_nll(model, ids, labels, position_ids=pos, target_length=2).nll
+            slow = token_nll(model, ids, labels, position_ids=pos).nll
+            dense = token_nll(model, ids, labels, position_ids=pos, sparse_logits=False).nll
+            # the reference: full logits with an explicit all-ones mask
+            logits = model(input_ids=ids, attention_mask=ones(ids), position_ids=pos, use_cache=False).logits
+            ref = torch.nn.functional.cross_entropy(logits[0, -3:-1], tgt[0], reduction="none")
+            # what transformers does with gapped positions and no mask: packed sequences, wrong here
+            packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            changed = ids.clone()
+            changed[0, 1] = 42  # a kept token before the first gap
+            other = token_nll(model, changed, labels, position_ids=pos, target_length=2).nll
+        assert model.config._attn_implementation == attention  # restored after each call
+        for got in (fast, slow, dense):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        assert not torch.allclose(other, fast, atol=1e-4)
+        if fixture == "tiny_llama":  # GPT-2 has absolute positions: no packing is inferred
+            assert not torch.allclose(packed[0, -3:-1], logits[0, -3:-1], atol=1e-3)
+    finally:
+        model.config._attn_implementation = impl
+
+
+def test_a_known_kept_length_lays_out_the_same_batch_without_reading_the_device():
+    from forgetful.input.examples import ForgetCollator
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "context_ids": torch.randint(5, 99, (12,), generator=g).tolist(),
+            "target_ids": torch.randint(5, 99, (3,), generator=g).tolist(),
+        }
+        for _ in range(4)
+    ]
+    batch = ForgetCollator(0)(rows)
+    assert (batch.context_length, batch.target_length) == (12, 3)
+    assert ForgetCollator(0)(rows[:1] + [{"context_ids": [1, 2], "target_ids": [3]}]).context_length is None
+    k = kept_counts(batch.context_mask.sum(-1), forget_p=0.5)
+    keep = gumbel_topk_keep(
+        torch.randn(4, 12, generator=g),
+        k,
+        batch.context_mask,
+        torch.zeros_like(batch.context_mask),
+        num_samples=2,
+        generator=g,
+    ).keep
+    args = (batch.context_ids, batch.context_mask, keep, batch.target_ids, batch.target_mask, 0)
+    read, known = compress_examples(*args), compress_examples(*args, kept_length=int(k[0]))
+    assert read.keys() == known.keys()
+    for key in read:
+        if torch.is_tensor(read[key]):
+            assert torch.equal(read[key], known[key]), key
+        else:
+            assert read[key] == known[key], key

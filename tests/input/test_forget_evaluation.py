@@ -97,7 +97,33 @@ def test_eval_forget_writes_complete_finite_results(tiny_model_dir, tiny_llama, 
     assert half["identity"]["flops_ratio"] == pytest.approx(1.0)
     assert half["recency"]["flops_ratio"] < 0.75 and half["none"]["kept_tokens"] == 1.0
     assert (out / "report.md").read_text().count("| mlp |") == 3
-    assert (out / "ppl_vs_keep.png").stat().st_size > 1000 and (out / "speedup_vs_keep.png").is_file()
+    assert (out / "nll_vs_keep.png").stat().st_size > 1000 and (out / "speedup_vs_keep.png").is_file()
+
+
+def test_untimed_evaluation_reports_quality_only(tiny_llama, tmp_path):
+    """timing_repeats=0 (a CPU demo): no wall time, speedup or memory anywhere, no speed plot, and the
+    quality and FLOP numbers are those of a timed run."""
+    from forgetful.input.evaluation import add_speedups, evaluate_forgetting, write_report
+    from forgetful.input.examples import load_forget_examples
+
+    model, tok = tiny_llama
+    data = load_forget_examples(None, tok, embedded_examples=8, seed=3)
+    kw = dict(
+        keep_ratios=[1.0, 0.5],
+        pad_token_id=tok.pad_token_id,
+        batch_size=4,
+        progress=False,
+        strategies=("identity", "none", "random", "recency"),
+    )
+    untimed = evaluate_forgetting(model, {}, data, timing_repeats=0, **kw)
+    timed = evaluate_forgetting(model, {}, data, timing_repeats=1, **kw)
+    add_speedups(untimed)
+    for a, b in zip(untimed, timed):
+        assert a["wall_ms"] is None and a["speedup"] is None and a["peak_mem_mb"] is None
+        assert (a["strategy"], a["nll"], a["flops_ratio"]) == (b["strategy"], b["nll"], b["flops_ratio"])
+    md = write_report(untimed, tmp_path / "r")
+    assert "wall_ms" not in md and "speedup" not in md
+    assert (tmp_path / "r" / "nll_vs_keep.png").is_file() and not (tmp_path / "r" / "speedup_vs_keep.png").exists()
 
 
 def test_peak_memory_tracker_sees_live_tensors():

@@ -232,3 +232,38 @@ def test_dataset_without_forgetting_columns_is_rejected(tiny_llama):
             tokenizer=tok,
             args=_config(),
         )
+
+
+def test_windows_of_one_length_train_the_same_with_and_without_reading_sizes_back(tiny_llama, tmp_path, monkeypatch):
+    """Text windows all have one context and target length: the trainer then knows the kept length
+    on the host. The run equals one whose batches do not say so (sizes read back from the device)."""
+    import forgetful.input.reinforce as reinforce_module
+    from forgetful.input.examples import ForgetCollator
+
+    model, tok = tiny_llama
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"line {i} of some text about rivers and valleys and the sea" for i in range(200)))
+    windows = load_forget_examples(str(text), tok, context_length=24, target_length=4)
+
+    def run():
+        torch.manual_seed(0)
+        m = copy.deepcopy(model)
+        pol = MLPForgetMask(m, hidden_size=16)
+        return reinforce_model(
+            m, pol, forget_p=0.5, exploration_epochs=[0.5], train_dataset=windows, tokenizer=tok, args=_config()
+        )
+
+    hinted = run()
+
+    class Unhinted(ForgetCollator):
+        def __call__(self, rows):
+            batch = super().__call__(rows)
+            assert batch.context_length == 24 and batch.target_length == 4
+            batch.context_length = batch.target_length = None
+            return batch
+
+    monkeypatch.setattr(reinforce_module, "ForgetCollator", Unhinted)
+    plain = run()
+    assert [h.get("reward") for h in hinted.history] == [h.get("reward") for h in plain.history]
+    for (k, a), b in zip(hinted.model.state_dict().items(), plain.model.state_dict().values()):
+        assert torch.equal(a, b), k

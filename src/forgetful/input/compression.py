@@ -206,10 +206,15 @@ def apply_mask(
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int = 0,
+    width: int | None = None,
 ) -> CompressedInputs:
     """Gather the tokens where ``mask`` is true (and ``attention_mask``, if given), keeping their
     order and original positions, and right-pad rows to one length. Rows that keep nothing come
-    back as all padding. This physical shortening is what saves compute."""
+    back as all padding. This physical shortening is what saves compute.
+
+    ``width``: the number of tokens every row keeps, when the caller knows it (exact budgets on
+    rows of one length); the output is then laid out without reading its size back from the
+    device, which would stall the host until the device has caught up."""
     _check_same_shape(input_ids, mask)
     keep = mask.bool()
     if attention_mask is not None:
@@ -225,8 +230,12 @@ def apply_mask(
                 f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}"
             )
     lengths = keep.sum(1)
-    # one device->host transfer for both bounds (the width must be known on the host)
-    shortest, width = torch.stack([lengths.min(), lengths.max()]).tolist() if lengths.numel() else (0, 0)
+    if width is not None:
+        shortest = width
+    elif lengths.numel():  # one device->host transfer for both bounds (the width must be known on the host)
+        shortest, width = torch.stack([lengths.min(), lengths.max()]).tolist()
+    else:
+        shortest = width = 0
     # A stable sort on "is forgotten" puts kept columns first, in their original order.
     index = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
     valid = torch.arange(width, device=input_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -242,12 +251,17 @@ def compress_examples(
     target_ids: torch.Tensor,
     target_mask: torch.Tensor,
     pad_token_id: int = 0,
+    kept_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The LM input ``c[K] ++ y`` with original position ids, and labels on the target tokens
     (HF convention, unshifted). ``keep`` is ``[B, n]`` or ``[S, B, n]`` (S samples per row, which
-    come out as ``S * B`` rows, sample-major). ``target_length`` is set when every row ends with
-    its whole target and no row is padded (then :func:`~forgetful.nll.token_nll` can skip
-    gathering positions)."""
+    come out as ``S * B`` rows, sample-major). ``attention_mask`` is None when no row is padded
+    (pass the dict to :func:`~forgetful.nll.token_nll`, which reads such rows as unpadded causal
+    sequences). ``target_length`` is set when every row ends with its whole target and no row is
+    padded (then token_nll can skip gathering positions). ``kept_length``: the context tokens every
+    row keeps, when the caller knows it is the same for every row and no target is padded (exact
+    budgets on contexts of one length, ``ForgetMask.kept_per_row``): then nothing is read back from
+    the device."""
     if keep.dim() == 3:
         s = keep.shape[0]
         rep = lambda t: t.unsqueeze(0).expand(s, *t.shape).reshape(-1, t.shape[-1])  # noqa: E731
@@ -261,18 +275,19 @@ def compress_examples(
     positions = (real.long().cumsum(1) - 1).clamp(min=0)  # original positions, skipping pad gaps
     full_keep = torch.cat([keep.bool() & context_mask.bool(), target_mask.bool()], 1)
     labels = torch.cat([torch.full_like(context_ids, -100), target_ids.masked_fill(~target_mask.bool(), -100)], 1)
-    out = apply_mask(ids, full_keep, position_ids=positions, pad_token_id=pad_token_id)
-    # The attention mask is always passed, even without padding: given position_ids with gaps and
-    # no mask, transformers reads the gaps as boundaries of packed sequences and would stop every
-    # token from attending across a forgotten one. An all-ones mask keeps SDPA's causal fast path.
+    width = None if kept_length is None else kept_length + target_ids.shape[1]
+    out = apply_mask(ids, full_keep, position_ids=positions, pad_token_id=pad_token_id, width=width)
+    # Without padding the attention mask is None: token_nll then reads the rows as plain causal
+    # sequences whose position ids have gaps (SDPA's fastest causal kernel, no mask built, eager or
+    # compiled). With padding the mask is needed and passed.
     result = {
         "input_ids": out.input_ids,
-        "attention_mask": out.attention_mask,
+        "attention_mask": out.attention_mask if out.padded else None,
         "position_ids": out.position_ids,
         "labels": out.gather(labels, -100),
         "target_length": None,
     }
-    if not out.padded and bool(target_mask.all()):
+    if kept_length is not None or (not out.padded and bool(target_mask.all())):
         # every row ends with its full target: the LM head is needed on the last positions only
         result["target_length"] = int(target_mask.shape[1])
     return result

@@ -8,7 +8,7 @@ a question and whose target is the answer. Only the context can be compressed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,32 +93,35 @@ def load_forget_examples(
 
 @dataclass
 class ForgetBatch:
-    """Right-padded contexts and targets. Masks are 1 on real tokens."""
+    """Right-padded contexts and targets. Masks are 1 on real tokens. ``context_length`` and
+    ``target_length`` are set (host integers) when every row has that many: then exact budgets
+    compress the batch without reading sizes back from the device."""
 
     context_ids: torch.Tensor  # [B, n] long
     context_mask: torch.Tensor  # [B, n] bool
     target_ids: torch.Tensor  # [B, m] long
     target_mask: torch.Tensor  # [B, m] bool
     fact_mask: torch.Tensor | None = None  # [B, n] bool
+    context_length: int | None = None
+    target_length: int | None = None
+
+    def _map(self, fn) -> ForgetBatch:
+        tensors = ("context_ids", "context_mask", "target_ids", "target_mask", "fact_mask")
+        return replace(self, **{k: fn(getattr(self, k)) for k in tensors if getattr(self, k) is not None})
 
     def to(self, device) -> ForgetBatch:
-        return ForgetBatch(
-            *(
-                t.to(device) if t is not None else None
-                for t in (self.context_ids, self.context_mask, self.target_ids, self.target_mask, self.fact_mask)
-            )
-        )
+        return self._map(lambda t: t.to(device))
 
     def __len__(self) -> int:
         return self.context_ids.shape[0]
 
     def select(self, rows: slice | torch.Tensor) -> ForgetBatch:
-        return ForgetBatch(
-            *(
-                t[rows] if t is not None else None
-                for t in (self.context_ids, self.context_mask, self.target_ids, self.target_mask, self.fact_mask)
-            )
-        )
+        return self._map(lambda t: t[rows])
+
+
+def _uniform(seqs: Sequence[Sequence]) -> int | None:
+    lengths = {len(s) for s in seqs}
+    return lengths.pop() if len(lengths) == 1 else None
 
 
 class ForgetCollator:
@@ -128,10 +131,11 @@ class ForgetCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, rows: Sequence[dict]) -> ForgetBatch:
-        ctx, ctx_mask = pad_sequences([r["context_ids"] for r in rows], self.pad_token_id)
-        tgt, tgt_mask = pad_sequences([r["target_ids"] for r in rows], self.pad_token_id)
+        contexts, targets = [r["context_ids"] for r in rows], [r["target_ids"] for r in rows]
+        ctx, ctx_mask = pad_sequences(contexts, self.pad_token_id)
+        tgt, tgt_mask = pad_sequences(targets, self.pad_token_id)
         fact = None
         if "fact_mask" in rows[0]:
             fact, _ = pad_sequences([r["fact_mask"] for r in rows], 0)
             fact = fact.bool()
-        return ForgetBatch(ctx, ctx_mask, tgt, tgt_mask, fact)
+        return ForgetBatch(ctx, ctx_mask, tgt, tgt_mask, fact, _uniform(contexts), _uniform(targets))

@@ -385,7 +385,13 @@ class ForgetMaskTrainer:
             ).keep
             keep = random_keep if keep is None else torch.where(explore_rows.view(1, -1, 1), random_keep, keep)
             inputs = compress_examples(
-                b.context_ids, b.context_mask, keep, b.target_ids, b.target_mask, self.pad_token_id
+                b.context_ids,
+                b.context_mask,
+                keep,
+                b.target_ids,
+                b.target_mask,
+                self.pad_token_id,
+                self._kept_per_row(b, use_policy),
             )
             train_lm = phase.train_lm and self.trains_lm
             with torch.set_grad_enabled(train_lm):
@@ -426,6 +432,21 @@ class ForgetMaskTrainer:
             result["policy_loss_sum"] = (-(adv * sample.log_prob.detach() * w).sum()).detach()
             result["entropy_sum"] = (sample.entropy.detach() * own.float()).sum()
         return result, losses
+
+    def _kept_per_row(self, b: ForgetBatch, use_policy: bool) -> int | None:
+        """The context tokens every sampled row keeps, known on the host (exact budgets on contexts
+        and targets of one length, policy and random samples alike); None when rows may differ."""
+        if self.args.mode != "exact" or b.context_length is None or b.target_length is None:
+            return None
+        budget = {
+            "forget_p": self.forget_p if self.args.budget is None else None,
+            "budget": self.args.budget,
+            "keep_first": self.args.keep_first,
+        }
+        kept = int(kept_counts(torch.tensor([b.context_length]), **budget)[0])
+        if use_policy and self.inner_policy.kept_per_row(b.context_length, **budget) != kept:
+            return None  # a policy with its own budget rule (identity, no context)
+        return kept
 
     def policy_sample(self, b: ForgetBatch, noise: torch.Tensor, k: torch.Tensor):
         if self.args.mode == "bernoulli":

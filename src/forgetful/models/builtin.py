@@ -40,10 +40,10 @@ BUILTIN_MODELS: dict[str, TinyConfig] = {
     "tiny-gpt2": TinyConfig("gpt2"),
     "tiny-llama": TinyConfig("llama"),
     # GPT-2-small size (124M with a 50k vocabulary; 92M with the default 8k BPE), for GPUs
-    "small-gpt2": TinyConfig("gpt2", hidden_size=768, num_layers=12, num_heads=12, max_positions=1024,
-                             vocab_size=8192),
-    "small-llama": TinyConfig("llama", hidden_size=768, num_layers=12, num_heads=12, max_positions=2048,
-                              vocab_size=8192),
+    "small-gpt2": TinyConfig("gpt2", hidden_size=768, num_layers=12, num_heads=12, max_positions=1024, vocab_size=8192),
+    "small-llama": TinyConfig(
+        "llama", hidden_size=768, num_layers=12, num_heads=12, max_positions=2048, vocab_size=8192
+    ),
 }
 
 
@@ -88,24 +88,38 @@ def tiny_config(name: str, tokenizer: PreTrainedTokenizerBase, **overrides) -> G
     if hidden % heads:
         raise ForgetfulError(f"hidden_size {hidden} must be divisible by num_heads {heads}")
     common = dict(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     if spec.family == "gpt2":
         cfg = GPT2Config(
-            n_embd=hidden, n_layer=layers, n_head=heads, n_positions=positions,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common, **overrides,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+            **overrides,
         )
     else:
         cfg = LlamaConfig(
-            hidden_size=hidden, intermediate_size=int(hidden * 8 / 3 + 7) // 8 * 8, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=positions,
-            tie_word_embeddings=True, attention_dropout=0.0, **common, **overrides,
+            hidden_size=hidden,
+            intermediate_size=int(hidden * 8 / 3 + 7) // 8 * 8,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=positions,
+            tie_word_embeddings=True,
+            attention_dropout=0.0,
+            **common,
+            **overrides,
         )
     cfg._attn_implementation = "sdpa"
     return cfg
-
-
 
 
 def init_builtin_model(

@@ -1,26 +1,23 @@
 """Loading causal LMs and their tokenizers: local folders and Hub names through the Auto classes
-(offline: the local cache only, else one clear line), and the built-in configs
-(:mod:`~forgetful.models.builtin`), which are initialised here instead of loaded.
+(offline: the local cache only, else one clear line), GGUF files and the built-in real model
+(:mod:`~forgetful.models.gguf`), and the built-in configs (:mod:`~forgetful.models.builtin`), which
+are initialised here instead of loaded.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import ForgetfulError
 from ..hub import cache_only_when_offline, hub_error
 from .builtin import BUILTIN_MODELS, init_builtin_model, is_builtin
+from .gguf import GGUF_MODELS, converted_folder, is_gguf
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -45,7 +42,8 @@ def _load_error(kind: str, name: str, exc: BaseException) -> ForgetfulError:
     if Path(name).exists():
         return ForgetfulError(f"cannot load {kind} from {name}: {str(exc).strip().splitlines()[0]}")
     if "/" not in name and name not in BUILTIN_MODELS and not Path(name).exists():
-        hint = f"built-in models are {', '.join(BUILTIN_MODELS)}; or pass a local folder saved with save_pretrained"
+        names = ", ".join([*BUILTIN_MODELS, *GGUF_MODELS])
+        hint = f"built-in models are {names}; or pass a local folder saved with save_pretrained, or a .gguf file"
     else:
         hint = "pass a local folder saved with save_pretrained"
     return hub_error(kind, name, exc, hint)
@@ -69,13 +67,17 @@ def build_model(
     if is_builtin(name_or_path):
         if corpus is None:
             raise ForgetfulError(f"the built-in model {name_or_path} needs a corpus to train its tokenizer on")
-        return init_builtin_model(name_or_path, corpus, vocab_size=vocab_size, seed=seed, dtype=dtype,
-                                  **tiny_overrides)
+        return init_builtin_model(name_or_path, corpus, vocab_size=vocab_size, seed=seed, dtype=dtype, **tiny_overrides)
     return load_model(name_or_path, dtype=dtype)
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a folder or the Hub, and check they agree."""
+    """Load a causal LM and its tokenizer from a folder, the Hub, a ``.gguf`` file or a built-in GGUF
+    model (``smollm2-135m``), and check they agree. GGUF models load from their converted copy
+    (made on first use), in bf16 on a GPU that supports it and float32 otherwise, unless ``dtype``
+    says."""
+    if is_gguf(name_or_path):
+        return _load_gguf(name_or_path, dtype)
     p = Path(name_or_path)
     if p.exists() and p.is_dir() and not (p / "config.json").exists():
         raise ForgetfulError(f"{p} is not a saved model: it has no config.json (save it with save_pretrained)")
@@ -90,6 +92,21 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[Pre
     tokenizer = load_tokenizer(name_or_path)
     check_vocab(model, tokenizer)
     return model, tokenizer
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on a GPU that supports it, float32 otherwise."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _load_gguf(name_or_path: str, dtype: torch.dtype | None):
+    folder = converted_folder(name_or_path)
+    try:
+        return load_model(str(folder), dtype or default_dtype())
+    except ForgetfulError:
+        # the copy's files have their recorded sizes but do not load: rebuild it once
+        shutil.rmtree(folder, ignore_errors=True)
+        return load_model(str(converted_folder(name_or_path)), dtype or default_dtype())
 
 
 def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

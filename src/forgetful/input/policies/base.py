@@ -161,6 +161,16 @@ class ForgetMask(nn.Module):
         k = self._budget(attn, forget_p, budget, keep_first)
         return topk_keep(self.keep_logits(input_ids, attn), k, eligible, forced)
 
+    def kept_per_row(
+        self, context_length: int, *, forget_p: float | None = None, budget: int | None = None, keep_first: bool = True
+    ) -> int:
+        """The tokens ``greedy`` (and exact-mode ``sample``) keeps of a context of this length,
+        computed on the host."""
+        if self.keeps_everything:
+            return context_length
+        row = torch.ones(1, context_length, dtype=torch.bool)
+        return int(self._budget(row, forget_p, budget, keep_first)[0])
+
     def extra_flops_per_token(self, context_length: int) -> float:
         """Forward FLOPs the policy adds per context token (0 for free baselines)."""
         return 0.0
