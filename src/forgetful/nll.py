@@ -48,20 +48,28 @@ _register_unpadded_causal()
 
 
 @contextlib.contextmanager
+def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """While active, ``model`` computes attention with the registered implementation ``name``."""
+    config = unwrap_model(model).config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@contextlib.contextmanager
 def unpadded_causal_attention(model: nn.Module, input_ids: torch.Tensor) -> Iterator[torch.Tensor | None]:
     """While active, ``model`` reads its rows as unpadded causal sequences, whatever their position
     ids; yields the attention mask to pass (None, or an all-ones mask for an attention
     implementation that cannot be swapped)."""
     config = getattr(unwrap_model(model), "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if impl not in _SWAPPABLE:
+    if getattr(config, "_attn_implementation", None) not in _SWAPPABLE:
         yield torch.ones_like(input_ids)
         return
-    config._attn_implementation = UNPADDED_CAUSAL
-    try:
+    with attention_implementation(model, UNPADDED_CAUSAL):
         yield None
-    finally:
-        config._attn_implementation = impl
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -14,6 +14,7 @@ from forgetful.errors import ForgetfulError
 from forgetful.input.compression import kept_counts
 from forgetful.input.policies import (
     CNNMLPForgetMask,
+    HiddenStateForgetMask,
     IdentityMask,
     LearnedForgetMask,
     MLPForgetMask,
@@ -58,10 +59,12 @@ def learned(kind: str, model, seed: int = 0):
         return RNNForgetMask(model, hidden_size=HIDDEN, bidirectional=True, cell="lstm")
     if kind == "lstm":
         return RNNForgetMask(model, hidden_size=HIDDEN, cell="lstm")
+    if kind == "hidden_state":
+        return HiddenStateForgetMask(model, hidden_size=HIDDEN, layer=1, window=2)
     raise AssertionError(kind)
 
 
-LEARNED = ["mlp", "cnn_mlp", "rnn", "birnn", "lstm", "bilstm"]
+LEARNED = ["mlp", "cnn_mlp", "rnn", "birnn", "lstm", "bilstm", "hidden_state"]
 BUDGETED = ["random", "recency", "self_information", *LEARNED]
 
 
@@ -388,8 +391,8 @@ def test_distance_buckets():
 
 def test_build_mask_from_the_registry():
     m, _ = make_tiny("tiny-gpt2", hidden=16, layers=1)
-    assert mask_names(learned=True) == ["mlp", "cnn_mlp", "rnn", "birnn"]
-    assert mask_names(learned=False) == ["identity", "none", "random", "recency", "self_information"]
+    assert mask_names(learned=True) == ["mlp", "cnn_mlp", "rnn", "birnn", "hidden_state"]
+    assert mask_names(learned=False) == ["attention_score", "identity", "none", "random", "recency", "self_information"]
     assert isinstance(build_mask("mlp", m, hidden_size=8), MLPForgetMask)
     p = build_mask("birnn", m, hidden_size=8)
     assert isinstance(p, RNNForgetMask) and p.bidirectional
@@ -402,7 +405,9 @@ def test_build_mask_from_the_registry():
     assert torch.equal(a, b)
     with pytest.raises(ForgetfulError, match="unknown mask 'transformer'"):
         build_mask("transformer", m)
-    with pytest.raises(ForgetfulError, match="unknown mask 'recency'; choose from mlp, cnn_mlp, rnn, birnn"):
+    with pytest.raises(
+        ForgetfulError, match="unknown mask 'recency'; choose from mlp, cnn_mlp, rnn, birnn, hidden_state"
+    ):
         build_mask("recency", m, learned=True)
     with pytest.raises(ForgetfulError, match="needs a causal LM"):
         build_mask("self_information")
@@ -459,6 +464,7 @@ ROUND_TRIP = [
     ("cnn_mlp", lambda m: CNNMLPForgetMask(m, hidden_size=HIDDEN, kernel_size=7)),
     ("bilstm", lambda m: RNNForgetMask(m, hidden_size=HIDDEN, bidirectional=True, cell="lstm")),
     ("gru", lambda m: RNNForgetMask(m, hidden_size=HIDDEN)),
+    ("hidden_state", lambda m: HiddenStateForgetMask(m, hidden_size=HIDDEN, layer=2, window=3)),
 ]
 
 
@@ -599,3 +605,49 @@ def test_a_policy_saved_under_the_old_file_names_gets_one_line_naming_the_fix(mo
 def test_a_model_folder_is_not_mistaken_for_a_policy(model, tiny_model_dir):
     with pytest.raises(ForgetfulError, match="is not a saved policy: it needs policy_config.json"):
         LearnedForgetMask.from_pretrained(tiny_model_dir, model)
+
+
+@pytest.mark.parametrize("kind", ["identity", "none", *BUDGETED])
+@pytest.mark.parametrize("mode", ["greedy", "exact", "bernoulli"])
+def test_protected_tokens_are_always_kept_and_outside_the_budget(kind, mode, model):
+    """A question after its passage is protected: every policy keeps it, and the budget is a share
+    of the passage only."""
+    lengths = [12, 9, 5]
+    ids, attn = batch(lengths)
+    protect = torch.zeros_like(attn, dtype=torch.bool)
+    for r, n in enumerate(lengths):
+        protect[r, n - 3 : n] = True  # the last three real tokens: the question
+    p = policy(kind, model)
+    g = torch.Generator().manual_seed(1)
+    if mode == "greedy":
+        keep = p.greedy(ids, attn, forget_p=0.5, protect=protect)
+    else:
+        keep = p.sample(ids, attn, forget_p=0.5, mode=mode, num_samples=2, generator=g, protect=protect).keep
+    assert (keep & protect).sum(-1).eq(protect.sum(-1)).all(), "a protected token was forgotten"
+    assert not (keep & ~attn.bool()).any(), "padding was kept"
+    if mode != "bernoulli":
+        passage = attn.bool() & ~protect
+        expected = expected_counts(kind, passage.long(), 0.5, keep_first=True)
+        assert torch.equal(
+            (keep & passage).sum(-1).reshape(-1, len(lengths)),
+            expected.expand(keep.sum(-1).reshape(-1, len(lengths)).shape),
+        )
+
+
+def test_hidden_state_policy_sees_the_question_after_a_token(model):
+    """A passage token's score changes when only the question (the last tokens) changes: the
+    embedding-only MLP policy cannot do that."""
+    torch.manual_seed(0)
+    hs, mlp = (
+        HiddenStateForgetMask(model, hidden_size=HIDDEN, layer=2, window=3),
+        MLPForgetMask(model, hidden_size=HIDDEN),
+    )
+    ids, attn = batch([10])
+    other = ids.clone()
+    other[0, -3:] = torch.tensor([7, 8, 9])
+    with torch.no_grad():
+        assert not torch.allclose(hs.keep_logits(ids, attn)[0, :5], hs.keep_logits(other, attn)[0, :5])
+        assert torch.equal(mlp.keep_logits(ids, attn)[0, :5], mlp.keep_logits(other, attn)[0, :5])
+    assert hs.extra_flops_per_token(10) > mlp.extra_flops_per_token(10)
+    with pytest.raises(ForgetfulError, match="past the model's 2 layers"):
+        HiddenStateForgetMask(model, layer=3)

@@ -62,13 +62,36 @@ def kept_counts(
     return torch.maximum(torch.minimum(k, lengths), floor)
 
 
-def _eligible(attention_mask: torch.Tensor, keep_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens the sampler may choose, tokens forced in). Token 0 is forced when keep_first."""
+def _eligible(
+    attention_mask: torch.Tensor, keep_first: bool, protect: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens the sampler may choose, tokens forced in). Token 0 is forced when ``keep_first``;
+    ``protect`` (e.g. the question after a passage) is always kept."""
     valid = attention_mask.bool()
     forced = torch.zeros_like(valid)
     if keep_first:
         forced[..., 0] = valid[..., 0]
+    if protect is not None:
+        forced |= protect.bool() & valid
     return valid & ~forced, forced
+
+
+def budget_counts(
+    attention_mask: torch.Tensor,
+    *,
+    forget_p: float | None = None,
+    budget: int | torch.Tensor | None = None,
+    keep_first: bool = True,
+    protect: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tokens each row keeps in all: the budget (:func:`kept_counts`) of its compressible tokens, plus
+    its protected tokens, which are always kept and not part of the budget."""
+    valid = attention_mask.bool()
+    if protect is None:
+        return kept_counts(valid.sum(-1), forget_p=forget_p, budget=budget, keep_first=keep_first)
+    protected = protect.bool() & valid
+    k = kept_counts((valid & ~protected).sum(-1), forget_p=forget_p, budget=budget, keep_first=keep_first)
+    return k + protected.sum(-1)
 
 
 def create_random_forgetting_mask(

@@ -59,9 +59,11 @@ def score_compressed(
     """The strategy's greedy keep mask at ``keep_ratio`` and the target NLL of the compressed
     inputs: ``(keep [B, n], TokenNLL)``."""
     forget_p = forget_share(keep_ratio)
-    keep = mask.greedy(batch.context_ids, batch.context_mask, forget_p=forget_p, keep_first=keep_first)
+    keep = mask.greedy(
+        batch.context_ids, batch.context_mask, forget_p=forget_p, keep_first=keep_first, protect=batch.protect_mask
+    )
     kept = None  # known on the host for rows of one length: the gather then never waits for the device
-    if batch.context_length is not None and batch.target_length is not None:
+    if batch.context_length is not None and batch.target_length is not None and batch.protect_mask is None:
         kept = mask.kept_per_row(batch.context_length, forget_p=forget_p, keep_first=keep_first)
     inputs = compress_examples(
         batch.context_ids, batch.context_mask, keep, batch.target_ids, batch.target_mask, pad_token_id, kept

@@ -56,6 +56,102 @@ def embedded_qa_rows(n: int, seed: int, n_facts: int = 3, n_filler: int = 6) -> 
     return [ex.as_dict() for ex in biography_examples(n, seed=seed, n_facts=n_facts, n_filler=n_filler)]
 
 
+TOFU_QA_HELD_OUT = 20  # the last authors (forget10's): never in a training passage
+
+
+def tofu_qa_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    source: str | Path | None,
+    *,
+    part: str = "train",
+    questions_per_author: int | None = None,
+    distractor_authors: int = 10,
+    answers_per_distractor: int = 2,
+    seed: int = 0,
+    num_authors: int = 200,
+) -> Dataset:
+    """Question answering over a passage, from TOFU: for each author, a passage of that author's
+    answers in shuffled order mixed with answers of ``distractor_authors`` other authors
+    (``answers_per_distractor`` each), then one of the author's questions; the target is its answer.
+    Only the passage can be forgotten: the question (and the chat template around it) is protected.
+    ``part="train"``: every author but the last 20; ``"eval"``: the last 20 (forget10's), whose
+    passages draw distractors from the held-out authors only, so no held-out answer ever reaches
+    training. ``fact_mask`` marks the passage tokens of the answer asked about (a strategy that keeps
+    them can copy the answer). Through the chat template when the tokenizer has one.
+    """
+    from ..data.tofu import load_tofu_split
+
+    if part not in ("train", "eval"):
+        raise ForgetfulError(f"TOFU-QA part must be train or eval, got '{part}'")
+    rows = load_tofu_split(source, "full", num_authors=num_authors, seed=seed)
+    per_author = 20
+    authors = [rows[i : i + per_author] for i in range(0, len(rows), per_author)]
+    held = min(TOFU_QA_HELD_OUT, len(authors) // 2)
+    pool = list(range(len(authors) - held)) if part == "train" else list(range(len(authors) - held, len(authors)))
+    if len(pool) <= distractor_authors:
+        raise ForgetfulError(
+            f"TOFU-QA needs more than {distractor_authors} authors in the {part} part, has {len(pool)}"
+        )
+    rng = np.random.default_rng([seed, 0 if part == "train" else 1])
+    ids_out, tgt_out, protect_out, fact_out, answers = [], [], [], [], []
+    for a in pool:
+        asked = range(per_author) if questions_per_author is None else range(min(questions_per_author, per_author))
+        for q in asked:
+            others = rng.choice([o for o in pool if o != a], size=distractor_authors, replace=False)
+            sentences = [r["answer"] for r in authors[a]]
+            for o in others:
+                picks = rng.choice(per_author, size=answers_per_distractor, replace=False)
+                sentences += [authors[o][i]["answer"] for i in picks]
+            order = rng.permutation(len(sentences))
+            passage, start, span = "", 0, None
+            for j in order:
+                if passage:
+                    passage += " "
+                start = len(passage)
+                passage += sentences[j]
+                if j == q:  # the author's own answer to the question asked
+                    span = (start, len(passage))
+            enc = _encode_passage_question(tokenizer, passage, authors[a][q]["question"])
+            ids, offsets, passage_at = enc
+            in_passage = overlap_mask(offsets, [(passage_at, passage_at + len(passage))])
+            facts = overlap_mask(offsets, [(passage_at + span[0], passage_at + span[1])])
+            answer = authors[a][q]["answer"]
+            ids_out.append(ids)
+            protect_out.append((~in_passage).astype(np.int8).tolist())
+            fact_out.append(facts.astype(np.int8).tolist())
+            tgt_out.append(
+                with_special_tokens(
+                    tokenizer, encode_text(tokenizer, answer if tokenizer.chat_template else " " + answer), bos=False
+                )
+            )
+            answers.append(answer)
+    return Dataset.from_dict(
+        {
+            "context_ids": ids_out,
+            "target_ids": tgt_out,
+            "protect_mask": protect_out,
+            "fact_mask": fact_out,
+            "answer": answers,
+        }
+    )
+
+
+def _encode_passage_question(tokenizer, passage: str, question: str) -> tuple[list[int], list, int]:
+    """Token ids of the prompt (chat template when there is one), their character offsets, and where
+    the passage starts in the prompt text."""
+    if tokenizer.chat_template:
+        user = f"{passage}\n\nQuestion: {question}"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        enc = encode_text(tokenizer, text, offsets=True)
+        return enc["input_ids"], enc["offset_mapping"], text.index(user)
+    text = f"{passage}\nQuestion: {question}\nAnswer:"
+    enc = encode_text(tokenizer, text, offsets=True)
+    bos = bos_ids(tokenizer)
+    return bos + enc["input_ids"], [(0, 0)] * len(bos) + list(enc["offset_mapping"]), 0
+
+
 def load_forget_examples(
     source: str | Path | None,
     tokenizer: PreTrainedTokenizerBase,
@@ -68,14 +164,19 @@ def load_forget_examples(
     seed: int = 0,
     config_name: str | None = None,
     split: str = "train",
+    tofu_qa: str | None = None,
 ) -> Dataset:
     """Input-forgetting examples from any source.
 
     * ``None``/``"embedded"``: biography QA examples from the generator (seeded);
+    * ``tofu_qa="train"`` or ``"eval"`` with a TOFU source (a folder of ``<split>.json``, the Hub
+      name, or ``None`` for the embedded TOFU data): :func:`tofu_qa_examples`;
     * JSON rows with ``context`` and ``target`` fields: question-answer examples;
     * text (files, folders, Hub datasets): windows of ``context_length`` + ``target_length``.
     """
-    if source is None or str(source) == EMBEDDED:
+    if tofu_qa is not None:
+        ds = tofu_qa_examples(tokenizer, source, part=tofu_qa, seed=seed)
+    elif source is None or str(source) == EMBEDDED:
         ds = qa_examples(embedded_qa_rows(embedded_examples, seed), tokenizer)
     else:
         rows = load_rows(source, config_name=config_name, split=split)
@@ -102,11 +203,12 @@ class ForgetBatch:
     target_ids: torch.Tensor  # [B, m] long
     target_mask: torch.Tensor  # [B, m] bool
     fact_mask: torch.Tensor | None = None  # [B, n] bool
+    protect_mask: torch.Tensor | None = None  # [B, n] bool: always kept, outside the budget (a question)
     context_length: int | None = None
     target_length: int | None = None
 
     def _map(self, fn) -> ForgetBatch:
-        tensors = ("context_ids", "context_mask", "target_ids", "target_mask", "fact_mask")
+        tensors = ("context_ids", "context_mask", "target_ids", "target_mask", "fact_mask", "protect_mask")
         return replace(self, **{k: fn(getattr(self, k)) for k in tensors if getattr(self, k) is not None})
 
     def to(self, device) -> ForgetBatch:
@@ -134,8 +236,10 @@ class ForgetCollator:
         contexts, targets = [r["context_ids"] for r in rows], [r["target_ids"] for r in rows]
         ctx, ctx_mask = pad_sequences(contexts, self.pad_token_id)
         tgt, tgt_mask = pad_sequences(targets, self.pad_token_id)
-        fact = None
-        if "fact_mask" in rows[0]:
-            fact, _ = pad_sequences([r["fact_mask"] for r in rows], 0)
-            fact = fact.bool()
-        return ForgetBatch(ctx, ctx_mask, tgt, tgt_mask, fact, _uniform(contexts), _uniform(targets))
+        flags = {}
+        for column in ("fact_mask", "protect_mask"):
+            if column in rows[0]:
+                flags[column] = pad_sequences([r[column] for r in rows], 0)[0].bool()
+        return ForgetBatch(
+            ctx, ctx_mask, tgt, tgt_mask, **flags, context_length=_uniform(contexts), target_length=_uniform(targets)
+        )

@@ -44,7 +44,7 @@ from ..nll import token_nll, unwrap_model
 from ..tokens import pad_token_id
 from ..training.checkpoints import latest_checkpoint, mark_complete, rotate
 from ..training.interrupts import StopOnSignal, TrainingInterrupted
-from .compression import _eligible, bernoulli_keep, compress_examples, gumbel_topk_keep, kept_counts
+from .compression import _eligible, bernoulli_keep, budget_counts, compress_examples, gumbel_topk_keep, kept_counts
 from .evaluation import baseline_masks, batches_of, evaluate_strategy
 from .examples import ForgetBatch, ForgetCollator
 from .policies import ForgetMask, LearnedForgetMask
@@ -365,12 +365,13 @@ class ForgetMaskTrainer:
         K = noise.shape[0]
         b = batch.to(acc.device)
         noise, rand_noise, explore_rows = noise.to(acc.device), rand_noise.to(acc.device), explore_rows.to(acc.device)
-        eligible, forced = _eligible(b.context_mask, args.keep_first)
-        k = kept_counts(
-            b.context_mask.sum(-1),
+        eligible, forced = _eligible(b.context_mask, args.keep_first, b.protect_mask)
+        k = budget_counts(
+            b.context_mask,
             forget_p=self.forget_p if args.budget is None else None,
             budget=args.budget,
             keep_first=args.keep_first,
+            protect=b.protect_mask,
         )
         use_policy = phase.train_policy or not phase.explore >= 1.0
         with acc.autocast():
@@ -436,7 +437,12 @@ class ForgetMaskTrainer:
     def _kept_per_row(self, b: ForgetBatch, use_policy: bool) -> int | None:
         """The context tokens every sampled row keeps, known on the host (exact budgets on contexts
         and targets of one length, policy and random samples alike); None when rows may differ."""
-        if self.args.mode != "exact" or b.context_length is None or b.target_length is None:
+        if (
+            self.args.mode != "exact"
+            or b.context_length is None
+            or b.target_length is None
+            or b.protect_mask is not None
+        ):
             return None
         budget = {
             "forget_p": self.forget_p if self.args.budget is None else None,
@@ -449,36 +455,29 @@ class ForgetMaskTrainer:
         return kept
 
     def policy_sample(self, b: ForgetBatch, noise: torch.Tensor, k: torch.Tensor):
+        """The policy's K samples for this batch (``k``: the tokens each row keeps in all)."""
+        if self.policy is not self.inner_policy:
+            return self._wrapped_sample(b, noise, self.args.mode, k)
+        budget = {"forget_p": self.forget_p if self.args.budget is None else None, "budget": self.args.budget}
         if self.args.mode == "bernoulli":
-            return (
-                self.inner_policy.sample(
-                    b.context_ids,
-                    b.context_mask,
-                    mode="bernoulli",
-                    num_samples=noise.shape[0],
-                    keep_first=self.args.keep_first,
-                    noise=noise,
-                )
-                if self.policy is self.inner_policy
-                else self._wrapped_sample(b, noise, "bernoulli", k)
-            )
-        if self.policy is self.inner_policy:
-            return self.inner_policy.sample(
-                b.context_ids,
-                b.context_mask,
-                budget=k,
-                num_samples=noise.shape[0],
-                keep_first=self.args.keep_first,
-                noise=noise,
-            )
-        return self._wrapped_sample(b, noise, "exact", k)
+            budget = {}
+        return self.inner_policy.sample(
+            b.context_ids,
+            b.context_mask,
+            mode=self.args.mode,
+            num_samples=noise.shape[0],
+            keep_first=self.args.keep_first,
+            noise=noise,
+            protect=b.protect_mask,
+            **budget,
+        )
 
     def _wrapped_sample(self, b, noise, mode, k):
         # Under DDP the forward must go through the wrapper so gradients are synchronised:
         # compute the logits with it, then sample exactly as the policy would.
         attn = b.context_mask
         logits = self.policy(b.context_ids, attn).float().masked_fill(~attn, float("-inf"))
-        eligible, forced = _eligible(attn, self.args.keep_first)
+        eligible, forced = _eligible(attn, self.args.keep_first, b.protect_mask)
         if mode == "bernoulli":
             return bernoulli_keep(logits, eligible, forced, noise.shape[0], noise=noise)
         return gumbel_topk_keep(logits, k, eligible, forced, noise.shape[0], noise=noise)

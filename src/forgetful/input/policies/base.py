@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ...errors import ForgetfulError
-from ..compression import KeepSample, _eligible, bernoulli_keep, gumbel_topk_keep, kept_counts, topk_keep
+from ..compression import KeepSample, _eligible, bernoulli_keep, budget_counts, gumbel_topk_keep, topk_keep
 
 MODES = ("exact", "bernoulli")
 
@@ -107,10 +107,10 @@ class ForgetMask(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.keep_logits(input_ids, attention_mask)
 
-    def _budget(self, attention_mask, forget_p, budget, keep_first):
+    def _budget(self, attention_mask, forget_p, budget, keep_first, protect=None):
         if forget_p is None and budget is None:
             forget_p = getattr(self, "forget_prob", None)
-        return kept_counts(attention_mask.sum(-1), forget_p=forget_p, budget=budget, keep_first=keep_first)
+        return budget_counts(attention_mask, forget_p=forget_p, budget=budget, keep_first=keep_first, protect=protect)
 
     def sample(
         self,
@@ -124,15 +124,17 @@ class ForgetMask(nn.Module):
         keep_first: bool = True,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        protect: torch.Tensor | None = None,
     ) -> KeepSample:
         """Sample keep masks (``[num_samples, B, n]``) with their log-probabilities. ``exact``:
         the budget from ``forget_p``/``budget``; ``bernoulli``: each token kept with
         ``sigmoid(logit)``, so the budget holds only in expectation (the trainer's penalty keeps it
-        near ``forget_p``) and ``forget_p`` does not enter the sampling itself."""
+        near ``forget_p``) and ``forget_p`` does not enter the sampling itself. ``protect`` marks
+        tokens that are always kept and outside the budget (e.g. a question after its passage)."""
         if mode not in MODES:
             raise ForgetfulError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         attn = attention_or_ones(input_ids, attention_mask)
-        eligible, forced = _eligible(attn, keep_first)
+        eligible, forced = _eligible(attn, keep_first, protect)
         logits = self.keep_logits(input_ids, attn)
         if self.keeps_everything:
             keep = attn.unsqueeze(0).expand(num_samples, *attn.shape)
@@ -140,7 +142,7 @@ class ForgetMask(nn.Module):
             return KeepSample(keep, zeros, zeros[0])
         if mode == "bernoulli":
             return bernoulli_keep(logits, eligible, forced, num_samples, generator, noise)
-        k = self._budget(attn, forget_p, budget, keep_first)
+        k = self._budget(attn, forget_p, budget, keep_first, protect)
         return gumbel_topk_keep(logits, k, eligible, forced, num_samples, generator, noise)
 
     @torch.no_grad()
@@ -152,13 +154,15 @@ class ForgetMask(nn.Module):
         forget_p: float | None = None,
         budget: int | torch.Tensor | None = None,
         keep_first: bool = True,
+        protect: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The exact-budget keep mask of the ``b`` highest keep-logits."""
+        """The exact-budget keep mask of the ``b`` highest keep-logits (``protect``: always kept,
+        outside the budget)."""
         attn = attention_or_ones(input_ids, attention_mask)
         if self.keeps_everything:
             return attn.clone()
-        eligible, forced = _eligible(attn, keep_first)
-        k = self._budget(attn, forget_p, budget, keep_first)
+        eligible, forced = _eligible(attn, keep_first, protect)
+        k = self._budget(attn, forget_p, budget, keep_first, protect)
         return topk_keep(self.keep_logits(input_ids, attn), k, eligible, forced)
 
     def kept_per_row(

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...errors import ForgetfulError, check_probability
 from ...nll import unwrap_model
-from ..compression import KeepSample, _eligible, bernoulli_keep, gumbel_topk_keep, kept_counts
+from ..compression import KeepSample, _eligible, bernoulli_keep, budget_counts, gumbel_topk_keep
 from .base import MODES, ForgetMask, attention_or_ones, register_mask
 
 
@@ -30,7 +30,7 @@ class IdentityMask(ForgetMask):
 
 @register_mask("none")
 class NoContextMask(ForgetMask):
-    """Forget the whole context except token 0 (the "no context" baseline)."""
+    """Forget the whole context except token 0 and protected tokens (the "no context" baseline)."""
 
     name = "none"
 
@@ -38,14 +38,16 @@ class NoContextMask(ForgetMask):
         attn = attention_or_ones(input_ids, attention_mask)
         return torch.zeros(attn.shape, device=input_ids.device).masked_fill(~attn, float("-inf"))
 
-    def _budget(self, attention_mask, forget_p, budget, keep_first):
-        return kept_counts(attention_mask.sum(-1), budget=0, keep_first=keep_first)
+    def _budget(self, attention_mask, forget_p, budget, keep_first, protect=None):
+        return budget_counts(attention_mask, budget=0, keep_first=keep_first, protect=protect)
 
-    def sample(self, input_ids, attention_mask=None, *, mode="exact", num_samples=1, keep_first=True, **kw):
+    def sample(
+        self, input_ids, attention_mask=None, *, mode="exact", num_samples=1, keep_first=True, protect=None, **kw
+    ):
         if mode not in MODES:
             raise ForgetfulError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         attn = attention_or_ones(input_ids, attention_mask)
-        _, forced = _eligible(attn, keep_first)
+        _, forced = _eligible(attn, keep_first, protect)
         keep = forced.unsqueeze(0).expand(num_samples, *attn.shape)
         zeros = torch.zeros(num_samples, attn.shape[0], device=input_ids.device)
         return KeepSample(keep, zeros, zeros[0])
@@ -85,19 +87,20 @@ class RandomForgetMask(ForgetMask):
         keep_first=True,
         generator=None,
         noise=None,
+        protect=None,
     ):
         if mode not in MODES:
             raise ForgetfulError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if mode == "bernoulli":
             p = self.forget_prob if forget_p is None else check_probability("forget_p", forget_p)
             attn = attention_or_ones(input_ids, attention_mask)
-            eligible, forced = _eligible(attn, keep_first)
+            eligible, forced = _eligible(attn, keep_first, protect)
             logit = math.log(max(1 - p, 1e-12)) - math.log(max(p, 1e-12))
             logits = torch.full(attn.shape, logit, device=input_ids.device)
             return bernoulli_keep(logits, eligible, forced, num_samples, generator or self.generator, noise)
         attn = attention_or_ones(input_ids, attention_mask)
-        eligible, forced = _eligible(attn, keep_first)
-        k = self._budget(attn, forget_p, budget, keep_first)
+        eligible, forced = _eligible(attn, keep_first, protect)
+        k = self._budget(attn, forget_p, budget, keep_first, protect)
         zeros = torch.zeros(attn.shape, device=input_ids.device)
         return gumbel_topk_keep(zeros, k, eligible, forced, num_samples, generator or self.generator, noise)
 

@@ -2,7 +2,8 @@
 own parameters) plus a learned embedding of the token's distance to the end of the context, so it
 can learn recency as well as content: :class:`MLPForgetMask` (each token on its own),
 :class:`CNNMLPForgetMask` (a convolution over neighbours), :class:`RNNForgetMask` (GRU or LSTM, uni-
-or bidirectional).
+or bidirectional). :class:`HiddenStateForgetMask` reads the LM's hidden states at an early layer
+instead of its embeddings, so it can score a token against the question that follows.
 
 They save and load like PEFT adapters: ``save_pretrained(dir)`` writes ``policy_config.json`` and
 ``policy.safetensors`` (the policy's own weights, without the base model's embeddings), names that
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ForgetfulError
+from ...models.layers import early_hidden_states, num_layers
 from ...nll import unwrap_model
 from .base import MASKS, ForgetMask, attention_or_ones, register_mask
 
@@ -111,13 +113,17 @@ class LearnedForgetMask(ForgetMask):
         return self
 
     # -- features ------------------------------------------------------------------------
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token features ``[B, n, hidden]``: projected embeddings + distance to the end."""
+    @torch.no_grad()
+    def token_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the policy reads of each token ``[B, n, embed_dim]``: the base model's input
+        embeddings (the policy never trains them)."""
         if self._embeddings is None:
             raise ForgetfulError("the policy has no base model: call policy.attach(model) first")
-        with torch.no_grad():
-            emb = self._embeddings(input_ids)
-        emb = emb.detach().to(self.proj.weight.dtype)
+        return self._embeddings(input_ids)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token features ``[B, n, hidden]``: the projected token vectors + distance to the end."""
+        emb = self.token_vectors(input_ids, attention_mask).detach().to(self.proj.weight.dtype)
         lengths = attention_mask.sum(-1, keepdim=True)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         dist = distance_buckets(lengths - 1 - pos, self.num_distance_buckets, self.max_distance)
@@ -293,3 +299,53 @@ class RNNForgetMask(LearnedForgetMask):
             out, _ = self.rnn(packed)
             out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])
         return self.head(out).squeeze(-1)
+
+
+@register_mask("hidden_state")
+class HiddenStateForgetMask(LearnedForgetMask):
+    """Reads the base LM's hidden states after its first ``layer`` layers, computed once over the
+    whole context (a truncated forward: ``layer`` of the model's layers). Those states are causal: a
+    passage token's state has not seen the question after it. So the head compares every token with
+    a summary of the last ``window`` tokens (the question, in a question-answering prompt) before
+    scoring it, and a token's score can depend on the question."""
+
+    name = "hidden_state"
+
+    def __init__(self, base_llm_model=None, layer: int = 2, window: int = 32, **kw):
+        super().__init__(base_llm_model, **kw)
+        if layer < 1 or window < 1:
+            raise ForgetfulError(f"layer and window must be at least 1, got layer={layer}, window={window}")
+        if base_llm_model is not None and layer > num_layers(base_llm_model):
+            raise ForgetfulError(f"layer {layer} is past the model's {num_layers(base_llm_model)} layers")
+        self.layer, self.window = layer, window
+        object.__setattr__(self, "_base", base_llm_model)  # not a submodule: not trained, not saved
+        h = self.hidden_size
+        self.head = nn.Sequential(nn.GELU(), nn.Linear(2 * h, h), nn.GELU(), nn.Linear(h, 1))
+
+    def _extra_config(self):
+        return {"layer": self.layer, "window": self.window}
+
+    def attach(self, base_llm_model: nn.Module) -> LearnedForgetMask:
+        super().attach(base_llm_model)
+        object.__setattr__(self, "_base", base_llm_model)
+        return self
+
+    @torch.no_grad()
+    def token_vectors(self, input_ids, attention_mask):
+        if self._base is None:
+            raise ForgetfulError("the policy has no base model: call policy.attach(model) first")
+        return early_hidden_states(self._base, input_ids, attention_mask, self.layer)
+
+    def score(self, h, attention_mask):
+        lengths = attention_mask.sum(-1, keepdim=True)
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        window = ((pos >= lengths - self.window) & attention_mask.bool()).unsqueeze(-1).to(h.dtype)
+        summary = (h * window).sum(1, keepdim=True) / window.sum(1, keepdim=True).clamp(min=1)
+        return self.head(torch.cat([h, h * summary], dim=-1)).squeeze(-1)
+
+    def extra_flops_per_token(self, context_length: int) -> float:
+        from ..flops import forward_flops
+
+        base = unwrap_model(self._base)
+        body = forward_flops(base.config, context_length, logit_positions=0) * self.layer / num_layers(base)
+        return body / max(context_length, 1) + super().extra_flops_per_token(context_length)

@@ -1,0 +1,167 @@
+"""Attention-score selection (SnapKV, H2O): keep the context tokens that the end of the context
+attends to most.
+
+One forward pass of a causal LM over the context. In each chosen layer, the queries of the last
+``window`` tokens (the observation window: in a question-answering prompt, the question) attend
+over the context; each token's score is the attention it receives, summed over heads, over the
+window's queries and over the layers. ``window >= n`` sums over every query: H2O's cumulative
+attention. SnapKV smooths the scores by pooling over neighbouring tokens (``pool``) and keeps its
+observation window (``keep_window``). The top ``b`` are kept.
+
+The scores are taken inside the attention computation through an attention implementation of our
+own (registered with transformers): it computes the usual SDPA output and, for the window's queries
+only, the softmax over the keys. So the scorer never materialises ``n x n`` attention matrices, and
+only the layers up to the last chosen one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ForgetfulError
+from ...models.layers import first_layers, num_layers
+from ...nll import attention_implementation, unwrap_model
+from .base import ForgetMask, attention_or_ones, register_mask
+
+ATTENTION_SCORES = "forgetful_attention_scores"
+
+
+class _Recorder:
+    """The attention received by every key from the observation window, accumulated over layers."""
+
+    def __init__(self, lengths: torch.Tensor, window: int, layers: set[int], width: int):
+        self.layers = layers
+        self.lengths = lengths
+        offsets = torch.arange(window, device=lengths.device) - window  # -w .. -1
+        positions = lengths.unsqueeze(1) + offsets  # the last w real tokens of each row
+        self.valid_queries = positions >= 0
+        self.query_positions = positions.clamp(min=0)
+        keys = torch.arange(width, device=lengths.device)
+        # a window query at position q sees keys 0..q of its own row
+        self.visible = keys.view(1, 1, -1) <= self.query_positions.unsqueeze(-1)
+        self.scores = torch.zeros(lengths.shape[0], width, device=lengths.device)
+
+    def add(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        b, heads, _, dim = query.shape
+        w = self.query_positions.shape[1]
+        q = query.gather(2, self.query_positions.view(b, 1, w, 1).expand(b, heads, w, dim)).float()
+        k = key.float().repeat_interleave(heads // key.shape[1], dim=1)  # grouped-query attention
+        logits = (q @ k.transpose(-1, -2)) * scaling  # [B, H, w, n]
+        logits = logits.masked_fill(~self.visible.unsqueeze(1), float("-inf"))
+        probs = torch.softmax(logits, dim=-1) * self.valid_queries.view(b, 1, w, 1)
+        self.scores += probs.sum(dim=(1, 2))
+
+
+_ACTIVE: list[_Recorder] = []
+
+
+def _recording_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    recorder = _ACTIVE[-1] if _ACTIVE else None
+    if recorder is not None and getattr(module, "layer_idx", None) in recorder.layers:
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        recorder.add(module, query, key, scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_SCORES, _recording_attention)
+
+
+_register()
+
+
+@contextlib.contextmanager
+def _recording(recorder: _Recorder) -> Iterator[_Recorder]:
+    _ACTIVE.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _ACTIVE.pop()
+
+
+@torch.no_grad()
+def attention_scores(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    window: int = 32,
+    layers: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``[B, n]``: the attention each token receives from the last ``window`` real tokens of its
+    row, summed over heads, window queries and ``layers`` (default: all). Rows are right-padded."""
+    total = num_layers(model)
+    chosen = sorted(set(range(total) if layers is None else layers))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= total:
+        raise ForgetfulError(f"attention-score layers must lie in 0..{total - 1}, got {list(layers or [])}")
+    if window < 1:
+        raise ForgetfulError(f"the observation window must hold at least one token, got {window}")
+    attn = attention_mask.bool()
+    recorder = _Recorder(attn.sum(-1), window, set(chosen), attn.shape[1])
+    with (
+        _recording(recorder),
+        attention_implementation(model, ATTENTION_SCORES),
+        first_layers(model, chosen[-1] + 1) as base,
+    ):
+        base(input_ids=input_ids, attention_mask=attn.long(), use_cache=False)
+    return recorder.scores
+
+
+@register_mask("attention_score")
+class AttentionScoreMask(ForgetMask):
+    """Keep the tokens the observation window (the last ``window`` tokens) attends to most, summed
+    over heads and ``layers`` (default all), max-pooled over ``pool`` neighbours (odd; 0 or 1: no
+    pooling), the window itself kept first (``keep_window``). Costs one forward of the scoring LM
+    through the last chosen layer."""
+
+    name = "attention_score"
+
+    def __init__(
+        self,
+        scorer_model: nn.Module,
+        window: int = 32,
+        layers: Sequence[int] | None = None,
+        pool: int = 0,
+        keep_window: bool = True,
+    ):
+        super().__init__()
+        if pool < 0 or (pool > 1 and pool % 2 == 0):
+            raise ForgetfulError(f"pool must be 0, 1 or an odd width, got {pool}")
+        object.__setattr__(self, "_scorer", scorer_model)  # not a submodule: never trained or saved
+        self.window, self.layers, self.pool, self.keep_window = window, layers, pool, keep_window
+
+    @classmethod
+    def create(cls, model=None, *, seed=0, device="cpu", **options):
+        if model is None:
+            raise ForgetfulError("the attention_score baseline needs a causal LM to score tokens with")
+        return cls(model, **options)
+
+    @torch.no_grad()
+    def keep_logits(self, input_ids, attention_mask=None):
+        attn = attention_or_ones(input_ids, attention_mask)
+        scores = attention_scores(self._scorer, input_ids, attn, window=self.window, layers=self.layers)
+        if self.pool > 1:
+            scores = F.max_pool1d(scores.unsqueeze(1), self.pool, stride=1, padding=self.pool // 2).squeeze(1)
+        if self.keep_window:
+            positions = torch.arange(attn.shape[1], device=attn.device).unsqueeze(0)
+            in_window = positions >= attn.sum(-1, keepdim=True) - self.window
+            scores = scores + in_window.float() * 1e4
+        return scores.masked_fill(~attn, float("-inf"))
+
+    def extra_flops_per_token(self, context_length: int) -> float:
+        from ..flops import forward_flops
+
+        config = unwrap_model(self._scorer).config
+        used = (max(self.layers) + 1 if self.layers else num_layers(self._scorer)) / num_layers(self._scorer)
+        # the decoder layers it runs (no LM head), and the window's attention scores (small)
+        body = forward_flops(config, context_length, logit_positions=0) * used
+        return body / max(context_length, 1)
