@@ -137,3 +137,60 @@ def test_peak_memory_tracker_sees_live_tensors():
 
     mb, method = peak_memory_mb(work, "cpu")
     assert method == "cpu_live_tensors" and 7.9 < mb < 8.5
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_greedy_answers_from_the_full_context_equal_transformers_generate(fixture, request):
+    """With every token kept, our cached greedy decoding (left padding, explicit positions) gives
+    what model.generate gives from each prompt alone."""
+    from forgetful.input.evaluation import generate_answers
+    from forgetful.input.examples import ForgetCollator
+
+    model, tok = request.getfixturevalue(fixture)
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"context_ids": torch.randint(5, 300, (n,), generator=g).tolist(), "target_ids": [5], "answer": "x"}
+        for n in (9, 6, 4)
+    ]
+    batch = ForgetCollator(tok.pad_token_id)(rows)
+    ours = generate_answers(model, tok, batch, batch.context_mask.clone(), max_new_tokens=6)
+    for row, text in zip(rows, ours):
+        ids = torch.tensor([row["context_ids"]])
+        ref = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        assert text == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_greedy_answers_from_a_compressed_context_continue_its_original_positions(tiny_llama):
+    """A compressed prompt answers as the full prompt with the forgotten tokens masked out (the same
+    positions): compared token by token over the first steps."""
+    from forgetful.input.evaluation import greedy_generate
+
+    model, tok = tiny_llama
+    ids = torch.randint(5, 300, (1, 10), generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([[True, True, False, True, False, False, True, True, False, True]])
+    short = ids[keep].unsqueeze(0)
+    positions = torch.arange(10)[keep[0]].unsqueeze(0)
+    ours = greedy_generate(
+        model,
+        short,
+        torch.ones_like(short),
+        positions,
+        torch.tensor([10]),
+        max_new_tokens=4,
+        eos_token_id=None,
+        pad_token_id=tok.pad_token_id,
+    )
+    # the reference: the full prompt with the forgotten tokens masked, one token at a time, no cache
+    seq, mask = ids.clone(), keep.long()
+    for step in range(4):
+        logits = model(input_ids=seq, attention_mask=mask, use_cache=False).logits[0, -1]
+        assert int(logits.argmax()) == int(ours[0, step])
+        seq = torch.cat([seq, ours[:, step : step + 1]], 1)
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "Train a base causal LM (built-in tiny configs or any HF model)."),
     "train-forget": ("train_forget", "Train a forget-mask policy (and the LM) with REINFORCE."),
     "eval-forget": ("eval_forget", "Evaluate forgetting strategies: quality, FLOPs, time and memory per keep ratio."),
+    "forget-experiment": (
+        "forget_experiment",
+        "Input forgetting under the fair protocol: zero-shot and per-strategy finetuned LMs, learned policies.",
+    ),
     "train-selective": (
         "train_selective",
         "Train with per-token loss masks (SelectiveLossTrainer) on a registered task.",

@@ -19,7 +19,9 @@ from torch import nn
 
 from ..measure import peak_memory_mb, time_ms
 from ..nll import token_nll, unwrap_model
-from .compression import compress_examples
+from ..rouge import rouge_l_recall
+from ..tokens import pad_token_id as pad_id_of
+from .compression import apply_mask, compress_examples
 from .examples import ForgetBatch, ForgetCollator
 from .flops import forward_flops
 from .policies import ForgetMask, build_mask
@@ -90,14 +92,18 @@ def evaluate_strategy(
     keep_first: bool = True,
     device: torch.device | str | None = None,
     autocast=None,
+    tokenizer=None,
+    max_new_tokens: int = 0,
 ) -> dict:
     """Target NLL (token-weighted mean), perplexity, kept tokens, and - where the data marks fact
-    tokens - the share of fact tokens the strategy kept."""
+    tokens - the share of fact tokens the strategy kept. With ``max_new_tokens``, a ``tokenizer`` and
+    reference answers in the batches: the ROUGE-L recall of greedy answers generated from the
+    compressed context."""
     device = device or next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
-    nll_sum, n_tok, kept, ctx, facts_kept, facts, keeps = 0.0, 0, 0, 0, 0, 0, []
+    nll_sum, n_tok, kept, ctx, facts_kept, facts, keeps, rouge = 0.0, 0, 0, 0, 0, 0, [], []
     for batch in batches:
         b = batch.to(device)
         with autocast():
@@ -112,6 +118,10 @@ def evaluate_strategy(
         if b.fact_mask is not None:
             facts_kept += int((keep & b.fact_mask).sum())
             facts += int(b.fact_mask.sum())
+        if max_new_tokens and tokenizer is not None and b.answers is not None:
+            with autocast():
+                texts = generate_answers(model, tokenizer, b, keep, max_new_tokens=max_new_tokens)
+            rouge += rouge_l_recall(texts, b.answers)
     model.train(was_training)
     n_rows = sum(len(b) for b in batches) if isinstance(batches, list) else None
     nll = nll_sum / max(n_tok, 1)
@@ -122,8 +132,81 @@ def evaluate_strategy(
         "context_tokens": ctx / n_rows if n_rows else float(ctx),
         "target_tokens": n_tok,
         "fact_recall": facts_kept / facts if facts else None,
+        "rouge": sum(rouge) / len(rouge) if rouge else None,
         "keeps": keeps,  # each batch's keep mask, on the evaluation device
     }
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    next_positions: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Greedy decoding with a KV cache from left-padded prompts whose tokens sit at ``position_ids``
+    (a compressed prompt keeps its original positions); the answer's first token is at
+    ``next_positions``. Returns ``[B, T]`` new tokens, ``pad_token_id`` after a row's EOS."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=unwrap_model(model).config)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    positions, mask = next_positions.clone(), attention_mask
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    new = []
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1).masked_fill(done, pad_token_id)
+        new.append(token)
+        if eos_token_id is not None:
+            done |= token == eos_token_id
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        positions += 1
+    return torch.stack(new, 1) if new else input_ids.new_zeros(input_ids.shape[0], 0)
+
+
+def generate_answers(
+    model: nn.Module, tokenizer, batch: ForgetBatch, keep: torch.Tensor, *, max_new_tokens: int
+) -> list[str]:
+    """Greedy answers from each row's kept context tokens, at their original positions."""
+    pad = pad_id_of(tokenizer, model)
+    short = apply_mask(batch.context_ids, keep & batch.context_mask, pad_token_id=pad)
+    # right padding -> left padding: shift each row by its padding, so every prompt ends at one column
+    width = short.input_ids.shape[1]
+    source = torch.arange(width, device=keep.device).unsqueeze(0) - (width - short.lengths).unsqueeze(1)
+    real, pick = source >= 0, source.clamp(min=0)
+    ids = short.input_ids.gather(1, pick).masked_fill(~real, pad)
+    positions = short.position_ids.gather(1, pick).masked_fill(~real, 0)
+    new = greedy_generate(
+        model,
+        ids,
+        real.long(),
+        positions,
+        batch.context_mask.sum(-1),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+    )
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def flops_ratios(
@@ -173,6 +256,8 @@ def evaluate_forgetting(
     seed: int = 0,
     autocast=None,
     progress: bool = True,
+    tokenizer=None,
+    max_new_tokens: int = 0,
 ) -> list[dict]:
     """One row per (strategy, keep ratio); see the module docstring. ``timing_repeats=0`` leaves out
     the wall time and peak memory (where they would only measure noise, e.g. a tiny model on a CPU)."""
@@ -200,6 +285,8 @@ def evaluate_forgetting(
             keep_first=keep_first,
             device=device,
             autocast=autocast,
+            tokenizer=tokenizer,
+            max_new_tokens=max_new_tokens,
         )
         policy_flops = mask.extra_flops_per_token(int(batches[0].context_ids.shape[1]))
         fr, afr = flops_ratios(config, batches, quality.pop("keeps"), policy_flops)
@@ -217,6 +304,7 @@ def evaluate_forgetting(
                 "nll": quality["nll"],
                 "ppl": quality["ppl"],
                 "fact_recall": quality["fact_recall"],
+                "rouge": quality["rouge"],
                 "flops_ratio": fr,
                 "attn_flops_ratio": afr,
                 "wall_ms": wall,

@@ -206,6 +206,7 @@ class ForgetBatch:
     protect_mask: torch.Tensor | None = None  # [B, n] bool: always kept, outside the budget (a question)
     context_length: int | None = None
     target_length: int | None = None
+    answers: tuple[str, ...] | None = None  # reference answers, for ROUGE of generated ones
 
     def _map(self, fn) -> ForgetBatch:
         tensors = ("context_ids", "context_mask", "target_ids", "target_mask", "fact_mask", "protect_mask")
@@ -217,8 +218,9 @@ class ForgetBatch:
     def __len__(self) -> int:
         return self.context_ids.shape[0]
 
-    def select(self, rows: slice | torch.Tensor) -> ForgetBatch:
-        return self._map(lambda t: t[rows])
+    def select(self, rows: slice) -> ForgetBatch:
+        picked = self._map(lambda t: t[rows])
+        return replace(picked, answers=self.answers[rows]) if self.answers is not None else picked
 
 
 def _uniform(seqs: Sequence[Sequence]) -> int | None:
@@ -240,6 +242,14 @@ class ForgetCollator:
         for column in ("fact_mask", "protect_mask"):
             if column in rows[0]:
                 flags[column] = pad_sequences([r[column] for r in rows], 0)[0].bool()
+        answers = tuple(r["answer"] for r in rows) if "answer" in rows[0] else None
         return ForgetBatch(
-            ctx, ctx_mask, tgt, tgt_mask, **flags, context_length=_uniform(contexts), target_length=_uniform(targets)
+            ctx,
+            ctx_mask,
+            tgt,
+            tgt_mask,
+            **flags,
+            context_length=_uniform(contexts),
+            target_length=_uniform(targets),
+            answers=answers,
         )

@@ -587,7 +587,10 @@ class ForgetMaskTrainer:
             self.state.step_in_epoch * self.rows_per_step : (self.state.step_in_epoch + 1) * self.rows_per_step
         ]
         g = self._generator(2, self.state.epoch, self.state.step_in_epoch)
-        K = 1 if (phase.train_lm and not phase.train_policy and phase.explore >= 1.0) else args.num_samples
+        # One keep set per row where nothing learns from comparing samples: LM-only phases, and a
+        # policy that is not learned (its samples train the LM to read that strategy's compressions).
+        lm_only = phase.train_lm and not phase.train_policy and (phase.explore >= 1.0 or not self.learned)
+        K = 1 if lm_only else args.num_samples
         explore_all = torch.rand(len(step_rows), generator=g) < phase.explore
         micro_batches = [step_rows[i : i + self.micro] for i in range(0, len(step_rows), self.micro)]
         # Global normalisers for the whole step (all processes, all micro-batches).

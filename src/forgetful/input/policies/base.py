@@ -99,6 +99,9 @@ class ForgetMask(nn.Module):
     learned: ClassVar[bool] = False
     #: whether ``greedy`` ignores the budget and keeps every token (the identity)
     keeps_everything: ClassVar[bool] = False
+    #: whether a baseline that is not learned chooses at random (a deterministic one's exact-mode
+    #: "sample" is its choice, the greedy keep set, with log-probability 0)
+    stochastic: ClassVar[bool] = False
     name: ClassVar[str] = "mask"
 
     def keep_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,6 +146,10 @@ class ForgetMask(nn.Module):
         if mode == "bernoulli":
             return bernoulli_keep(logits, eligible, forced, num_samples, generator, noise)
         k = self._budget(attn, forget_p, budget, keep_first, protect)
+        if not self.learned and not self.stochastic:
+            keep = topk_keep(logits, k, eligible, forced).unsqueeze(0).expand(num_samples, *attn.shape)
+            zeros = logits.new_zeros(num_samples, attn.shape[0])
+            return KeepSample(keep, zeros, zeros[0])
         return gumbel_topk_keep(logits, k, eligible, forced, num_samples, generator, noise)
 
     @torch.no_grad()

@@ -59,6 +59,7 @@ class RandomForgetMask(ForgetMask):
     random subset of the exact budget in exact mode and in ``greedy``."""
 
     name = "random"
+    stochastic = True
 
     def __init__(self, forget_prob: float = 0.1, generator: torch.Generator | None = None):
         super().__init__()
