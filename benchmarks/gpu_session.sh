@@ -1,75 +1,97 @@
 #!/usr/bin/env bash
-# One phase of a GPU session, run from the repository root on a machine with NVIDIA GPUs.
-# Wheels in .whl/ (packages the machine lacks) are installed to /tmp/site first; data the
-# experiments read is expected in .device_data/ (a copy of ../shared/data, never committed).
+# One phase of a GPU session, run from the repository root on a machine with NVIDIA GPUs (two, for
+# the phases that use GPU 1). Inputs the project never commits travel beside the repository:
+#   .whl/          wheels of packages the machine lacks (datasets, rouge-score, gguf, the loss kernels, ...)
+#   .device_data/  a copy of ../shared/data (WikiText-2, TOFU)
+#   .gguf_parts/   the real model's GGUF file (98 MB) in two halves, one per call (a call carries 64 MiB)
 #
-#   OUT=/path bash benchmarks/gpu_session.sh probe|bench|tofu|ddp [args]
-set -euo pipefail
-phase=${1:?phase: probe, bench, tofu or ddp}
-shift
+#   OUT=/path bash benchmarks/gpu_session.sh setup|bench|model|experiments|ddp
+#
+# setup        install the wheels into /tmp/site, copy the data and the first half of the GGUF file to /root
+# bench        in parallel: GPU 0 bench_forgetting (SmolLM2 shape, eager and compiled, n = 1024 and 2048);
+#              GPU 1 bench_selective (every loss backend and the peers), then bench_masks
+# model        join the GGUF halves, check the sha256, convert the model into the cache once
+# experiments  in parallel until BUDGET seconds: GPU 0 the input-forgetting experiment (TOFU-QA, then
+#              WikiText-2), GPU 1 the TOFU experiment (forget10); finished runs are kept, so calling it
+#              again continues; results are packed into $OUT
+# ddp          both trainers on 1 and 2 GPUs at the same per-GPU batch, three repetitions after a warm-up
+set -uo pipefail
+phase=${1:?phase: setup, bench, model, experiments or ddp}
 out=${OUT:-/tmp/forgetful_out}
-mkdir -p "$out"
-quiet() { grep -v "it/s]" || true; }  # drop progress bars; never fail the pipeline
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+mkdir -p "$out" /root/models /root/runs
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
+export PYTHONPATH=/tmp/site:$PWD/src FORGETFUL_CACHE=/root/fcache
+GGUF=/root/models/SmolLM2-135M-Instruct.Q4_1.gguf
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+DATA=/root/data
+quiet() { grep -v -e "it/s\]" -e "s/it\]" || true; }  # drop progress bars
+pack() {  # pack the small result files of /root/runs/$1 into $out/$1.tgz (no model weights)
+  [ -d "/root/runs/$1" ] && tar czf "$out/$1.tgz" -C /root/runs --exclude='checkpoint-*' --exclude='*.safetensors' \
+    --exclude='*.bin' --exclude='*.pt' --exclude='tokenizer*' "$1"
+}
+
 case "$phase" in
-  probe)
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
-    python3 -c "import torch, transformers, accelerate, pyarrow, fsspec, huggingface_hub as h; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__, 'hub', h.__version__, 'gpus', torch.cuda.device_count())"
-    python3 -c "import datasets, rouge_score, forgetful.tofu.evaluation; print('datasets', datasets.__version__, 'imports ok')"
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    rm -rf "$DATA" && cp -r .device_data "$DATA"
+    cp .gguf_parts/*part00 /root/models/part00
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers, datasets, rouge_score, gguf, forgetful.input.experiment, forgetful.tofu.experiment; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'gpus', torch.cuda.device_count())"
     ;;
   bench)
-    python3 benchmarks/bench_masks.py --size gpt2-small --n 1024 --batch 32 --out "$out/bench_masks.json" "$@"
-    python3 benchmarks/bench_forgetting.py --size gpt2-small --lengths 1024,4096 --batch 32 --out "$out/bench_forgetting.json"
-    python3 benchmarks/bench_selective.py --size gpt2-small --seq 1024 --batch 16 --out "$out/bench_selective.json"
+    (CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_forgetting.py --arch smollm2 --lengths 1024,2048 --batch 16 \
+       --modes eager,compile --compile regional --rounds 3 --repeats 8 --profile --out "$out/bench_forgetting.json" \
+       > "$out/bench_forgetting.log" 2>&1) &
+    (CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_selective.py --out "$out/bench_selective.json" \
+       > "$out/bench_selective.log" 2>&1
+     CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_masks.py --arch smollm2 --n 2048 --batch 16 \
+       --out "$out/bench_masks.json" > "$out/bench_masks.log" 2>&1) &
+    wait
+    tail -n 12 "$out"/bench_*.log
     ;;
-  tofu)
-    # Pretrain a GPT-2-small-size model on WikiText-2 (valid) once: the one initialisation. Then the
-    # TOFU experiment on the real data, one run at a time; after each, the small result files are
-    # packed into $out so that a run cut short still returns what finished.
-    work=/tmp/forgetful_tofu
-    if [ ! -f "$work/init/results.json" ]; then
-      python3 -m forgetful pretrain --model small-gpt2 --train-file .device_data/wikitext2/valid.txt \
-        --eval-file .device_data/wikitext2/test.txt --out "$work/init" --epochs 8 --batch-size 32 \
-        --learning-rate 6e-4 --block-size 512 --logging-steps 50 2>&1 | quiet
-      cp "$work/init/results.json" "$out/init_results.json"
-    fi
-    exp=(--model "$work/init" --data-dir .device_data/tofu --out "$work/tofu" --forget-split forget10
-         --epochs "${EPOCHS:-6}" --learning-rate "${LR:-3e-4}" --batch-size 32 --eval-batch-size 128 "$@")
-    for run in ${RUNS:-retain full full_forget_answers full_forget_facts full_goldfish full_random}; do
-      python3 -m forgetful tofu-experiment "${exp[@]}" --only "$run" 2>&1 | quiet
-      (cd "$work" && tar czf "$out/tofu_runs.tar.gz" --exclude=checkpoints --exclude=model tofu)
-    done
-    python3 -m forgetful tofu-experiment "${exp[@]}" 2>&1 | tail -12
-    (cd "$work" && tar czf "$out/tofu_runs.tar.gz" --exclude=checkpoints --exclude=model tofu)
+  model)
+    cat /root/models/part00 .gguf_parts/*part01 > "$GGUF" && echo "$SHA  $GGUF" | sha256sum -c - || exit 1
+    python3 -c "import sys; from forgetful.models import load_model; m, t = load_model(sys.argv[1]); print(m.config.num_hidden_layers, m.dtype, t.eos_token)" "$GGUF" 2>&1 | quiet
+    ;;
+  experiments)
+    budget=${BUDGET:-520}
+    (CUDA_VISIBLE_DEVICES=0 timeout "$budget" bash -c "
+       python3 -m forgetful forget-experiment --model $GGUF --task tofu_qa --data $DATA/tofu --out /root/runs/forget_tofu_qa \
+         --keeps 0.5,0.25 --train-examples ${QA_TRAIN:-1600} --eval-batch-size 50 --batch-size 8 --num-samples 4 \
+         --lm-learning-rate 2e-5 --policy-learning-rate 1e-3 --disable-tqdm ${QA_EXTRA:-}
+       python3 -m forgetful forget-experiment --model $GGUF --task text --train-file $DATA/wikitext2/valid.txt \
+         --eval-file $DATA/wikitext2/test.txt --out /root/runs/forget_wikitext --keeps 0.5,0.25 --context-length 1024 \
+         --target-length 32 --eval-examples 200 --train-examples ${WT_TRAIN:-1600} --eval-batch-size 50 --batch-size 8 \
+         --num-samples 4 --lm-learning-rate 2e-5 --policy-learning-rate 1e-3 --disable-tqdm ${WT_EXTRA:-}
+     " > "$out/forget.log" 2>&1; true) &
+    (CUDA_VISIBLE_DEVICES=1 timeout "$budget" bash -c "
+       for run in ${TOFU_RUNS:-retain full full_forget_answers full_forget_facts full_goldfish full_npo full_grad_diff}; do
+         python3 -m forgetful tofu-experiment --model $GGUF --data-dir $DATA/tofu --out /root/runs/tofu_real \
+           --forget-split forget10 --only \$run ${TOFU_EXTRA:-}
+       done
+       python3 -m forgetful tofu-experiment --model $GGUF --data-dir $DATA/tofu --out /root/runs/tofu_real \
+         --forget-split forget10 ${TOFU_EXTRA:-}
+     " > "$out/tofu.log" 2>&1; true) &
+    wait
+    pack forget_tofu_qa; pack forget_wikitext; pack tofu_real
+    tail -n 5 "$out/forget.log" "$out/tofu.log" | quiet
+    ls -la "$out"
     ;;
   ddp)
-    # Throughput of both trainers on 1 and on all GPUs at the same per-GPU batch (DDP over NCCL), and
-    # FSDP2 for the Trainer path. A throwaway run first: a fresh machine's first run is slow
-    # (seen 2026-11-22: 0.13-0.14 s/step cold vs 0.06 warm). Each measurement twice (the spread).
-    gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
-    bench() {  # bench NPROC OUTNAME ARGS...
+    mkdir -p "$out/ddp"
+    bench() {  # bench NPROC NAME ARGS...: one process per GPU (Trainer would use DataParallel with two visible)
       local n=$1 name=$2; shift 2
-      # one process sees one GPU: with several visible, HF Trainer would wrap it in DataParallel
       CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --standalone --nproc_per_node "$n" benchmarks/bench_ddp.py \
-        --size small --per-device-batch "${BATCH:-32}" --warmup 5 --authors 40 --workdir "/tmp/bench_$name" \
-        --out "$out/$name.json" "$@" 2>&1 | quiet | grep '^{"trainer' || true
+        --size smollm2 --text "$DATA/wikitext2/valid.txt" --reps 3 --warmup 2 --steps ${STEPS:-6} \
+        --workdir "/tmp/bench_$name" --out "$out/ddp/$name.json" "$@" 2>&1 | grep '^{"trainer' || echo "$name failed"
     }
-    trainers=${TRAINERS:-selective reinforce}
-    bench 1 warmup_throwaway --trainer "${trainers%% *}" --steps 10
-    for rep in ${REPS:-1 2}; do
-      for trainer in $trainers; do
-        for n in 1 "$gpus"; do bench "$n" "ddp_${trainer}_${n}gpu_rep$rep" --trainer "$trainer" --steps "${STEPS:-25}"; done
-      done
-      if [[ " $trainers " == *" selective "* ]]; then
-        bench "$gpus" "fsdp_selective_${gpus}gpu_rep$rep" --trainer selective --fsdp --steps "${STEPS:-25}"
-      fi
+    sel=(--trainer selective --seq 1024 --per-device-batch 16 --accumulation 8 --max-rows 2048)
+    rl=(--trainer reinforce --seq 1024 --per-device-batch 8 --accumulation 6 --samples 4)
+    for n in 1 2; do
+      bench "$n" "selective_ddp_${n}gpu" "${sel[@]}" --profile
+      bench "$n" "selective_fsdp_${n}gpu" "${sel[@]}" --fsdp
+      bench "$n" "reinforce_ddp_${n}gpu" "${rl[@]}"
     done
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;

@@ -86,7 +86,7 @@ def test_eval_forget_writes_complete_finite_results(tiny_model_dir, tiny_llama, 
     )
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())
-    strategies = {"identity", "none", "random", "recency", "self_information", "mlp"}
+    strategies = {"identity", "none", "random", "recency", "self_information", "attention_score", "mlp"}
     assert {(r["strategy"], r["keep_ratio"]) for r in rows} == {(s, k) for s in strategies for k in (1.0, 0.5, 0.25)}
     fields = ["kept_tokens", "nll", "ppl", "flops_ratio", "attn_flops_ratio", "wall_ms", "peak_mem_mb", "speedup"]
     for r in rows:

@@ -27,7 +27,7 @@ from .flops import forward_flops
 from .policies import ForgetMask, build_mask
 
 # The strategies that are not learned, compared in every report.
-BASELINES = ("identity", "none", "random", "recency", "self_information")
+BASELINES = ("identity", "none", "random", "recency", "self_information", "attention_score")
 
 
 def baseline_masks(

@@ -226,5 +226,8 @@ def converted_folder(name_or_path: str) -> Path:
     model = GGUF_MODELS.get(name_or_path)
     path = locate(model) if model is not None else Path(name_or_path).expanduser()
     digest = check_gguf_file(path, model)
+    # a .gguf path holding a built-in model's file (e.g. copied to a machine without the package)
+    # converts exactly as the built-in name does, fixes included
+    model = model or next((m for m in GGUF_MODELS.values() if m.sha256 == digest), None)
     key = f"{model.name if model else path.stem}-{digest[:16]}"
     return cached_copy(key, digest, _convert(path, model.eos_token if model else None))
