@@ -62,7 +62,7 @@ def run_selective(a, rank, size) -> dict:
     model, tok = build(a.size, a.seed)
     ds = prepare_dataset_for_training("tofu", tok, num_authors=a.authors, strategy="forget_facts", max_length=a.seq)
     per_device = a.global_batch // size if a.global_batch else a.per_device_batch
-    losses, times = [], []
+    losses, times, logged_train_loss = [], [], []
 
     from transformers import TrainerCallback
 
@@ -80,6 +80,8 @@ def run_selective(a, rank, size) -> dict:
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
+            if logs and "train_loss" in logs:  # the figure trackers and the log history get
+                logged_train_loss.append(float(logs["train_loss"]))
 
     cuda = torch.cuda.is_available()
     args = SelectiveLossConfig(
@@ -87,8 +89,9 @@ def run_selective(a, rank, size) -> dict:
         per_device_train_batch_size=per_device,
         max_steps=a.steps,
         learning_rate=1e-3,
-        logging_steps=1,
-        logging_strategy="steps",
+        logging_steps=max(a.logging_steps, 1),
+        logging_strategy="steps" if a.logging_steps else "no",
+        loss_backend=a.loss_backend,
         report_to="none",
         save_strategy="no",
         seed=0,
@@ -107,11 +110,14 @@ def run_selective(a, rank, size) -> dict:
             {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
         )
     trainer = SelectiveLossTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Record()])
-    trainer.train()
+    result = trainer.train()
     rows = per_device * size
     warm = times[a.warmup :] or times
     return {
         "losses": losses,
+        "train_loss": float(result.training_loss),
+        "logged_train_loss": logged_train_loss,
+        "loss_backend": trainer.loss_backend,
         "checksum": checksum(model),
         "rows_per_s": rows * len(warm) / sum(warm),
         "step_s": sum(warm) / len(warm),
@@ -135,6 +141,7 @@ def run_reinforce(a, rank, size) -> dict:
         max_steps_per_epoch=a.steps,
         logging_steps=1,
         disable_tqdm=True,
+        loss_backend="dense" if a.loss_backend == "auto" else a.loss_backend,
         lm_learning_rate=1e-3,
         policy_learning_rate=1e-2,
         seed=0,
@@ -172,6 +179,13 @@ def main() -> None:
     p.add_argument("--authors", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fsdp", action="store_true", help="selective: shard with FSDP instead of DDP")
+    p.add_argument(
+        "--loss-backend",
+        default="auto",
+        choices=["auto", "dense", "chunked", "cce", "liger"],
+        help="selective: SelectiveLossConfig.loss_backend; reinforce: ForgetTrainingConfig.loss_backend (auto: dense)",
+    )
+    p.add_argument("--logging-steps", type=int, default=1, help="selective: log every N steps (0: never)")
     p.add_argument("--workdir", default="/tmp/bench_ddp")
     p.add_argument("--out", required=True)
     a = p.parse_args()
