@@ -27,7 +27,9 @@ case "$phase" in
   bench)
     python3 benchmarks/bench_masks.py --size gpt2-small --n 1024 --batch 32 --out "$out/bench_masks.json" "$@"
     python3 benchmarks/bench_forgetting.py --size gpt2-small --lengths 1024,4096 --batch 32 --out "$out/bench_forgetting.json"
-    python3 benchmarks/bench_selective.py --size gpt2-small --seq 1024 --batch 16 --out "$out/bench_selective.json"
+    # every loss backend against HF / Liger / CCE over all positions (put the wheels of
+    # requirements-gpu.txt in .whl/ so that cce and liger run; ~3 minutes on one H200)
+    python3 benchmarks/bench_selective.py --out "$out/bench_selective.json"
     ;;
   tofu)
     # Pretrain a GPT-2-small-size model on WikiText-2 (valid) once: the one initialisation. Then the
