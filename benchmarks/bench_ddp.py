@@ -92,7 +92,7 @@ def run_selective(a, model, tok, size) -> dict:
     else:
         ds = prepare_dataset_for_training("tofu", tok, num_authors=a.authors, strategy="forget_facts", max_length=a.seq)
     per_device = a.global_batch // size if a.global_batch else a.per_device_batch
-    losses, times, tokens, profiles = [], [], [], []
+    losses, times, tokens, profiles, logged_train_loss = [], [], [], [], []
 
     class Record(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -106,6 +106,8 @@ def run_selective(a, model, tok, size) -> dict:
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
+            if logs and "train_loss" in logs:  # the figure trackers and the log history get
+                logged_train_loss.append(float(logs["train_loss"]))
 
     cuda = torch.cuda.is_available()
     args = SelectiveLossConfig(
@@ -114,8 +116,9 @@ def run_selective(a, model, tok, size) -> dict:
         gradient_accumulation_steps=a.accumulation,
         max_steps=a.steps,
         learning_rate=1e-3 if a.size == "tiny" else 1e-5,
-        logging_steps=1,
-        logging_strategy="steps",
+        logging_steps=max(a.logging_steps, 1),
+        logging_strategy="steps" if a.logging_steps else "no",
+        loss_backend=a.loss_backend,
         report_to="none",
         save_strategy="no",
         seed=0,
@@ -147,9 +150,9 @@ def run_selective(a, model, tok, size) -> dict:
         return counted(model_, inputs, *rest, **kw)
 
     trainer.training_step = training_step
-    trainer.train()
+    result = trainer.train()
     per_step_tokens = [sum(tokens[i : i + a.accumulation]) for i in range(0, len(tokens), a.accumulation)]
-    return _throughput(
+    out = _throughput(
         a,
         size,
         per_device * a.accumulation,
@@ -159,6 +162,10 @@ def run_selective(a, model, tok, size) -> dict:
         checksum(model),
         profiles[0] if profiles else None,
     )
+    out.update(
+        train_loss=float(result.training_loss), logged_train_loss=logged_train_loss, loss_backend=trainer.loss_backend
+    )
+    return out
 
 
 def run_reinforce(a, model, tok, size) -> dict:
@@ -184,6 +191,7 @@ def run_reinforce(a, model, tok, size) -> dict:
         max_steps_per_epoch=a.steps,
         logging_steps=1,
         disable_tqdm=True,
+        loss_backend="dense" if a.loss_backend == "auto" else a.loss_backend,
         lm_learning_rate=1e-3 if a.size == "tiny" else 1e-5,
         policy_learning_rate=1e-2,
         seed=0,
@@ -249,6 +257,13 @@ def main() -> None:
     p.add_argument("--fsdp", action="store_true", help="selective: shard with FSDP instead of DDP")
     p.add_argument("--reps", type=int, default=1, help="measured repetitions after a warm-up run (when > 1)")
     p.add_argument("--profile", action="store_true", help="selective: the top device operators of one step")
+    p.add_argument(
+        "--loss-backend",
+        default="auto",
+        choices=["auto", "dense", "chunked", "cce", "liger"],
+        help="selective: SelectiveLossConfig.loss_backend; reinforce: ForgetTrainingConfig.loss_backend (auto: dense)",
+    )
+    p.add_argument("--logging-steps", type=int, default=1, help="selective: log every N steps (0: never)")
     p.add_argument("--workdir", default="/tmp/bench_ddp")
     p.add_argument("--out", required=True)
     a = p.parse_args()

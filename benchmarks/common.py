@@ -63,25 +63,33 @@ LLAMA_SHAPES = {
 ARCHS = sorted(SIZES) + sorted(LLAMA_SHAPES)
 
 
-def gpt2(size: str, positions: int, device, dtype=torch.float32):
+def gpt2(size: str, positions: int, device, dtype=torch.float32, on_device: bool = False, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(**SIZES[size], n_positions=positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    shape = {**SIZES[size], **overrides}
+    cfg = GPT2Config(**shape, n_positions=positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).to(device=device, dtype=dtype)
+    with torch.device(device if on_device else "cpu"):
+        model = GPT2LMHeadModel(cfg)
+    return model.to(device=device, dtype=dtype)
 
 
-def build_lm(arch: str, positions: int, device, dtype=torch.float32):
-    """A randomly initialised causal LM of a named shape (GPT-2 or Llama family), SDPA attention."""
+def build_lm(arch: str, positions: int, device, dtype=torch.float32, on_device: bool = False, **overrides):
+    """A randomly initialised causal LM of a named shape (GPT-2 or Llama family), SDPA attention.
+    ``on_device``: initialise the weights on ``device`` (seconds instead of a minute for 1B
+    parameters; other random values than a CPU initialisation); ``overrides``: config fields."""
     if arch in SIZES:
-        return gpt2(arch, positions, device, dtype)
+        return gpt2(arch, positions, device, dtype, on_device, **overrides)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**LLAMA_SHAPES[arch], max_position_embeddings=max(positions, 2048), attention_dropout=0.0)
+    shape = {**LLAMA_SHAPES[arch], **overrides}
+    cfg = LlamaConfig(**shape, max_position_embeddings=max(positions, 2048), attention_dropout=0.0)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    with torch.device(device if on_device else "cpu"):
+        model = LlamaForCausalLM(cfg)
+    return model.to(device=device, dtype=dtype)
 
 
 def compile_lm(model, how: str):

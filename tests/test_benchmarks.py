@@ -74,3 +74,72 @@ def test_bench_forgetting(tmp_path):
         assert _finite(row[key]["median"]) and row[key]["min"] <= row[key]["median"] <= row[key]["max"], key
     prof = res["profiles"]["eager"]
     assert prof["pipeline_eval"]["host_syncs"] < prof["pipeline_mask_eval"]["host_syncs"]
+
+
+def test_bench_selective(tmp_path):
+    """Every method gets a row: the CPU ones are timed, measured and checked against dense; the
+    GPU-only ones are skipped with the reason."""
+    out = tmp_path / "s.json"
+    _run(
+        "bench_selective.py",
+        "--models",
+        "gpt2-tiny:2x24,llama-tiny:2x24",
+        "--densities",
+        "1.0,0.1",
+        "--rounds",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+    )
+    res = json.loads(out.read_text())
+    assert res["env"]["command"].startswith("bench_selective.py") and res["config"]["rounds"] == 2
+    rows = {(r["model"], r["density"], r["method"]): r for r in res["rows"]}
+    methods = (
+        "hf_plain",
+        "liger_all",
+        "cce_all",
+        "forgetful_dense",
+        "forgetful_chunked",
+        "forgetful_cce",
+        "forgetful_liger",
+        "forgetful_auto",
+    )
+    assert set(rows) == {(m, d, x) for m in ("gpt2-tiny", "llama-tiny") for d in (1.0, 0.1) for x in methods}
+    for (_, _, method), row in rows.items():
+        if method in ("liger_all", "cce_all", "forgetful_cce", "forgetful_liger"):
+            assert "CUDA" in row["skipped"] and "ms" not in row, row
+            continue
+        assert "error" not in row and "skipped" not in row, row
+        assert _finite(row["ms"]) and row["ms_spread"]["min"] <= row["ms_spread"]["median"] <= row["ms_spread"]["max"]
+        assert _finite(row["peak_gib"]) and row["peak_gib"] > 0 and _finite(row["loss"])
+        # the same loss and gradients as forgetful_dense (float32 on the CPU)
+        assert row["loss_rel_diff"] < 1e-5 and row["grad_cos_min"] > 0.99999, row
+    dense = rows[("llama-tiny", 0.1, "forgetful_dense")]
+    assert dense["scored_tokens"] < rows[("llama-tiny", 1.0, "forgetful_dense")]["scored_tokens"]
+
+
+def test_bench_selective_cpu_memory(tmp_path):
+    out = tmp_path / "m.json"
+    _run(
+        "bench_selective.py",
+        "--cpu-memory",
+        "--vocab",
+        "4096",
+        "--cpu-batch",
+        "2",
+        "--cpu-seq",
+        "128",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    )
+    res = json.loads(out.read_text())
+    dense, chunked = res["rows"]
+    assert (dense["method"], chunked["method"]) == ("forgetful_dense", "forgetful_chunked")
+    assert res["chunked_over_dense_peak"] == chunked["peak_mb"] / dense["peak_mb"]
+    assert chunked["loss_rel_diff"] < 1e-6 and chunked["grad_cos_min"] > 0.99999

@@ -21,6 +21,7 @@ LAYERS = {
     "measure": 0,
     "hub": 0,
     "nll": 0,
+    "loss_kernels": 0,
     "training": 0,
     "models": 1,
     "data": 1,

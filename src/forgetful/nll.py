@@ -7,12 +7,18 @@ embedding that replaces its input with the hidden states of the scored positions
 model's own forward (and anything it applies after the head, such as logit soft-capping) runs on
 ``[1, N, d]`` instead of ``[B, L, d]``. The call still goes through the outermost wrapper (DDP,
 FSDP, PEFT), so gradient synchronisation is untouched.
+
+The other loss backends (``chunked``, ``cce``, ``liger``; :mod:`forgetful.loss_kernels`) replace the
+head's forward while the model runs (:func:`head_loss_on`): the head, called by the model as usual,
+gathers the scored hidden states and returns their NLL instead of logits. The head weight is so
+used inside the wrapped module's forward (FSDP has it unsharded there and reduces its gradient) and
+no ``[N, vocab]`` logits are ever made at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ForgetfulError
-
-IGNORE_INDEX = -100
+from .loss_kernels import IGNORE_INDEX, check_loss_backend, head_spec, linear_nll
 
 # Rows without padding whose position ids have gaps (compressed inputs) are plain causal sequences.
 # transformers, given position ids with gaps and no attention mask, would read the gaps as
@@ -116,6 +121,60 @@ def lm_head_on(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
+class _HeadLoss:
+    """What the replaced head forward returned, one entry per call."""
+
+    def __init__(self):
+        self.outputs: list[torch.Tensor] = []
+
+    @property
+    def nll(self) -> torch.Tensor:
+        if len(self.outputs) != 1:
+            raise ForgetfulError(
+                f"the LM head was called {len(self.outputs)} times in one forward; this model computes its head in an "
+                "unusual way: use loss_backend='dense'"
+            )
+        return self.outputs[0].reshape(-1)
+
+
+@contextlib.contextmanager
+def head_loss_on(
+    model: nn.Module, select: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, backend: str
+) -> Iterator[_HeadLoss]:
+    """Within the block, the model's LM head computes the per-token NLL of ``targets`` from the
+    hidden states ``select(hidden)`` (``[N, d]``) with ``backend`` and returns it (as
+    ``[1, N, 1]``) in place of logits. The head module is still called by the model, so wrappers
+    around it keep working (an FSDP-wrapped head: its wrapped module's forward is replaced, and the
+    wrapper all-gathers the weight first)."""
+    head = output_embedding(model)
+    module = getattr(head, "_fsdp_wrapped_module", head)
+    config = getattr(unwrap_model(model), "config", None)
+    own = module.__dict__.get("forward")
+    original = module.forward
+    result = _HeadLoss()
+
+    def forward(hidden, *args, **kwargs):
+        h = select(hidden)
+        if h.shape[0] != targets.shape[0]:
+            raise ForgetfulError(
+                f"the LM head got {h.shape[0]} scored positions for {targets.shape[0]} labels: use loss_backend='dense'"
+            )
+        spec = head_spec(module, lambda x: original(x, *args, **kwargs), config)
+        nll = linear_nll(h, targets, spec, backend)
+        out = nll.view(1, nll.shape[0], 1)
+        result.outputs.append(out)
+        return out
+
+    module.forward = forward
+    try:
+        yield result
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
 @dataclass
 class TokenNLL:
     """Per-token NLL of the scored tokens, in row-major order, and the row of each."""
@@ -161,6 +220,7 @@ def token_nll(
     position_ids: torch.Tensor | None = None,
     sparse_logits: bool = True,
     target_length: int | None = None,
+    loss_backend: str = "dense",
 ) -> TokenNLL:
     """NLL of every token whose label is not -100 (labels as HF causal LMs take them: unshifted,
     token ``t`` predicted from position ``t - 1``). Logits are computed only at the predicting
@@ -171,7 +231,55 @@ def token_nll(
     sequences at those positions, gaps and all. ``target_length=m`` declares that the labels are
     exactly the last ``m`` tokens of every row (no padding after them): the model's own
     ``logits_to_keep`` then does the selection, with no data-dependent indexing (no host
-    synchronisation)."""
+    synchronisation).
+
+    ``loss_backend`` (:mod:`forgetful.loss_kernels`): ``dense`` computes the scored logits at once
+    through the model's own head; ``chunked``, ``cce`` and ``liger`` compute the head and the
+    cross-entropy together without ``[N, vocab]`` logits; ``auto`` picks one. ``sparse_logits=False``
+    (full logits) is a ``dense`` (or ``auto``) option."""
+    check_loss_backend(loss_backend, input_ids.device)
+    if loss_backend == "dense" or not sparse_logits:
+        if loss_backend not in ("dense", "auto"):
+            raise ForgetfulError(
+                f"sparse_logits=False computes the full logits, which loss_backend='{loss_backend}' never does: "
+                "use loss_backend='dense' (or auto), or sparse_logits=True"
+            )
+        return _dense_token_nll(model, input_ids, labels, attention_mask, position_ids, sparse_logits, target_length)
+    batch = labels.shape[0]
+    extra = {}
+    if target_length is not None:
+        m = target_length
+        targets = labels[:, -m:].reshape(-1)
+        rows = torch.arange(batch, device=labels.device).repeat_interleave(m)
+        extra["logits_to_keep"] = m + 1
+
+        def select(hidden: torch.Tensor) -> torch.Tensor:
+            if hidden.shape[:2] != (batch, m + 1):
+                raise ForgetfulError(
+                    f"the LM head received hidden states of shape {tuple(hidden.shape)}, not [batch, m + 1] = "
+                    f"{(batch, m + 1)}; this model ignores logits_to_keep: use loss_backend='dense'"
+                )
+            return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+    else:
+        positions = prediction_positions(labels)
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        rows = positions.nonzero()[:, 0]
+
+        def select(hidden: torch.Tensor) -> torch.Tensor:
+            if hidden.shape[:2] != positions.shape:
+                raise ForgetfulError(
+                    f"the LM head received hidden states of shape {tuple(hidden.shape)}, not [batch, length] = "
+                    f"{tuple(positions.shape)}; this model computes its head in an unusual way: use loss_backend='dense'"
+                )
+            return hidden[positions]
+
+    with head_loss_on(model, select, targets, loss_backend) as head:
+        _forward(model, input_ids, attention_mask, position_ids, **extra)
+    return TokenNLL(head.nll, rows, batch)
+
+
+def _dense_token_nll(model, input_ids, labels, attention_mask, position_ids, sparse_logits, target_length) -> TokenNLL:
     if target_length is not None and sparse_logits:
         logits = _forward(model, input_ids, attention_mask, position_ids, logits_to_keep=target_length + 1).logits
         logits = logits[:, :-1]

@@ -137,6 +137,10 @@ def _cases(d: Path, model: str):
         (sel + ["--task", "text", "--mask", "random", "--p", "1.0", "--block-size", "32"], "all zeros"),
         (sel + ["--task", "tofu", "--strategy", "forget_everything"], "unknown TOFU strategy"),
         (sel + ["--task", "tofu", "--fsdp", "full_shard"], "--fsdp shards the model over several processes"),
+        (sel + ["--task", "tofu", "--loss_backend", "cce"], "loss_backend='cce' runs only on a CUDA GPU"),
+        (sel + ["--task", "tofu", "--loss_backend", "fast"], "invalid choice: 'fast'"),
+        (sel + ["--task", "tofu", "--loss_backend", "dense", "--use_liger_kernel"], "loss_backend='dense'"),
+        (fg + ["--loss-backend", "liger"], "loss_backend='liger' runs only on a CUDA GPU"),
         (tofu + ["--data-dir", str(d / "tofu_missing")], "is missing"),
         (tofu + ["--retain-eval", str(d / "retain_other_split.json")], "are for forget05"),
         (tofu + ["--retain-eval", str(d / "retain_rows.json")], "row counts do not match"),
@@ -145,7 +149,7 @@ def _cases(d: Path, model: str):
     ]
 
 
-N_CASES = 43  # the parametrisation below runs each case by index
+N_CASES = 47  # the parametrisation below runs each case by index
 
 
 def test_there_are_at_least_twenty_cases(files, tiny_model_dir):

@@ -69,6 +69,41 @@ def test_joint_training_returns_model_policy_history(tiny_llama, data):
     assert any(not torch.equal(v, p0[k]) for k, v in p.state_dict().items())
 
 
+def test_chunked_loss_backend_trains_as_dense(tiny_llama, data, monkeypatch):
+    """The target NLL (LM loss and reward) through the chunked backend: the same run as dense."""
+    import forgetful.loss_kernels as lk
+
+    monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 3 * 400)  # 3 rows of logits per chunk
+    model, tok = tiny_llama
+    train, _ = data
+    runs = {}
+    for backend in ("dense", "chunked"):
+        torch.manual_seed(0)
+        m = copy.deepcopy(model).float()
+        policy = MLPForgetMask(m, hidden_size=16)
+        m, p, history = reinforce_model(
+            m,
+            policy,
+            forget_p=0.5,
+            exploration_epochs=[0.5],
+            train_dataset=train,
+            tokenizer=tok,
+            args=_config(loss_backend=backend, mixed_precision="no"),
+        )
+        runs[backend] = ([h for h in history if "reward" in h], _state(m, p))
+    (steps_d, state_d), (steps_c, state_c) = runs["dense"], runs["chunked"]
+    assert len(steps_d) == len(steps_c) == 2
+    for a, b in zip(steps_d, steps_c):
+        for key in ("lm_loss", "reward"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        # normalised advantages magnify float rounding of the rewards
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-3)
+    lm = [k for k in state_d if k.startswith("lm.")]  # (Adam on the policy magnifies rounding of tiny gradients)
+    assert lm and all(torch.allclose(state_d[k].float(), state_c[k].float(), atol=1e-5) for k in lm)
+    with pytest.raises(ForgetfulError, match="loss_backend must be one of"):
+        _config(loss_backend="fast")
+
+
 def test_freeze_lm_trains_only_the_policy(tiny_llama, data):
     model, tok = tiny_llama
     model = copy.deepcopy(model)

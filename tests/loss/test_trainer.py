@@ -64,6 +64,15 @@ def test_labels_fold_mask_padding_and_first_position():
     assert labels.tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100]]
 
 
+def test_labels_leave_the_callers_boolean_mask_unchanged():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.tensor([[True, True, False, True]])
+    attn = torch.tensor([[1, 1, 1, 0]])
+    labels = labels_from_loss_mask(ids, mask, attn)
+    assert labels.tolist() == [[-100, 6, -100, -100]]
+    assert mask.tolist() == [[True, True, False, True]]
+
+
 def test_collator_pads_right_and_counts_trained_tokens(tiny_llama):
     _, tok = tiny_llama
     col = SelectiveLossCollator(tok.pad_token_id, pad_to_multiple_of=8)
@@ -73,11 +82,24 @@ def test_collator_pads_right_and_counts_trained_tokens(tiny_llama):
     assert (batch["labels"] != -100).sum() == 2  # [5] in row 0 (token 4 is position 0), [8] in row 1
 
 
-def test_loss_equals_manual_masked_cross_entropy(tiny_llama, tmp_path):
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """The chunked backend's chunks hold 3 rows of logits: every batch spans many chunks."""
+    import forgetful.loss_kernels as lk
+
+    monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 3 * 400)
+
+
+BACKENDS = ["dense", "chunked", "auto"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_equals_manual_masked_cross_entropy(tiny_llama, tmp_path, backend, small_chunks):
     model, tok = tiny_llama
     model = copy.deepcopy(model).float()
     ds = _dataset(len(tok))
-    trainer = SelectiveLossTrainer(model=model, args=_args(tmp_path), train_dataset=ds, processing_class=tok)
+    args = _args(tmp_path, loss_backend=backend)
+    trainer = SelectiveLossTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     batch = trainer.data_collator(ds.to_list())
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch))
@@ -89,10 +111,11 @@ def test_loss_equals_manual_masked_cross_entropy(tiny_llama, tmp_path):
     assert torch.allclose(dense, ref, atol=1e-6, rtol=0)
 
 
-def _one_sgd_step(model, tok, ds, tmp_path, batch, accum):
+def _one_sgd_step(model, tok, ds, tmp_path, batch, accum, backend="dense"):
     m = copy.deepcopy(model).float()
     args = _args(
         tmp_path,
+        loss_backend=backend,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum,
         max_steps=1,
@@ -107,13 +130,14 @@ def _one_sgd_step(model, tok, ds, tmp_path, batch, accum):
     return {k: v.detach().clone() for k, v in m.named_parameters()}
 
 
-def test_gradient_accumulation_is_exact(tiny_llama, tmp_path):
+@pytest.mark.parametrize("backend", ["dense", "chunked"])
+def test_gradient_accumulation_is_exact(tiny_llama, tmp_path, backend, small_chunks):
     """batch 8 x accumulation 1 == batch 2 x accumulation 4 == the gradient of the global mean."""
     model, tok = tiny_llama
     ds = _dataset(len(tok))
     before = {k: v.detach().clone().float() for k, v in model.named_parameters()}
-    a = _one_sgd_step(model, tok, ds, tmp_path / "a", 8, 1)
-    b = _one_sgd_step(model, tok, ds, tmp_path / "b", 2, 4)
+    a = _one_sgd_step(model, tok, ds, tmp_path / "a", 8, 1, backend)
+    b = _one_sgd_step(model, tok, ds, tmp_path / "b", 2, 4, backend)
     # the manual reference: one SGD step of lr 1 on the masked mean over all 8 rows
     ref_model = copy.deepcopy(model).float()
     batch = SelectiveLossCollator(tok.pad_token_id)(ds.to_list())
@@ -126,11 +150,13 @@ def test_gradient_accumulation_is_exact(tiny_llama, tmp_path):
     assert max((a[n] - before[n]).abs().max() for n in a) > 1e-4
 
 
-def test_all_masked_batch_gives_zero_loss_and_zero_gradients(tiny_llama, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_masked_batch_gives_zero_loss_and_zero_gradients(tiny_llama, tmp_path, backend):
     model, tok = tiny_llama
     model = copy.deepcopy(model).float()
     ds = _dataset(len(tok), n=2)
-    trainer = SelectiveLossTrainer(model=model, args=_args(tmp_path), train_dataset=ds, processing_class=tok)
+    args = _args(tmp_path, loss_backend=backend)
+    trainer = SelectiveLossTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     rows = [{"input_ids": r["input_ids"], "loss_mask": [0] * len(r["input_ids"])} for r in ds.to_list()]
     batch = trainer.data_collator(rows)
     for num_items in (None, torch.tensor(0)):
@@ -140,6 +166,101 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradients(tiny_llama, tmp_pat
         loss.backward()
         grads = [p.grad for p in model.parameters()]
         assert all(g is not None and torch.isfinite(g).all() and g.abs().max() == 0 for g in grads)
+
+
+def test_auto_backend_is_chunked_on_the_cpu(tiny_llama, tmp_path, monkeypatch):
+    import forgetful.loss_kernels as lk
+
+    model, tok = tiny_llama
+    ds = _dataset(len(tok), n=2)
+    trainer = SelectiveLossTrainer(model=model, args=_args(tmp_path), train_dataset=ds, processing_class=tok)
+    assert trainer.args.loss_backend == trainer.loss_backend == "auto"
+    calls = []
+    real = lk.ChunkedLinearNLL.apply
+    monkeypatch.setattr(lk.ChunkedLinearNLL, "apply", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        trainer.compute_loss(model, dict(trainer.data_collator(ds.to_list())))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["cce", "liger"])
+def test_gpu_backends_are_refused_on_the_cpu_before_training(tiny_llama, tmp_path, backend):
+    with pytest.raises(ForgetfulError, match=f"loss_backend='{backend}' runs only on a CUDA GPU") as err:
+        _args(tmp_path, loss_backend=backend)
+    assert "\n" not in str(err.value)
+    model, tok = tiny_llama
+    args = _args(tmp_path)
+    args.loss_backend = backend  # changed after the config's check: the Trainer checks again
+    with pytest.raises(ForgetfulError, match=f"loss_backend='{backend}' runs only on a CUDA GPU"):
+        SelectiveLossTrainer(model=model, args=args, train_dataset=_dataset(len(tok), n=2), processing_class=tok)
+
+
+def test_bad_backend_options_are_refused(tmp_path):
+    with pytest.raises(ForgetfulError, match="loss_backend must be one of"):
+        _args(tmp_path, loss_backend="fast")
+    with pytest.raises(ForgetfulError, match="sparse_logits=False"):
+        _args(tmp_path, loss_backend="chunked", sparse_logits=False)
+
+
+def test_use_liger_kernel_with_another_backend_is_refused_naming_loss_backend(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    with pytest.raises(ForgetfulError, match="use_liger_kernel.*loss_backend='chunked'") as err:
+        _args(tmp_path, loss_backend="chunked", use_liger_kernel=True)
+    assert "\n" not in str(err.value)
+    args = _args(tmp_path, loss_backend="chunked")
+    args.use_liger_kernel = True  # set after the config's own check: the Trainer checks again
+    with pytest.raises(ForgetfulError, match="use_liger_kernel.*loss_backend='chunked'"):
+        SelectiveLossTrainer(model=model, args=args, train_dataset=_dataset(len(tok), n=2), processing_class=tok)
+
+
+def test_use_liger_kernel_without_liger_or_cuda_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ForgetfulError, match="loss_backend='liger' runs only on a CUDA GPU"):
+        _args(tmp_path, use_liger_kernel=True)
+
+
+def test_use_liger_kernel_is_honoured_through_the_liger_backend(tiny_llama, tmp_path, monkeypatch):
+    """The selective loss bypasses the model's own loss, so --use_liger_kernel must not be silently
+    ignored: its fused linear cross-entropy computes the trained tokens' NLL (a CPU stand-in for the
+    CUDA kernel here, with Liger's functional signature)."""
+    import sys
+    import types
+
+    import transformers.trainer
+
+    import forgetful.loss_kernels as lk
+
+    calls = []
+
+    def liger_fused_linear_cross_entropy(
+        input, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None
+    ):
+        calls.append(reduction)
+        return F.cross_entropy(F.linear(input, weight, bias).float(), target, reduction=reduction)
+
+    functional = types.ModuleType("liger_kernel.transformers.functional")
+    functional.liger_fused_linear_cross_entropy = liger_fused_linear_cross_entropy
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
+    monkeypatch.setattr(lk, "cuda_usable", lambda device: True)
+    monkeypatch.setattr(lk, "kernel_available", lambda name: True)
+    patched = []
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", lambda model, cfg: patched.append(model))
+
+    model, tok = tiny_llama
+    model = copy.deepcopy(model).float()
+    ds = _dataset(len(tok))
+    args = _args(tmp_path, use_liger_kernel=True, max_steps=1, per_device_train_batch_size=4)
+    trainer = SelectiveLossTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    assert trainer.loss_backend == "liger"
+    trainer.train()
+    assert patched == [model] and calls == ["none"]  # the Trainer applied Liger; the loss went through it
+    batch = trainer.data_collator(ds.to_list())
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        ref = manual_masked_ce(model, batch)
+    assert calls == ["none", "none"]
+    assert torch.allclose(loss, ref, atol=1e-6, rtol=1e-6), (loss, ref)
 
 
 def test_loss_mask_survives_remove_unused_columns(tiny_llama, tmp_path):

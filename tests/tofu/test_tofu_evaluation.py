@@ -85,6 +85,19 @@ def test_answer_nll_independent_of_batch_size_and_padding(tiny_llama):
     np.testing.assert_allclose(rev[::-1], one, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "auto"])
+def test_answer_nll_is_the_same_with_every_cpu_loss_backend(tiny_llama, backend, monkeypatch):
+    import forgetful.loss_kernels as lk
+
+    monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 2 * 400)  # 2 rows of logits per chunk
+    model, tok = tiny_llama
+    dense = answer_nll(model, tok, QUESTIONS, ANSWERS, batch_size=2)
+    other = answer_nll(model, tok, QUESTIONS, ANSWERS, batch_size=2, loss_backend=backend)
+    np.testing.assert_allclose(other, dense, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ForgetfulError, match="loss_backend='cce' runs only on a CUDA GPU"):
+        answer_nll(model, tok, QUESTIONS, ANSWERS, loss_backend="cce")
+
+
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 def test_generate_answers_batched_equals_one_by_one(fixture, request):
     model, tok = request.getfixturevalue(fixture)

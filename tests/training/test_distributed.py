@@ -1,5 +1,7 @@
 """Both trainers under torchrun with 2 CPU processes (gloo) compute what 1 process computes at the
-same global batch: per-step losses equal within 1e-5 (DDP for both, FSDP2 for the Trainer path)."""
+same global batch: per-step losses equal within 1e-5 (DDP for both, FSDP2 for the Trainer path; the
+Trainer with the chunked loss backend, which ``auto`` is on the CPU, and with the dense one), and
+the train_loss logged at the end is the global figure."""
 
 from __future__ import annotations
 
@@ -43,13 +45,20 @@ def _run(trainer: str, processes: int, out: Path, extra: tuple[str, ...] = ()) -
 
 
 @pytest.mark.parametrize(
-    "trainer,extra",
-    [("selective", ()), ("selective", ("--fsdp",)), ("reinforce", ())],
-    ids=["selective-ddp", "selective-fsdp", "reinforce-ddp"],
+    "trainer,extra,both",
+    [
+        ("selective", (), ()),
+        ("selective", ("--fsdp",), ()),
+        ("selective", (), ("--loss-backend", "dense")),
+        ("reinforce", (), ()),
+    ],
+    ids=["selective-ddp-chunked", "selective-fsdp-chunked", "selective-ddp-dense", "reinforce-ddp"],
 )
-def test_two_processes_match_one_at_the_same_global_batch(trainer, extra, tmp_path):
-    one = _run(trainer, 1, tmp_path / "one.json")
-    two = _run(trainer, 2, tmp_path / "two.json", extra)
+def test_two_processes_match_one_at_the_same_global_batch(trainer, extra, both, tmp_path):
+    one = _run(trainer, 1, tmp_path / "one.json", both)
+    two = _run(trainer, 2, tmp_path / "two.json", (*extra, *both))
+    if trainer == "selective":
+        assert one["loss_backend"] == two["loss_backend"] == (both[1] if both else "auto")
     assert one["processes"] == 1 and two["processes"] == 2
     assert two["per_device_batch"] * 2 == one["per_device_batch"] == 8
     assert len(one["losses"]) == len(two["losses"]) == 4
@@ -58,6 +67,20 @@ def test_two_processes_match_one_at_the_same_global_batch(trainer, extra, tmp_pa
     # training moved the weights, by the same amount in both runs (up to float summation order)
     assert one["losses"][0] != one["losses"][-1]
     assert abs(one["checksum"][0] - two["checksum"][0]) < 1e-4 * max(1.0, abs(one["checksum"][0]))
+
+
+def test_logged_train_loss_is_the_global_mean(tmp_path):
+    """Trainer logs the loss of the steps after the last logging step from each process's own
+    share; with 4 steps logged every 3, the train_loss that the log history and the trackers get
+    must still be the global figure: the one process's value, and the value train() returns."""
+    logging = ("--logging-steps", "3")
+    one = _run("selective", 1, tmp_path / "one.json", logging)
+    two = _run("selective", 2, tmp_path / "two.json", logging)
+    assert len(one["losses"]) == len(two["losses"]) == 1  # step 3 (Trainer gathers this one)
+    assert abs(one["losses"][0] - two["losses"][0]) < 1e-5
+    (logged_one,), (logged_two,) = one["logged_train_loss"], two["logged_train_loss"]
+    assert abs(logged_one - logged_two) < 1e-5, (logged_one, logged_two)
+    assert abs(two["train_loss"] - logged_two) < 1e-6 and abs(one["train_loss"] - two["train_loss"]) < 1e-5
 
 
 def test_cli_under_torchrun_writes_once(tiny_model_dir, tmp_path):

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ForgetfulError, check_choices, check_probability
+from ..loss_kernels import check_loss_backend
 from ..nll import token_nll, unwrap_model
 from ..tokens import pad_token_id
 from ..training.checkpoints import latest_checkpoint, mark_complete, rotate
@@ -98,6 +99,14 @@ class ForgetTrainingConfig:
         default=None, metadata={"help": "Default: bf16 on a GPU that has it, else no."}
     )
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is there."})
+    loss_backend: Literal["auto", "dense", "chunked", "cce", "liger"] = field(
+        default="dense",
+        metadata={
+            "help": "How the target NLL (the LM loss and the reward) is computed: dense (the model's head on the "
+            "targets through logits_to_keep: no host synchronisation, best for short targets), chunked, cce, "
+            "liger or auto (see SelectiveLossConfig.loss_backend)."
+        },
+    )
     max_steps_per_epoch: int | None = None
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of every epoch)."})
     eval_batches: int = 8
@@ -276,6 +285,7 @@ class ForgetMaskTrainer:
         project_dir = args.output_dir or "."
         # cpu=True on a machine without GPUs also makes a multi-process launch (torchrun) use gloo
         cpu = args.use_cpu or not torch.cuda.is_available()
+        check_loss_backend(args.loss_backend, torch.device("cpu" if cpu else "cuda"))
         self.accelerator = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=project_dir, cpu=cpu)
         set_seed(args.seed)
         acc = self.accelerator
@@ -403,6 +413,7 @@ class ForgetMaskTrainer:
                     attention_mask=inputs["attention_mask"],
                     position_ids=inputs["position_ids"],
                     target_length=inputs["target_length"],
+                    loss_backend=args.loss_backend,
                 )
         # per (sample, row) mean target NLL -> reward
         per_row = out.sum_per_row() / out.count_per_row().clamp(min=1)

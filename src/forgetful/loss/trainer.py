@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..errors import ForgetfulError
+from ..loss_kernels import LOSS_BACKENDS, check_loss_backend
 from ..nll import IGNORE_INDEX, token_nll
 from ..tokens import pad_sequences, pad_token_id
 from ..training.checkpoints import latest_trainer_checkpoint, mark_complete, rotate
@@ -35,6 +37,15 @@ class SelectiveLossConfig(TrainingArguments):
 
     sparse_logits: bool = field(
         default=True, metadata={"help": "Compute vocabulary logits only at trained positions (same loss, less memory)."}
+    )
+    loss_backend: Literal["auto", "dense", "chunked", "cce", "liger"] = field(
+        default="auto",
+        metadata={
+            "help": "How the LM head and cross-entropy are computed at trained positions: dense (all their logits "
+            "at once), chunked (pure PyTorch, a chunk of logits at a time, recomputed in backward), cce (Cut "
+            "Cross-Entropy, CUDA, bf16/fp16), liger (Liger fused linear CE, CUDA), auto (cce on CUDA when installed, "
+            "else chunked). cce and liger: pip install 'forgetful[gpu]'."
+        },
     )
     validate_loss_mask: bool = field(
         default=True, metadata={"help": "Check every loss_mask (0/1, same length as input_ids) before training."}
@@ -70,6 +81,13 @@ class SelectiveLossConfig(TrainingArguments):
         return {k: values[k] for k in self.RECIPE}
 
     def __post_init__(self):
+        if self.loss_backend not in LOSS_BACKENDS:
+            raise ForgetfulError(f"loss_backend must be one of {', '.join(LOSS_BACKENDS)}, got {self.loss_backend!r}")
+        if not self.sparse_logits and self.loss_backend not in ("auto", "dense"):
+            raise ForgetfulError(
+                f"sparse_logits=False computes full logits, which loss_backend='{self.loss_backend}' never does: "
+                "use loss_backend dense (or auto), or sparse_logits=True"
+            )
         # HfArgumentParser turns an absent --report_to into [None]; mean our default, "none".
         if self.report_to is None or (isinstance(self.report_to, list) and not [r for r in self.report_to if r]):
             self.report_to = "none"
@@ -80,6 +98,7 @@ class SelectiveLossConfig(TrainingArguments):
         if self.use_cpu and self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.ddp_backend = "gloo"  # CPU processes under a launcher (NCCL needs GPUs)
         super().__post_init__()
+        selective_loss_backend(self)  # a GPU kernel asked for where it cannot run: one line, before any work
 
 
 class _StopCallback(TrainerCallback):
@@ -101,7 +120,7 @@ def labels_from_loss_mask(
 ) -> torch.Tensor:
     """``labels`` for a causal LM: the token where it is trained, ``-100`` where it is masked, on
     padding and at position 0 (nothing predicts the first token)."""
-    keep = loss_mask.bool()
+    keep = loss_mask != 0  # a new tensor: the caller's mask stays as it was
     if attention_mask is not None:
         keep &= attention_mask.bool()
     keep[:, 0] = False
@@ -158,6 +177,24 @@ def validate_loss_masks(dataset: Dataset, name: str = "train_dataset") -> None:
             raise ForgetfulError(f"{name}: loss_mask must hold only 0 and 1, found {flat[bad][0]!r}")
 
 
+def selective_loss_backend(args: TrainingArguments) -> str:
+    """The loss backend ``args`` asks for, checked for this machine. ``--use_liger_kernel`` (the
+    Trainer's switch for Liger's fused linear cross-entropy) is honoured through the ``liger``
+    backend, since the selective loss bypasses the model's own loss; with another explicit
+    backend it is refused."""
+    backend = getattr(args, "loss_backend", "auto")
+    if getattr(args, "use_liger_kernel", False):
+        if backend not in ("auto", "liger"):
+            raise ForgetfulError(
+                f"use_liger_kernel asks for Liger's fused linear cross-entropy but loss_backend='{backend}': "
+                "set loss_backend liger (or auto), or drop use_liger_kernel"
+            )
+        backend = "liger"
+    use_cpu = getattr(args, "use_cpu", False) or not torch.cuda.is_available()
+    check_loss_backend(backend, torch.device("cpu" if use_cpu else "cuda"))
+    return backend
+
+
 class SelectiveLossTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is the cross-entropy of the tokens with
     ``loss_mask == 1``, normalised by the global number of such tokens.
@@ -185,6 +222,7 @@ class SelectiveLossTrainer(Trainer):
     ):
         if args is None:
             raise ForgetfulError("SelectiveLossTrainer needs args (a SelectiveLossConfig)")
+        self.loss_backend = selective_loss_backend(args)
         if data_collator is None:
             data_collator = SelectiveLossCollator(pad_token_id(processing_class, model))
         if getattr(args, "validate_loss_mask", True):
@@ -227,14 +265,16 @@ class SelectiveLossTrainer(Trainer):
         if callback.stopped_at is not None:
             folder = Path(self._get_output_dir(trial=None)) / f"checkpoint-{callback.stopped_at}"
             raise TrainingInterrupted(callback.stopped_at, str(folder) if self.args.output_dir else None)
-        if self.accelerator.num_processes > 1:
-            # Trainer's training_loss adds the steps since the last log from this process only;
-            # the mean over processes is the global figure (each process's loss is its share of
-            # the global token sum, times the number of processes).
-            local = torch.tensor([result.training_loss], dtype=torch.float64, device=self.accelerator.device)
-            loss = float(self.accelerator.reduce(local, reduction="mean").item())
-            result = result._replace(training_loss=loss, metrics={**result.metrics, "train_loss": loss})
         return result
+
+    def _finalize_training(self, *args, **kwargs):
+        # Trainer adds the loss of the steps since the last logging step from this process only, and
+        # logs (log history, trackers) and returns that as train_loss. Make it the mean over processes
+        # first, as Trainer's logging steps do: each process's loss is its share of the global token
+        # sum times the number of processes, so the mean is the global figure.
+        if self.accelerator.num_processes > 1:
+            self._tr_loss = self.accelerator.reduce(self._tr_loss.detach().clone(), reduction="mean")
+        return super()._finalize_training(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         # The Trainer writes checkpoint-N in place and rotates old ones before it returns; we
@@ -261,6 +301,7 @@ class SelectiveLossTrainer(Trainer):
             attention_mask=inputs.get("attention_mask"),
             position_ids=inputs.get("position_ids"),
             sparse_logits=getattr(self.args, "sparse_logits", True),
+            loss_backend=self.loss_backend,
         )
         total = out.nll.sum()
         if num_items_in_batch is None:

@@ -25,6 +25,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.tofu import FORGET_SPLITS, encode_qa, encode_question, load_tofu_split
 from ..errors import ForgetfulError
+from ..loss_kernels import check_loss_backend
 from ..nll import IGNORE_INDEX, token_nll
 from ..tokens import pad_sequences, pad_token_id
 from .metrics import (
@@ -60,9 +62,11 @@ def answer_nll(
     answers: Sequence[str],
     batch_size: int = 32,
     max_length: int = 512,
+    loss_backend: str = "dense",
 ) -> np.ndarray:
     """Average per-token NLL of each answer (+ EOS) given ``Question: q\\nAnswer:``, batched and
-    sorted by length (:func:`~forgetful.data.tofu.encode_qa`, the encoding training uses)."""
+    sorted by length (:func:`~forgetful.data.tofu.encode_qa`, the encoding training uses).
+    ``loss_backend``: how the answer logits and NLL are computed (:mod:`forgetful.loss_kernels`)."""
     device = next(model.parameters()).device
     encoded = [encode_qa(tokenizer, q, a, max_length) for q, a in zip(questions, answers)]
     seqs = [e.ids for e in encoded]
@@ -78,7 +82,9 @@ def answer_nll(
         starts_t = torch.tensor([starts[j] for j in idx])
         labels = ids.masked_fill(~real, IGNORE_INDEX)
         labels = labels.masked_fill(torch.arange(ids.shape[1])[None] < starts_t[:, None], IGNORE_INDEX)
-        res = token_nll(model, ids.to(device), labels.to(device), attention_mask=real.long().to(device))
+        res = token_nll(
+            model, ids.to(device), labels.to(device), attention_mask=real.long().to(device), loss_backend=loss_backend
+        )
         avg = (res.sum_per_row() / res.count_per_row().clamp(min=1)).float().cpu().numpy()
         out[idx] = avg
     model.train(was_training)
@@ -136,7 +142,9 @@ def _set_split(name: str, forget_split: str) -> str:
     }[name]
 
 
-def evaluate_set(model, tokenizer, rows: list[dict], name: str, *, max_new_tokens: int, batch_size: int) -> dict:
+def evaluate_set(
+    model, tokenizer, rows: list[dict], name: str, *, max_new_tokens: int, batch_size: int, loss_backend: str = "dense"
+) -> dict:
     """Per-example metrics of one evaluation set."""
     q = [r["question"] for r in rows]
     answers = [r["answer"] for r in rows]
@@ -147,12 +155,13 @@ def evaluate_set(model, tokenizer, rows: list[dict], name: str, *, max_new_token
     P = n_pert.pop()
     gens = generate_answers(model, tokenizer, q, max_new_tokens=max_new_tokens, batch_size=batch_size)
     rouge = rouge_l_recall(gens, answers)
-    ans_nll = answer_nll(model, tokenizer, q, answers, batch_size)
+    kw = {"loss_backend": loss_backend}
+    ans_nll = answer_nll(model, tokenizer, q, answers, batch_size, **kw)
     pert_nll = answer_nll(
-        model, tokenizer, [x for x in q for _ in range(P)], [a for p in perturbed for a in p], batch_size
+        model, tokenizer, [x for x in q for _ in range(P)], [a for p in perturbed for a in p], batch_size, **kw
     ).reshape(len(rows), P)
     if name in ("forget", "retain"):
-        para_nll = answer_nll(model, tokenizer, q, [r["paraphrased_answer"] for r in rows], batch_size)
+        para_nll = answer_nll(model, tokenizer, q, [r["paraphrased_answer"] for r in rows], batch_size, **kw)
         prob = probability(ans_nll)
         r_values = truth_ratio(para_nll, pert_nll)
     else:
@@ -229,8 +238,13 @@ class TofuEvalConfig:
     max_examples: int | None = field(default=None, metadata={"help": "Evaluate at most this many examples per set."})
     num_authors: int = field(default=200, metadata={"help": "Authors in the embedded data."})
     seed: int = field(default=0, metadata={"help": "Seed of the embedded data."})
+    loss_backend: Literal["auto", "dense", "chunked", "cce", "liger"] = field(
+        default="dense",
+        metadata={"help": "How answer NLLs are computed: dense, chunked, cce, liger or auto (see loss_kernels)."},
+    )
 
     def __post_init__(self):
+        check_loss_backend(self.loss_backend)
         if self.forget_split not in FORGET_SPLITS:
             raise ForgetfulError(f"forget split must be one of {', '.join(FORGET_SPLITS)}, got '{self.forget_split}'")
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -266,6 +280,12 @@ def evaluate_tofu(
     }
     for name in tqdm(EVAL_SETS, desc="eval-tofu", disable=not progress):
         per_example[name] = evaluate_set(
-            model, tokenizer, sets[name], name, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size
+            model,
+            tokenizer,
+            sets[name],
+            name,
+            max_new_tokens=c.max_new_tokens,
+            batch_size=c.batch_size,
+            loss_backend=c.loss_backend,
         )
     return per_example, summarize(per_example, retain_r)

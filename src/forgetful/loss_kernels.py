@@ -1,0 +1,429 @@
+"""Loss backends: the LM head and the cross-entropy of the scored tokens, computed together.
+
+Everything that scores tokens (the selective-loss Trainer, REINFORCE target rewards, TOFU answer
+probabilities) goes through :func:`linear_nll`, which takes the hidden states of the scored
+positions ``h [N, d]``, the LM head and the targets ``[N]`` and returns the per-token NLL
+(float32, connected to the graph). One option, ``loss_backend``, picks how:
+
+* ``dense``: the head's own forward on all ``N`` rows, then ``F.cross_entropy`` (``[N, V]`` logits
+  at once; :func:`forgetful.nll.token_nll` keeps its forward pre-hook path for it).
+* ``chunked``: pure PyTorch. The head and the cross-entropy run in chunks of rows; the backward
+  recomputes each chunk's logits, so at most one chunk of ``[rows, V]`` logits is alive
+  (:class:`ChunkedLinearNLL`, or per-chunk checkpointing of the head's own forward when the head is
+  not one weight matrix). Logit soft-capping, a head bias, tied embeddings and LoRA on the head are
+  handled.
+* ``cce``: Apple's Cut Cross-Entropy (``cut_cross_entropy.linear_cross_entropy``, PyPI 25.1.1):
+  CUDA only, bf16/fp16 only (its backward refuses float32), no bias, exact gradients
+  (``filter_eps=None``: CCE's default skips small gradient tiles).
+* ``liger``: Liger's fused linear cross-entropy (``liger_kernel`` 0.8.5, ``reduction="none"``,
+  whose backward recomputes the logits and weighs every token's gradient): CUDA only.
+* ``auto``: ``cce`` on CUDA when it is installed and the head computes in bf16/fp16 without a
+  bias, else ``chunked``. It never fails because a GPU package is missing.
+
+The GPU kernels are the optional extra ``forgetful[gpu]``; they are imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import ForgetfulError
+
+IGNORE_INDEX = -100
+
+LossBackend = Literal["auto", "dense", "chunked", "cce", "liger"]
+LOSS_BACKENDS: tuple[str, ...] = ("auto", "dense", "chunked", "cce", "liger")
+GPU_PACKAGES = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}
+INSTALL_HINT = "pip install 'forgetful[gpu]'"
+
+#: Elements of one chunk of logits in the chunked backend (2**25 float32 = 128 MiB): about 260 rows
+#: for a 128k vocabulary, 650 for GPT-2's 50k.
+CHUNK_ELEMENTS = 1 << 25
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing a backend
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def kernel_available(package: str) -> bool:
+    """Whether ``package`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def cuda_usable(device: torch.device | str | None) -> bool:
+    """Whether the work on ``device`` runs on a CUDA GPU (``None``: any GPU is there)."""
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def check_loss_backend(name: str, device: torch.device | str | None = None) -> None:
+    """One-line :class:`ForgetfulError` when ``name`` is not a backend, or is a GPU kernel that
+    cannot run here (no CUDA on ``device``, or its package is not installed)."""
+    if name not in LOSS_BACKENDS:
+        raise ForgetfulError(f"loss_backend must be one of {', '.join(LOSS_BACKENDS)}, got {name!r}")
+    if name not in GPU_PACKAGES:
+        return
+    where = "this machine has no CUDA GPU" if device is None else f"this run is on {torch.device(device).type}"
+    if not cuda_usable(device):
+        raise ForgetfulError(
+            f"loss_backend='{name}' runs only on a CUDA GPU (Triton kernels) and {where}: "
+            "use loss_backend='chunked' (or auto)"
+        )
+    if not kernel_available(GPU_PACKAGES[name]):
+        raise ForgetfulError(
+            f"loss_backend='{name}' needs the {GPU_PACKAGES[name]} package, which is not installed: "
+            f"{INSTALL_HINT}, or use loss_backend='chunked' (or auto)"
+        )
+
+
+def compute_dtype(h: torch.Tensor, weight_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's when it is on for ``h``'s device, else the
+    weight's (as ``nn.Linear`` would)."""
+    kind = h.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight_dtype or h.dtype
+
+
+def resolve_loss_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None, head=None) -> str:
+    """``auto`` made concrete: ``cce`` on CUDA when installed and usable for this head and dtype
+    (bf16/fp16, no bias, one weight matrix), else ``chunked``; any other name unchanged."""
+    if name != "auto":
+        return name
+    usable = cuda_usable(device) and kernel_available(GPU_PACKAGES["cce"])
+    if dtype is not None:
+        usable = usable and dtype in _LOW_PRECISION
+    if head is not None:
+        usable = usable and head.weight is not None and head.bias is None
+    return "cce" if usable else "chunked"
+
+
+# --------------------------------------------------------------------------------------------
+# The head as the kernels need it
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadSpec:
+    """What computes the logits: one weight matrix (``[V, d]``, with an optional bias) when the head
+    has one, else ``call`` (the head's own forward, used chunk by chunk); then the logit
+    soft-capping (``cap * tanh(z / cap)``) and a scale folded into the hidden states."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    call: Callable[[torch.Tensor], torch.Tensor]
+    softcap: float | None = None
+    scale: float | None = None
+    kind: str = "linear"
+    vocab: int = 0
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return (
+        isinstance(module, nn.Linear)
+        and isinstance(w, torch.Tensor)
+        and w.is_floating_point()
+        and w.dim() == 2
+        and tuple(w.shape) == (module.out_features, module.in_features)
+    )
+
+
+def _lora_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The effective weight ``W + sum(scaling * B @ A)`` (and bias) of a PEFT LoRA ``Linear`` when
+    it is exactly that: vanilla LoRA (no DoRA or other variant, no LoRA bias) and no dropout in
+    training. ``None`` when the layer must be called instead."""
+    base = head.get_base_layer()
+    if not _plain_linear(base):
+        return None
+    weight = base.weight
+    if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+        return weight, base.bias
+    variants = getattr(head, "lora_variant", {}) or {}
+    for name in head.active_adapters:
+        if name not in head.lora_A:
+            continue
+        a, b = head.lora_A[name], head.lora_B[name]
+        dropout = head.lora_dropout[name]
+        if name in variants or getattr(b, "bias", None) is not None or not (_plain_linear(a) and _plain_linear(b)):
+            return None
+        if head.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return None
+        delta = b.weight @ a.weight
+        if getattr(head, "fan_in_fan_out", False):
+            delta = delta.T
+        weight = weight + delta.to(weight.dtype) * head.scaling[name]
+    return weight, base.bias
+
+
+def _config_value(config, name: str):
+    """``config.name``, or the text config's (multimodal models keep the LM's options there)."""
+    value = getattr(config, name, None)
+    if value is None and hasattr(config, "get_text_config"):
+        try:
+            value = getattr(config.get_text_config(), name, None)
+        except (AttributeError, ValueError, TypeError):
+            value = None
+    return value
+
+
+def head_spec(head: nn.Module, call: Callable | None = None, config=None) -> HeadSpec:
+    """Describe ``head`` (an ``nn.Linear``, tied or not, with or without bias; a PEFT LoRA
+    ``Linear``; anything else is called chunk by chunk). ``call`` is the head's forward to use for
+    the generic path (default: the module); ``config`` gives the soft-capping and logit scales."""
+    call = call or head
+    softcap = _config_value(config, "final_logit_softcapping")
+    scale = 1.0
+    if _config_value(config, "logit_scale") is not None:  # Cohere: logits * logit_scale
+        scale *= float(_config_value(config, "logit_scale"))
+    if _config_value(config, "logits_scaling") is not None:  # Granite: logits / logits_scaling
+        scale /= float(_config_value(config, "logits_scaling"))
+    vocab = getattr(head, "out_features", None) or getattr(config, "vocab_size", None) or 32768
+    kw = {"softcap": float(softcap) if softcap else None, "scale": None if scale == 1.0 else scale, "vocab": int(vocab)}
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):  # PEFT modules_to_save=["lm_head"]
+        active = list(getattr(head, "active_adapters", []) or [])
+        inner = head.original_module if head.disable_adapters or not active else head.modules_to_save[active[0]]
+        if len(active) <= 1 and _plain_linear(inner):
+            return HeadSpec(inner.weight, inner.bias, call, kind="linear", **kw)
+    if _plain_linear(head):
+        return HeadSpec(head.weight, head.bias, call, kind="linear", **kw)
+    if hasattr(head, "get_base_layer") and hasattr(head, "lora_A") and hasattr(head, "active_adapters"):
+        merged = _lora_weight(head)
+        if merged is not None:
+            return HeadSpec(merged[0], merged[1], call, kind="lora", **kw)
+    return HeadSpec(None, None, call, kind=type(head).__name__, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# chunked: pure PyTorch
+# --------------------------------------------------------------------------------------------
+
+
+def chunk_rows(vocab: int, elements: int | None = None) -> int:
+    """Rows per chunk so that one chunk of logits has about ``elements`` entries (a multiple of 8)."""
+    rows = max(1, (elements or CHUNK_ELEMENTS) // max(vocab, 1))
+    return rows if rows < 16 else rows // 8 * 8
+
+
+def _capped_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None):
+    """float32 logits of one chunk (after soft-capping) and, with soft-capping, ``tanh(z / cap)``."""
+    z = F.linear(h, w, b).float()
+    if softcap is None:
+        return z, None
+    t = z.div_(softcap).tanh_()
+    return t * softcap, t
+
+
+_OUT_DTYPE_OK: dict = {}
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in float32 and ``a``, ``b`` maybe in bf16/fp16: on CUDA through
+    ``addmm(out_dtype=float32)`` (torch >= 2.8, as Liger does), else through a temporary product."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _OUT_DTYPE_OK.get(acc.device, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_OK[acc.device] = False
+    acc.add_(a @ b)
+
+
+class ChunkedLinearNLL(torch.autograd.Function):
+    """``nll[i] = logsumexp(z_i) - z_i[t_i]`` with ``z = cap * tanh((h W^T + b) / cap)``, computed
+    ``rows`` rows at a time. Saves ``h``, the weight and the per-row log-sum-exp; the backward
+    recomputes each chunk's logits. The matmuls run in ``dtype`` (the autocast dtype under
+    autocast), softmax and gradients of the logits in float32, the weight gradient is accumulated
+    in float32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, softcap, rows, dtype):
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            n = h.shape[0]
+            nll = torch.empty(n, dtype=torch.float32, device=h.device)
+            lse = torch.empty(n, dtype=torch.float32, device=h.device)
+            for s in range(0, n, rows):
+                z, _ = _capped_logits(h[s : s + rows].to(dtype), w, b, softcap)
+                lse_c = torch.logsumexp(z, dim=-1)
+                lse[s : s + rows] = lse_c
+                nll[s : s + rows] = lse_c - z.gather(1, targets[s : s + rows, None]).squeeze(1)
+                del z
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.softcap, ctx.rows, ctx.dtype = softcap, rows, dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        softcap, rows, dtype = ctx.softcap, ctx.rows, ctx.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            grad_nll = grad_nll.float()
+            dh = torch.empty_like(h) if need_h else None
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+            for s in range(0, h.shape[0], rows):
+                hc = h[s : s + rows].to(dtype)
+                z, t = _capped_logits(hc, w, b, softcap)
+                p = z.sub_(lse[s : s + rows, None]).exp_()  # softmax, in place of the logits
+                del z
+                p[torch.arange(p.shape[0], device=p.device), targets[s : s + rows]] -= 1.0
+                p.mul_(grad_nll[s : s + rows, None])
+                if t is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh^2
+                    p.mul_(t.square_().neg_().add_(1.0))
+                    del t
+                if db is not None:
+                    db += p.sum(0)
+                dz = p.to(dtype)
+                del p
+                if dh is not None:
+                    dh[s : s + rows] = dz @ w
+                if dw is not None:
+                    _accumulate(dw, dz.T, hc)
+                del dz, hc
+        return (
+            dh,
+            dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _call_nll(call, h: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    z = call(h).float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z, targets, reduction="none")
+
+
+def _chunked_calls(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    """The generic chunked path: the head's own forward on each chunk, checkpointed (recomputed in
+    the backward), so one chunk of logits is alive at a time."""
+    grad = torch.is_grad_enabled()
+    parts = []
+    for s in range(0, h.shape[0], rows):
+        hc, tc = h[s : s + rows], targets[s : s + rows]
+        if grad:
+            parts.append(checkpoint(_call_nll, spec.call, hc, tc, spec.softcap, use_reentrant=False))
+        else:
+            parts.append(_call_nll(spec.call, hc, tc, spec.softcap))
+    return torch.cat(parts) if parts else _empty_nll(spec, h)
+
+
+def _empty_nll(spec: HeadSpec, h: torch.Tensor) -> torch.Tensor:
+    """A ``[0]`` float32 NLL connected to ``h`` and the head (zero gradients, no NaN, no DDP hang)."""
+    if spec.weight is not None:
+        return (
+            F.linear(h, spec.weight.to(h.dtype), None if spec.bias is None else spec.bias.to(h.dtype)).float().sum(-1)
+        )
+    return spec.call(h).float().sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_weight(spec: HeadSpec, backend: str) -> torch.Tensor:
+    if spec.weight is None:
+        raise ForgetfulError(
+            f"loss_backend='{backend}' needs an LM head with one weight matrix (nn.Linear, or LoRA without "
+            f"dropout in training); this head is {spec.kind}: use loss_backend='chunked'"
+        )
+    return spec.weight
+
+
+def _cce_nll(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from cut_cross_entropy import linear_cross_entropy
+
+    weight = _needs_weight(spec, "cce")
+    if spec.bias is not None:
+        raise ForgetfulError(
+            "loss_backend='cce': cut-cross-entropy 25.1.1 has no bias for the LM head: use loss_backend='liger' or 'chunked'"
+        )
+    dtype = compute_dtype(h, weight.dtype)
+    if dtype not in _LOW_PRECISION:
+        raise ForgetfulError(
+            f"loss_backend='cce' needs bf16 or fp16 (cut-cross-entropy 25.1.1 has no float32 backward) and the head "
+            f"computes in {str(dtype).removeprefix('torch.')}: train with --bf16 (autocast) or use loss_backend='chunked'"
+        )
+    # keywords only: the argument order differs between CCE builds
+    return linear_cross_entropy(
+        e=h.to(dtype),
+        c=weight.to(dtype),
+        targets=targets,
+        ignore_index=IGNORE_INDEX,
+        softcap=spec.softcap,
+        reduction="none",
+        filter_eps=None,  # exact gradients (CCE's default skips gradient tiles below eps)
+    ).float()
+
+
+def _liger_nll(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    weight = _needs_weight(spec, "liger")
+    bias = spec.bias
+    if not torch.is_autocast_enabled(h.device.type) and h.dtype != weight.dtype:
+        h = h.to(weight.dtype)  # under autocast Liger's matmuls cast (and keep float32 weight gradients)
+    return liger_fused_linear_cross_entropy(
+        h.contiguous(), weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="none", softcap=spec.softcap
+    ).float()
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+
+def linear_nll(
+    h: torch.Tensor, targets: torch.Tensor, spec: HeadSpec, backend: str = "chunked", *, rows: int | None = None
+) -> torch.Tensor:
+    """Per-token NLL ``[N]`` (float32, connected to the graph) of ``targets`` given the hidden
+    states ``h [N, d]`` of the scored positions and the head ``spec``. ``backend``: ``dense``,
+    ``chunked``, ``cce``, ``liger`` or ``auto``; ``rows`` overrides the chunk size of ``chunked``."""
+    check_loss_backend(backend, h.device)
+    if spec.scale is not None:
+        h = h * spec.scale
+    weight = spec.weight
+    dtype = compute_dtype(h, weight.dtype if weight is not None else None)
+    backend = resolve_loss_backend(backend, h.device, dtype, spec)
+    if backend == "dense":
+        return _call_nll(spec.call, h, targets, spec.softcap)
+    if h.shape[0] == 0:
+        return _empty_nll(spec, h)
+    if backend == "cce":
+        return _cce_nll(spec, h, targets)
+    if backend == "liger":
+        return _liger_nll(spec, h, targets)
+    if weight is None:
+        return _chunked_calls(spec, h, targets, rows or chunk_rows(spec.vocab))
+    rows = rows or chunk_rows(weight.shape[0])
+    return ChunkedLinearNLL.apply(h, weight, spec.bias, targets, spec.softcap, rows, dtype)
