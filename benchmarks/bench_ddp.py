@@ -274,15 +274,18 @@ def main() -> None:
     rank, size = world()
     torch.set_num_threads(1)
     runs = []
-    for _ in range(a.reps + 1 if a.reps > 1 else 1):  # with several repetitions, the first is a warm-up
+    total = a.reps + 1 if a.reps > 1 else 1
+    for i in range(total):  # with several repetitions, the first is a warm-up
         # a fresh model each time: the same initial weights, and no wrapper (DDP, FSDP) left on it
         model, tok = build(a.size, a.seed)
         run = run_selective if a.trainer == "selective" else run_reinforce
-        runs.append(run(a, model, tok, size))
+        # profiling slows the step it watches: do it in the warm-up run, which is not measured
+        this = argparse.Namespace(**{**vars(a), "profile": a.profile and i == 0})
+        runs.append(run(this, model, tok, size))
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    result = dict(runs[-1])
+    result = dict(runs[-1], profile=runs[0].get("profile"))
     if a.reps > 1:
         result["repetitions"] = [
             {k: r[k] for k in ("rows_per_s", "tokens_per_s", "step_s", "losses")} for r in runs[1:]

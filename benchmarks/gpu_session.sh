@@ -18,16 +18,18 @@
 set -uo pipefail
 phase=${1:?phase: setup, bench, model, experiments or ddp}
 out=${OUT:-/tmp/forgetful_out}
-mkdir -p "$out" /root/models /root/runs
+R=${WORK:-/root}  # where models, data and runs live while the machine is warm
+mkdir -p "$out" "$R/models" "$R/runs"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=/tmp/site:$PWD/src FORGETFUL_CACHE=/root/fcache
-GGUF=/root/models/SmolLM2-135M-Instruct.Q4_1.gguf
+export PYTHONPATH=/tmp/site:$PWD/src FORGETFUL_CACHE=$R/fcache
+GGUF=$R/models/SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-DATA=/root/data
+DATA=$R/data
+MODEL=${MODEL:-$GGUF}  # the real model (another folder for a dry run on a CPU)
 quiet() { grep -v -e "it/s\]" -e "s/it\]" || true; }  # drop progress bars
-pack() {  # pack the small result files of /root/runs/$1 into $out/$1.tgz (no model weights)
-  [ -d "/root/runs/$1" ] && tar czf "$out/$1.tgz" -C /root/runs --exclude='checkpoint-*' --exclude='*.safetensors' \
+pack() {  # pack the small result files of $R/runs/$1 into $out/$1.tgz (no model weights)
+  [ -d "$R/runs/$1" ] && tar czf "$out/$1.tgz" -C "$R/runs" --exclude='checkpoint-*' --exclude='*.safetensors' \
     --exclude='*.bin' --exclude='*.pt' --exclude='tokenizer*' "$1"
 }
 
@@ -35,7 +37,7 @@ case "$phase" in
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     rm -rf "$DATA" && cp -r .device_data "$DATA"
-    cp .gguf_parts/*part00 /root/models/part00
+    cp .gguf_parts/*part00 "$R/models/part00"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers, datasets, rouge_score, gguf, forgetful.input.experiment, forgetful.tofu.experiment; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'gpus', torch.cuda.device_count())"
     ;;
@@ -51,26 +53,26 @@ case "$phase" in
     tail -n 12 "$out"/bench_*.log
     ;;
   model)
-    cat /root/models/part00 .gguf_parts/*part01 > "$GGUF" && echo "$SHA  $GGUF" | sha256sum -c - || exit 1
+    cat "$R/models/part00" .gguf_parts/*part01 > "$GGUF" && echo "$SHA  $GGUF" | sha256sum -c - || exit 1
     python3 -c "import sys; from forgetful.models import load_model; m, t = load_model(sys.argv[1]); print(m.config.num_hidden_layers, m.dtype, t.eos_token)" "$GGUF" 2>&1 | quiet
     ;;
   experiments)
     budget=${BUDGET:-520}
-    (CUDA_VISIBLE_DEVICES=0 timeout "$budget" bash -c "
-       python3 -m forgetful forget-experiment --model $GGUF --task tofu_qa --data $DATA/tofu --out /root/runs/forget_tofu_qa \
+    (CUDA_VISIBLE_DEVICES=0 timeout -k 30 "$budget" bash -c "
+       python3 -m forgetful forget-experiment --model $MODEL --task tofu_qa --data $DATA/tofu --out $R/runs/forget_tofu_qa \
          --keeps 0.5,0.25 --train-examples ${QA_TRAIN:-1600} --eval-batch-size 50 --batch-size 8 --num-samples 4 \
          --lm-learning-rate 2e-5 --policy-learning-rate 1e-3 --disable-tqdm ${QA_EXTRA:-}
-       python3 -m forgetful forget-experiment --model $GGUF --task text --train-file $DATA/wikitext2/valid.txt \
-         --eval-file $DATA/wikitext2/test.txt --out /root/runs/forget_wikitext --keeps 0.5,0.25 --context-length 1024 \
+       python3 -m forgetful forget-experiment --model $MODEL --task text --train-file $DATA/wikitext2/valid.txt \
+         --eval-file $DATA/wikitext2/test.txt --out $R/runs/forget_wikitext --keeps 0.5,0.25 --context-length 1024 \
          --target-length 32 --eval-examples 200 --train-examples ${WT_TRAIN:-1600} --eval-batch-size 50 --batch-size 8 \
          --num-samples 4 --lm-learning-rate 2e-5 --policy-learning-rate 1e-3 --disable-tqdm ${WT_EXTRA:-}
      " > "$out/forget.log" 2>&1; true) &
-    (CUDA_VISIBLE_DEVICES=1 timeout "$budget" bash -c "
+    (CUDA_VISIBLE_DEVICES=1 timeout -k 30 "$budget" bash -c "
        for run in ${TOFU_RUNS:-retain full full_forget_answers full_forget_facts full_goldfish full_npo full_grad_diff}; do
-         python3 -m forgetful tofu-experiment --model $GGUF --data-dir $DATA/tofu --out /root/runs/tofu_real \
+         python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
            --forget-split forget10 --only \$run ${TOFU_EXTRA:-}
        done
-       python3 -m forgetful tofu-experiment --model $GGUF --data-dir $DATA/tofu --out /root/runs/tofu_real \
+       python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
          --forget-split forget10 ${TOFU_EXTRA:-}
      " > "$out/tofu.log" 2>&1; true) &
     wait
@@ -83,8 +85,9 @@ case "$phase" in
     bench() {  # bench NPROC NAME ARGS...: one process per GPU (Trainer would use DataParallel with two visible)
       local n=$1 name=$2; shift 2
       CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --standalone --nproc_per_node "$n" benchmarks/bench_ddp.py \
-        --size smollm2 --text "$DATA/wikitext2/valid.txt" --reps 3 --warmup 2 --steps ${STEPS:-6} \
-        --workdir "/tmp/bench_$name" --out "$out/ddp/$name.json" "$@" 2>&1 | grep '^{"trainer' || echo "$name failed"
+        --size "${DDP_SIZE:-smollm2}" --text "$DATA/wikitext2/valid.txt" --reps 3 --warmup 2 --steps ${STEPS:-6} \
+        --workdir "/tmp/bench_$name" --out "$out/ddp/$name.json" "$@" ${DDP_EXTRA:-} > "$out/ddp/$name.log" 2>&1
+      grep '^{"trainer' "$out/ddp/$name.log" || { echo "$name failed:"; tail -n 5 "$out/ddp/$name.log"; }
     }
     sel=(--trainer selective --seq 1024 --per-device-batch 16 --accumulation 8 --max-rows 2048)
     rl=(--trainer reinforce --seq 1024 --per-device-batch 8 --accumulation 6 --samples 4)

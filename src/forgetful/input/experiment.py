@@ -100,14 +100,15 @@ class ForgetExperimentConfig:
             raise ForgetfulError("the text task needs --train-file and --eval-file")
 
     def runs(self) -> list[tuple[str, str, str, float | None]]:
-        """(run name, protocol, strategy, keep ratio or None for every ratio)."""
+        """(run name, protocol, strategy, keep ratio or None for every ratio), in the order that
+        answers the question first: every strategy at the first keep ratio, then at the next."""
         out = [("zero_shot", "zero_shot", "", None)]
-        for s in _names(self.finetuned):
-            if s == "identity":
-                out.append(("ft_identity", "finetuned", s, None))
-            else:
-                out += [(f"ft_{s}_{k:g}", "finetuned", s, k) for k in self.keep_ratios]
-        out += [(f"joint_{p}_{k:g}", "finetuned", p, k) for p in _names(self.policies) for k in self.keep_ratios]
+        baselines, policies = _names(self.finetuned), _names(self.policies)
+        if "identity" in baselines:
+            out.append(("ft_identity", "finetuned", "identity", None))
+        for k in self.keep_ratios:
+            out += [(f"ft_{s}_{k:g}", "finetuned", s, k) for s in baselines if s != "identity"]
+            out += [(f"joint_{p}_{k:g}", "finetuned", p, k) for p in policies]
         return out
 
 
@@ -134,7 +135,8 @@ def run_forget_experiment(config: ForgetExperimentConfig, training: ForgetTraini
         else:
             model, _ = load_model(config.model)
             mask = build_mask(strategy, model, seed=training.seed)
-            run_args = replace(training, output_dir=str(out / name), run_name=name)
+            # no checkpoints: a run takes minutes, and one cut short is run again
+            run_args = replace(training, output_dir=None, run_name=name)
             epochs = (
                 [0.0] * config.finetune_epochs if not mask.learned else [float(e) for e in _names(config.exploration)]
             )
