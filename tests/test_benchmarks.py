@@ -143,3 +143,35 @@ def test_bench_selective_cpu_memory(tmp_path):
     assert (dense["method"], chunked["method"]) == ("forgetful_dense", "forgetful_chunked")
     assert res["chunked_over_dense_peak"] == chunked["peak_mb"] / dense["peak_mb"]
     assert chunked["loss_rel_diff"] < 1e-6 and chunked["grad_cos_min"] > 0.99999
+
+
+def test_ddp_summary_scaling_and_communication_share(tmp_path):
+    def run(trainer, n, tokens, profile=None):
+        reps = [{"rows_per_s": t / 100, "tokens_per_s": t, "step_s": 1.0, "losses": [2.0, 1.5]} for t in tokens]
+        out = {
+            "trainer": trainer,
+            "processes": n,
+            "repetitions": reps,
+            "per_device_batch": 4,
+            "config": {},
+            "profile": profile,
+            "tokens_per_s": tokens[-1],
+            "rows_per_s": 1,
+            "step_s": 1,
+            "losses": [2.0],
+        }
+        (tmp_path / f"{trainer}_{n}.json").write_text(json.dumps(out))
+
+    run("selective", 1, [100.0, 110.0, 90.0])
+    run(
+        "selective",
+        2,
+        [190.0, 200.0, 180.0],
+        profile=[{"op": "ncclDevKernel_AllReduce", "calls": 1, "ms": 3.0}, {"op": "aten::mm", "calls": 9, "ms": 7.0}],
+    )
+    _run("ddp_summary.py", str(tmp_path), "--out", str(tmp_path / "summary.json"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["scaling"]["selective"] == {**summary["scaling"]["selective"], "median": 1.9, "min": 1.8, "max": 2.0}
+    assert len(summary["rows"]) == 6 and {r["repetition"] for r in summary["rows"]} == {1, 2, 3}
+    assert summary["profiles"]["selective_2"]["communication_share_of_top_ops"] == pytest.approx(0.3)
+    assert summary["losses_side_by_side"]["selective"] == {"1_gpu": [2.0, 1.5], "2_gpu": [2.0, 1.5]}
