@@ -175,3 +175,14 @@ def test_ddp_summary_scaling_and_communication_share(tmp_path):
     assert len(summary["rows"]) == 6 and {r["repetition"] for r in summary["rows"]} == {1, 2, 3}
     assert summary["profiles"]["selective_2"]["communication_share_of_top_ops"] == pytest.approx(0.3)
     assert summary["losses_side_by_side"]["selective"] == {"1_gpu": [2.0, 1.5], "2_gpu": [2.0, 1.5]}
+
+
+def test_bench_masks(tmp_path):
+    out = tmp_path / "m.json"
+    _run("bench_masks.py", "--arch", "llama-tiny", "--n", "32", "--batch", "2", "--repeats", "1", "--out", str(out))
+    res = json.loads(out.read_text())
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert set(rows) == {"mlp", "cnn_mlp", "rnn", "birnn", "hidden_state", "attention_score"}
+    assert rows["attention_score"]["learned"] is False and rows["attention_score"]["policy_train_ms"] is None
+    assert all(_finite(r["share_of_lm_step"]) and r["flops_per_token"] > 0 for r in rows.values())
+    assert rows["hidden_state"]["flops_per_token"] > rows["mlp"]["flops_per_token"]
