@@ -58,6 +58,9 @@ case "$phase" in
     ;;
   experiments)
     budget=${BUDGET:-520}
+    # open-unlearning's recipe (the defaults: lr 1e-5, 5 epochs, weight decay 0.01, a warm-up epoch) with its
+    # effective batch of 32 as one micro-batch instead of 8 x 4 accumulation: a quarter of the steps
+    TOFU_RECIPE="--batch-size 32 --gradient-accumulation-steps 1 --eval-batch-size 256 --disable-tqdm true"
     (CUDA_VISIBLE_DEVICES=0 timeout -k 30 "$budget" bash -c "
        python3 -m forgetful forget-experiment --model $MODEL --task tofu_qa --data $DATA/tofu --out $R/runs/forget_tofu_qa \
          --keeps 0.5,0.25 --train-examples ${QA_TRAIN:-1600} --eval-batch-size 50 --batch-size 8 --num-samples 4 \
@@ -68,12 +71,12 @@ case "$phase" in
          --num-samples 4 --lm-learning-rate 2e-5 --policy-learning-rate 1e-3 --disable-tqdm ${WT_EXTRA:-}
      " > "$out/forget.log" 2>&1; true) &
     (CUDA_VISIBLE_DEVICES=1 timeout -k 30 "$budget" bash -c "
-       for run in ${TOFU_RUNS:-retain full full_forget_answers full_forget_facts full_goldfish full_npo full_grad_diff}; do
+       for run in ${TOFU_RUNS:-retain full full_grad_diff full_npo full_forget_answers full_forget_facts full_goldfish}; do
          python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
-           --forget-split forget10 --only \$run ${TOFU_EXTRA:-}
+           --forget-split forget10 --only \$run ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
        done
        python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
-         --forget-split forget10 ${TOFU_EXTRA:-}
+         --forget-split forget10 ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
      " > "$out/tofu.log" 2>&1; true) &
     wait
     pack forget_tofu_qa; pack forget_wikitext; pack tofu_real
