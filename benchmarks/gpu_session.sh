@@ -3,9 +3,9 @@
 # Wheels in .whl/ (packages the machine lacks) are installed to /tmp/site first; data the
 # experiments read is expected in .device_data/ (a copy of ../shared/data, never committed).
 #
-#   OUT=/path bash benchmarks/gpu_session.sh probe|bench|tofu|ddp [args]
+#   OUT=/path bash benchmarks/gpu_session.sh probe|bench|tofu|tofu-real|ddp [args]
 set -euo pipefail
-phase=${1:?phase: probe, bench, tofu or ddp}
+phase=${1:?phase: probe, bench, tofu, tofu-real or ddp}
 shift
 out=${OUT:-/tmp/forgetful_out}
 mkdir -p "$out"
@@ -48,6 +48,26 @@ case "$phase" in
     done
     python3 -m forgetful tofu-experiment "${exp[@]}" 2>&1 | tail -12
     (cd "$work" && tar czf "$out/tofu_runs.tar.gz" --exclude=checkpoints --exclude=model tofu)
+    ;;
+  tofu-real)
+    # The TOFU experiment on SmolLM2-135M-Instruct (chat template), forget10, with open-unlearning's
+    # finetuning and unlearning recipes (the defaults of tofu-experiment), one run at a time. The
+    # unlearning runs start from the full run's model: run them in the same call as `full` (or on the
+    # same warm machine). Earlier runs' results come back in $out/tofu_real_runs.tar.gz; carry that
+    # file as .device_out/tofu_real_runs.tar.gz to a later call and they are reused.
+    work=/tmp/forgetful_tofu_real
+    mkdir -p "$work"
+    if [ -f .device_out/tofu_real_runs.tar.gz ] && [ ! -d "$work/tofu" ]; then
+      tar xzf .device_out/tofu_real_runs.tar.gz -C "$work"
+    fi
+    exp=(--model "${MODEL:-smollm2-135m}" --data-dir .device_data/tofu --out "$work/tofu" --forget-split forget10
+         --eval-batch-size "${EVAL_BATCH:-128}" "$@")
+    for run in ${RUNS:-retain full full_grad_diff full_npo full_forget_answers full_forget_facts full_goldfish}; do
+      python3 -m forgetful tofu-experiment "${exp[@]}" --only "$run" 2>&1 | quiet
+      (cd "$work" && tar czf "$out/tofu_real_runs.tar.gz" --exclude=checkpoints --exclude=model tofu)
+    done
+    python3 -m forgetful tofu-experiment "${exp[@]}" 2>&1 | tail -12
+    (cd "$work" && tar czf "$out/tofu_real_runs.tar.gz" --exclude=checkpoints --exclude=model tofu)
     ;;
   ddp)
     # Throughput of both trainers on 1 and on all GPUs at the same per-GPU batch (DDP over NCCL), and
