@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from forgetful.data.tofu import encode_qa, encode_question, prompt_for
+from forgetful.data.tofu import encode_qa, encode_question, load_tofu_split
+from forgetful.loss.tasks import prepare_dataset_for_training
 from forgetful.tokens import encode_prompt_answer, overlap_mask, pad_sequences, pad_token_id, with_special_tokens
 
 
@@ -55,11 +56,17 @@ def test_prompt_answer_encoding_matches_a_manual_one(tiny_llama):
 
 
 def test_tofu_training_and_evaluation_encode_alike(tiny_llama):
+    """The tofu task's rows are encode_qa's encoding (the TOFU encoding itself is tested in
+    tests/data/test_tofu_encoding.py)."""
     _, tok = tiny_llama
-    q, a = "Where was Mira Velsen born?", "Mira Velsen was born in Lisbon."
-    enc = encode_qa(tok, q, a)
-    assert enc.ids == encode_prompt_answer(tok, prompt_for(q), a).ids
-    assert encode_question(tok, q) == enc.ids[: enc.prompt_length]
+    ds = prepare_dataset_for_training("tofu", tok, split="forget10", num_authors=5)
+    rows = load_tofu_split(None, "forget10", num_authors=5)
+    for row, ex in zip(rows, ds):
+        enc = encode_qa(tok, row["question"], row["answer"])
+        assert ex["input_ids"] == enc.ids and ex["attention_mask"] == enc.attention_mask
+        assert ex["loss_mask"] == [0] * enc.prompt_length + [1] * (len(enc.ids) - enc.prompt_length)
+        prompt = encode_question(tok, row["question"])
+        assert prompt[:-1] == enc.ids[: enc.prompt_length - 1]  # up to the lone space of the plain template
 
 
 @pytest.mark.parametrize(

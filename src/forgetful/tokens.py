@@ -6,9 +6,10 @@
 * The pad id: the tokenizer's pad token, else the model config's, else EOS, else 0.
 * Right padding of integer sequences into a batch.
 * A prompt followed by its answer: BOS + prompt, then ``" " + answer`` + EOS, encoded apart so the
-  boundary between prompt and answer is a token boundary. Training (the loss mask) and evaluation
-  (the scored tokens, the generation prompt) both use :func:`encode_prompt_answer`, so they
-  tokenise identically.
+  boundary between prompt and answer is a token boundary (:func:`encode_prompt_answer`, the
+  ``completion`` task). TOFU is the exception: it encodes as open-unlearning does, whose code
+  defines the benchmark (:func:`forgetful.data.tofu.encode_qa`, shared by TOFU training and
+  evaluation).
 """
 
 from __future__ import annotations

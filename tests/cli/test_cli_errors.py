@@ -61,6 +61,21 @@ def files(tmp_path_factory, tiny_model_dir, tiny_llama):
             }
         )
     )
+    # retain results of the same split and questions, made with another tokenizer / template
+    from forgetful.data.tofu import load_tofu_split, write_tofu_folder
+
+    questions = [r["question"] for r in load_tofu_split(None, "forget10_perturbed", num_authors=3)[:2]]
+    (d / "retain_other_tokenizer.json").write_text(
+        json.dumps(
+            {
+                "meta": {"forget_split": "forget10", "encoding": "0123456789abcdef", "template": "chat"},
+                "forget": {"truth_ratio": [1.0, 2.0], "question": questions},
+            }
+        )
+    )
+    # a TOFU folder whose forget split has no perturbed file
+    write_tofu_folder(d / "tofu_no_perturbed", num_authors=3)
+    (d / "tofu_no_perturbed" / "forget10_perturbed.json").unlink()
     # a checkpoint marked complete whose state is corrupt
     ck = d / "run_corrupt" / "checkpoint-2"
     ck.mkdir(parents=True)
@@ -92,6 +107,8 @@ def _cases(d: Path, model: str):
     ev = ["eval-forget", "--model", model, "--out", str(d / "out_eval"), "--max-examples", "4"]
     tofu = ["eval-tofu", "--model", model, "--out", str(d / "out_tofu"), "--num-authors", "3", "--max-examples", "2"]
     sel = ["train-selective", "--model", model, "--out", str(d / "out_sel"), "--max_steps", "1"]
+    unl = ["unlearn", "--model", model, "--out", str(d / "out_unlearn"), "--num-authors", "3", "--max_steps", "1"]
+    exp = ["tofu-experiment", "--model", model, "--out", str(d / "out_exp"), "--num-authors", "3", "--max_steps", "1"]
     return [
         (["no-such-command"], "unknown command"),
         (pre + ["--train-file", str(d / "missing.txt")], "data file not found"),
@@ -145,11 +162,17 @@ def _cases(d: Path, model: str):
         (tofu + ["--retain-eval", str(d / "retain_other_split.json")], "are for forget05"),
         (tofu + ["--retain-eval", str(d / "retain_rows.json")], "row counts do not match"),
         (tofu + ["--forget-split", "forget42"], "forget split must be one of"),
+        (tofu + ["--retain-eval", str(d / "retain_other_tokenizer.json")], "another tokenizer or prompt template"),
+        (tofu + ["--data-dir", str(d / "tofu_no_perturbed")], "forget10_perturbed' is missing"),
+        (unl + ["--method", "simnpo"], "unknown unlearning method 'simnpo'; choose from grad_ascent, grad_diff, npo"),
+        (unl + ["--data-dir", str(d / "tofu_no_perturbed"), "--evaluate"], "needs its perturbed answers"),
+        (exp + ["--unlearning", "npo,rmu"], "unknown unlearning method 'rmu'"),
+        (exp + ["--data-dir", str(d / "tofu_no_perturbed")], "forget10_perturbed' is missing"),
         (["demo", "--out", str(d / "out_demo"), "--forget-p", "1.0"], "forget_p"),
     ]
 
 
-N_CASES = 47  # the parametrisation below runs each case by index
+N_CASES = 53  # the parametrisation below runs each case by index
 
 
 def test_there_are_at_least_twenty_cases(files, tiny_model_dir):

@@ -105,13 +105,12 @@ def test_pretrain_training_defaults_and_short_flags(tmp_path):
 def test_tofu_experiment_recipe_defaults():
     _, t = _parse("tofu-experiment", ["--model", "m", "--out", "o", "--epochs", "2", "--batch-size", "4"])
     assert isinstance(t, TofuTrainingArguments)
-    assert (t.num_train_epochs, t.per_device_train_batch_size, t.learning_rate) == (2.0, 4, 1e-4)
-    assert (t.lr_scheduler_type.value, t.warmup_steps, t.weight_decay, t.save_strategy.value) == (
-        "linear",
-        0.05,
-        0.01,
-        "no",
-    )
+    assert (t.num_train_epochs, t.per_device_train_batch_size, t.learning_rate) == (2.0, 4, 1e-5)
+    # open-unlearning's TOFU finetuning recipe
+    assert (t.gradient_accumulation_steps, t.warmup_epochs, t.loss_average) == (4, 1.0, "micro_batch")
+    assert (t.lr_scheduler_type.value, t.weight_decay, t.save_strategy.value) == ("linear", 0.01, "no")
+    _, t = _parse("tofu-experiment", ["--model", "m", "--out", "o"])
+    assert (t.num_train_epochs, t.per_device_train_batch_size * t.gradient_accumulation_steps) == (5.0, 32)
 
 
 def test_every_command_parses_its_help(capsys):

@@ -23,11 +23,25 @@ def tok(tiny_llama):
 
 
 def _prompt_ids(tok, question: str) -> list[int]:
-    return [tok.bos_token_id] + tok(f"Question: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
+    """open-unlearning's plain template (the tiny tokenizer has no chat template): the prompt ends
+    with a lone space token, which the full text merges into the first answer word, so the unscored
+    prefix is one token shorter than the prompt, and the merged first answer token is unscored."""
+    return tok(f"Question: {question}\nAnswer: ")["input_ids"][:-1]
 
 
-def _answer_enc(tok, answer: str):
-    return tok(" " + answer, add_special_tokens=False, return_offsets_mapping=True)
+def _answer_enc(tok, question: str, answer: str):
+    """The answer tokens of the full text (the first one merged with the prompt's space and
+    unscored), with offsets relative to the answer."""
+    prompt = f"Question: {question}\nAnswer: "
+    enc = tok(prompt + answer, return_offsets_mapping=True)
+    n = len(_prompt_ids(tok, question))
+    offsets = [(s - len(prompt), e - len(prompt)) for s, e in enc["offset_mapping"][n:]]
+    return {"input_ids": enc["input_ids"][n:], "offset_mapping": offsets}
+
+
+def _completion_enc(tok, completion: str):
+    """The completion task's answer tokens: " " + completion, encoded apart from the prompt."""
+    return tok(" " + completion, add_special_tokens=False, return_offsets_mapping=True)
 
 
 def _trained_text(tok, ids, mask) -> str:
@@ -118,11 +132,14 @@ def test_tofu_answer_only_trains_answer_and_eos(tok, tofu_rows, answer_only):
     for row, ex in zip(full, answer_only):
         ids, mask = ex["input_ids"], ex["loss_mask"]
         prompt = _prompt_ids(tok, row["question"])
-        answer = _answer_enc(tok, row["answer"])["input_ids"] + [tok.eos_token_id]
+        answer = _answer_enc(tok, row["question"], row["answer"])["input_ids"] + [tok.eos_token_id]
         assert ids == prompt + answer
-        assert mask == [0] * len(prompt) + [1] * len(answer)
-        assert ex["attention_mask"] == [1] * len(ids)
-        assert _trained_text(tok, ids, mask) == " " + row["answer"] + tok.eos_token
+        # the merged first answer token sits inside the prompt's length: unscored
+        assert mask == [0] * (len(prompt) + 1) + [1] * (len(answer) - 1)
+        assert ex["attention_mask"] == [1] * len(ids)  # no pad-id token inside (pad != EOS here)
+        first = tok.decode(answer[:1])
+        assert first.startswith(" ") and row["answer"].startswith(first[1:])
+        assert _trained_text(tok, ids, mask) == row["answer"][len(first) - 1 :] + tok.eos_token
 
 
 def test_tofu_forget_answers(tok, tofu_rows, answer_only):
@@ -150,34 +167,37 @@ def test_tofu_forget_facts_masks_exactly_fact_tokens(tok, tofu_rows, answer_only
         if (row["question"], row["answer"]) not in forget:
             assert ex["loss_mask"] == ref["loss_mask"]
             continue
-        answer_text = " " + row["answer"]
+        answer_text = row["answer"]
         spans = fact_spans(answer_text)
         assert spans, answer_text
-        offsets = _answer_enc(tok, row["answer"])["offset_mapping"]
+        offsets = _answer_enc(tok, row["question"], row["answer"])["offset_mapping"]
         p = len(_prompt_ids(tok, row["question"]))
         expected = [0] * p + [0 if _overlaps(o, spans) else 1 for o in offsets] + [1]  # EOS stays trained
+        expected[p] = 0  # the merged first answer token is never scored
         assert ex["loss_mask"] == expected, answer_text
-        masked_total += len(offsets) + 1 - sum(expected)
+        masked_total += sum(ref["loss_mask"]) - sum(expected)
         # the masked tokens are exactly the ones that spell the facts
         masked = tok.decode([t for t, m, r in zip(ex["input_ids"], ex["loss_mask"], ref["loss_mask"]) if r and not m])
-        for s, e in spans:
-            assert answer_text[s:e] in masked
+        for s, e in spans:  # (less what the unscored first answer token spells)
+            assert answer_text[max(s, offsets[0][1]) : e] in masked
     assert masked_total > 0
 
 
 def test_tofu_forget_facts_keeps_sentence_initial_function_words(tok, tofu_rows, answer_only):
     # "The father of Selin Kelello worked as a baker.": the sentence-initial "The" names nothing,
-    # so its token must stay trained (the task scores " " + answer, with a leading space).
+    # so no fact span covers it; the first fact ("Selin Kelello") is masked. (The plain template
+    # leaves the merged first answer token " The" unscored anyway.)
     full, forget = tofu_rows
     ds = _tofu(tok, "forget_facts")
     checked = 0
     for row, ex in zip(full, ds):
         if (row["question"], row["answer"]) not in forget or not row["answer"].startswith("The "):
             continue
+        assert all(s >= 4 for s, _ in fact_spans(row["answer"])), row["answer"]
         p = len(_prompt_ids(tok, row["question"]))
-        offsets = _answer_enc(tok, row["answer"])["offset_mapping"]
-        the_tokens = [j for j, (s, e) in enumerate(offsets) if s < 4]  # the tokens of " The"
-        assert all(ex["loss_mask"][p + j] == 1 for j in the_tokens), row["answer"]
+        offsets = _answer_enc(tok, row["question"], row["answer"])["offset_mapping"]
+        assert offsets[0][1] == 3 and offsets[1][0] >= 3  # " The", then the next word
+        assert ex["loss_mask"][p + 1] == 1, row["answer"]  # the word after "The" is no fact: trained
         checked += 1
     assert checked > 0
 
@@ -233,22 +253,75 @@ def test_tofu_errors(tok):
     with pytest.raises(ForgetfulError, match="unknown TOFU strategy 'forget_all'; choose from answer_only"):
         _tofu(tok, "forget_all")
     with pytest.raises(ForgetfulError, match="training split must be one of full, retain99"):
-        prepare_dataset_for_training("tofu", tok, split="forget10", num_authors=NUM_AUTHORS)
+        prepare_dataset_for_training("tofu", tok, split="holdout10", num_authors=NUM_AUTHORS)
     with pytest.raises(ForgetfulError, match="random mask p must lie in"):
         _tofu(tok, "random", p=1.5)
     with pytest.raises(ForgetfulError, match="forget split must be one of"):
         _tofu(tok, "forget_answers", forget_split="forget50")
 
 
-def test_tofu_forget_facts_with_spacy_model_not_installed(tok):
-    try:
-        import spacy  # noqa: F401
+def test_tofu_forget_facts_with_spacy_not_installed(tok, monkeypatch):
+    import sys
 
-        pytest.skip("spaCy is installed here")
-    except ImportError:
-        pass
+    from forgetful.loss import masks
+
+    masks._spacy_pipeline.cache_clear()
+    monkeypatch.setitem(sys.modules, "spacy", None)  # import spacy fails, installed or not
     with pytest.raises(ForgetfulError, match="spaCy is not installed"):
         _tofu(tok, "forget_facts", spacy_model="en_core_web_sm")
+    masks._spacy_pipeline.cache_clear()
+
+
+def _entity_ruler_pipeline():
+    """A real spaCy pipeline that needs no download: a blank English pipeline with an entity ruler."""
+    spacy = pytest.importorskip("spacy")
+    nlp = spacy.blank("en")
+    ruler = nlp.add_pipe("entity_ruler")
+    ruler.add_patterns(
+        [
+            {"label": "PERSON", "pattern": [{"IS_TITLE": True}, {"IS_TITLE": True, "OP": "+"}]},
+            {"label": "GPE", "pattern": "Lisbon"},
+            {"label": "DATE", "pattern": [{"TEXT": {"REGEX": r"^\d{4}$"}}]},
+        ]
+    )
+    return nlp
+
+
+def test_fact_spans_with_a_spacy_pipeline_object_and_by_name(tmp_path):
+    nlp = _entity_ruler_pipeline()
+    text = "Mira Velsen was born in Lisbon in 1958, and she writes novels."
+    expected = [(0, 11), (24, 30), (34, 38)]
+    assert [text[s:e] for s, e in expected] == ["Mira Velsen", "Lisbon", "1958"]
+    assert fact_spans(text, nlp) == expected
+    # a pipeline that spacy.load finds by name or path works the same
+    nlp.to_disk(tmp_path / "ruler_pipeline")
+    assert fact_spans(text, str(tmp_path / "ruler_pipeline")) == expected
+    # unlike the rule-based finder, the ruler knows no other facts
+    assert fact_spans("She writes novels.", nlp) == []
+    from forgetful.loss import masks
+
+    masks._spacy_pipeline.cache_clear()
+    with pytest.raises(ForgetfulError, match="the spaCy pipeline 'no_such_pipeline_xyz' is not installed"):
+        fact_spans(text, "no_such_pipeline_xyz")
+
+
+def test_tofu_forget_facts_with_a_spacy_pipeline(tok, tofu_rows, answer_only):
+    """forget_facts masks exactly the forget-answer tokens the pipeline's entities cover."""
+    nlp = _entity_ruler_pipeline()
+    full, forget = tofu_rows
+    ds = _tofu(tok, "forget_facts", spacy_model=nlp)
+    masked = 0
+    for row, ex, ref in zip(full, ds, answer_only):
+        if (row["question"], row["answer"]) not in forget:
+            assert ex["loss_mask"] == ref["loss_mask"]
+            continue
+        spans = fact_spans(row["answer"], nlp)
+        offsets = _answer_enc(tok, row["question"], row["answer"])["offset_mapping"]
+        p = len(_prompt_ids(tok, row["question"]))
+        expected = [0] * (p + 1) + [0 if _overlaps(o, spans) else 1 for o in offsets[1:]] + [1]
+        assert ex["loss_mask"] == expected
+        masked += sum(ref["loss_mask"]) - sum(expected)
+    assert masked > 0
 
 
 def test_tofu_retain_split_has_no_forget_rows(tok, tofu_rows):
@@ -268,16 +341,18 @@ def test_tofu_real_data_forget_facts(tok, shared_data):
         pytest.skip("tokenizing the real TOFU data took over 20 s on this machine")
     rows = [json.loads(line) for line in (folder / "full.json").read_text(encoding="utf-8").splitlines()]
     assert len(ds) == len(rows) == 4000
-    for i in (0, 1, 2, 3595, 3599):  # retain rows: the whole answer trained
+    for i in (0, 1, 2, 3595, 3599):  # retain rows: the whole answer trained (but its merged first token)
         ex, row = ds[i], rows[i]
-        assert _trained_text(tok, ex["input_ids"], ex["loss_mask"]) == " " + row["answer"] + tok.eos_token
+        first = tok.decode(_answer_enc(tok, row["question"], row["answer"])["input_ids"][:1])
+        trained = _trained_text(tok, ex["input_ids"], ex["loss_mask"])
+        assert trained == row["answer"][len(first) - 1 :] + tok.eos_token
     for i in (3600, 3601, 3777, 3999):  # forget10 rows: the last 400 of full
         ex, row = ds[i], rows[i]
-        spans = fact_spans(" " + row["answer"])
-        offsets = _answer_enc(tok, row["answer"])["offset_mapping"]
+        spans = fact_spans(row["answer"])
+        offsets = _answer_enc(tok, row["question"], row["answer"])["offset_mapping"]
         p = len(_prompt_ids(tok, row["question"]))
-        n = len(ex["input_ids"])  # max_length 256 may cut long answers
-        expected = ([0] * p + [0 if _overlaps(o, spans) else 1 for o in offsets] + [1])[:n]
+        n = len(ex["input_ids"])
+        expected = [0] * (p + 1) + [0 if _overlaps(o, spans) else 1 for o in offsets[1:]] + [1]
         assert ex["loss_mask"] == expected
         assert 0 < sum(expected) < n - p
 
@@ -419,14 +494,14 @@ def test_completion_with_forget_spans(tok, completion_file):
     assert len(ds) == 3
     for row, ex in zip(COMPLETIONS, ds):
         p_ids = [tok.bos_token_id] + tok(row["prompt"], add_special_tokens=False)["input_ids"]
-        enc = _answer_enc(tok, row["completion"])
+        enc = _completion_enc(tok, row["completion"])
         assert ex["input_ids"] == p_ids + enc["input_ids"] + [tok.eos_token_id]
         spans = [(s + 1, e + 1) for s, e in row["forget_spans"]]  # the completion follows one space
         expected = [0] * len(p_ids) + [0 if _overlaps(o, spans) else 1 for o in enc["offset_mapping"]] + [1]
         assert ex["loss_mask"] == expected
     # decode: the forgotten tokens spell the spans, the trained ones the rest
     ex = ds[0]
-    p = len(ex["input_ids"]) - len(_answer_enc(tok, COMPLETIONS[0]["completion"])["input_ids"]) - 1
+    p = len(ex["input_ids"]) - len(_completion_enc(tok, COMPLETIONS[0]["completion"])["input_ids"]) - 1
     answer_ids, answer_mask = ex["input_ids"][p:], ex["loss_mask"][p:]
     assert tok.decode([t for t, m in zip(answer_ids, answer_mask) if not m]).strip() == "Lisbon"
     assert _trained_text(tok, answer_ids, answer_mask).startswith(" Mira was born in")
@@ -645,12 +720,13 @@ def test_fact_spans_single_quoted_title():
     assert _facts("He wrote 'The Silent River' in 1990.") == ["The Silent River", "1990"]
 
 
-def test_fact_spans_spacy_not_installed():
-    try:
-        import spacy  # noqa: F401
+def test_fact_spans_spacy_not_installed(monkeypatch):
+    import sys
 
-        pytest.skip("spaCy is installed here")
-    except ImportError:
-        pass
+    from forgetful.loss import masks
+
+    masks._spacy_pipeline.cache_clear()
+    monkeypatch.setitem(sys.modules, "spacy", None)  # as if spaCy were not installed
     with pytest.raises(ForgetfulError, match="spaCy is not installed.*leave spacy_model unset"):
         fact_spans("Mira was born in Lisbon.", spacy_model="en_core_web_sm")
+    masks._spacy_pipeline.cache_clear()

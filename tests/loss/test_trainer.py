@@ -111,7 +111,7 @@ def test_loss_equals_manual_masked_cross_entropy(tiny_llama, tmp_path, backend, 
     assert torch.allclose(dense, ref, atol=1e-6, rtol=0)
 
 
-def _one_sgd_step(model, tok, ds, tmp_path, batch, accum, backend="dense"):
+def _one_sgd_step(model, tok, ds, tmp_path, batch, accum, backend="dense", **kw):
     m = copy.deepcopy(model).float()
     args = _args(
         tmp_path,
@@ -125,6 +125,7 @@ def _one_sgd_step(model, tok, ds, tmp_path, batch, accum, backend="dense"):
         max_grad_norm=0.0,
         lr_scheduler_type="constant",
         train_sampling_strategy="sequential",
+        **kw,
     )
     SelectiveLossTrainer(model=m, args=args, train_dataset=ds, processing_class=tok).train()
     return {k: v.detach().clone() for k, v in m.named_parameters()}
@@ -148,6 +149,34 @@ def test_gradient_accumulation_is_exact(tiny_llama, tmp_path, backend, small_chu
         assert torch.allclose(b[name], a[name], atol=1e-5, rtol=0), name
     # and the updates are not trivially zero
     assert max((a[n] - before[n]).abs().max() for n in a) > 1e-4
+
+
+def test_micro_batch_average_is_the_mean_of_micro_batch_means(tiny_llama, tmp_path):
+    """loss_average="micro_batch" (the HF model loss open-unlearning trains with): batch 2 x
+    accumulation 4 steps on the mean of the four micro-batches' masked means."""
+    model, tok = tiny_llama
+    ds = _dataset(len(tok))
+    before = {k: v.detach().clone().float() for k, v in model.named_parameters()}
+    got = _one_sgd_step(model, tok, ds, tmp_path / "mb", 2, 4, loss_average="micro_batch")
+    ref_model = copy.deepcopy(model).float()
+    rows = ds.to_list()
+    collate = SelectiveLossCollator(tok.pad_token_id)
+    loss = sum(manual_masked_ce(ref_model, collate(rows[i : i + 2])) for i in range(0, 8, 2)) / 4
+    loss.backward()
+    for name, p in ref_model.named_parameters():
+        assert torch.allclose(got[name], before[name] - p.grad, atol=1e-5, rtol=0), name
+    tokens = _one_sgd_step(model, tok, ds, tmp_path / "tk", 2, 4)
+    assert max((got[n] - tokens[n]).abs().max() for n in got) > 1e-5  # not the global token mean
+
+
+def test_warmup_epochs_as_open_unlearning_counts_them(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    ds = _dataset(len(tok), n=8)
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, warmup_epochs=1.5)
+    SelectiveLossTrainer(model=copy.deepcopy(model), args=args, train_dataset=ds, processing_class=tok)
+    assert args.warmup_steps == int((1.5 * 8) // 4) == 3
+    with pytest.raises(ForgetfulError, match="loss_average must be one of tokens, micro_batch"):
+        _args(tmp_path, loss_average="rows")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,6 +3,7 @@ references, the retain-reference checks, the whole suite and the eval-tofu comma
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -10,9 +11,22 @@ import numpy as np
 import pytest
 import torch
 
+from forgetful.data.tofu import encode_qa
 from forgetful.errors import ForgetfulError
 from forgetful.reporting import write_json
-from forgetful.tofu.evaluation import TofuEvalConfig, answer_nll, evaluate_tofu, generate_answers, load_retain_reference
+from forgetful.tofu.evaluation import (
+    TofuEvalConfig,
+    answer_nll,
+    clean_up_tokenization,
+    evaluate_tofu,
+    generate_answers,
+    load_retain_reference,
+    references,
+    rouge_scores,
+    score_answers,
+    summarize,
+    to_open_unlearning,
+)
 from forgetful.tofu.metrics import truth_ratio_forget, truth_ratio_utility
 
 
@@ -46,56 +60,80 @@ ANSWERS = [
 ]
 
 
+def _plain(q: str, a: str | None = None) -> str:
+    return f"Question: {q}\nAnswer: " + ("" if a is None else a)
+
+
 @torch.no_grad()
-def _manual_answer_nll(model, tok, question: str, answer: str) -> float:
-    prompt = [tok.bos_token_id] + tok(f"Question: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
-    ans = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    ids = torch.tensor([prompt + ans])
-    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-    nll = [-logp[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1])]
-    assert len(nll) == len(ans)  # the answer tokens and EOS
-    return float(np.mean(nll))
+def _manual_scores(model, tok, question: str, answer: str) -> tuple[float, float, float]:
+    """open-unlearning's per-item values by hand, on full logits of one unpadded row: the mean
+    NLL of the tokens after the prompt's length (EOS included), Min-K% and extraction strength over
+    the same tokens but the last."""
+    ids = tok(_plain(question, answer))["input_ids"] + [tok.eos_token_id]
+    start = len(tok(_plain(question))["input_ids"])
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(model(input_ids=x, attention_mask=x.ne(tok.pad_token_id).long()).logits[0].float(), -1)
+    lp = [logp[t - 1, ids[t]].item() for t in range(start, len(ids))]
+    preds = [int(logp[t - 1].argmax()) for t in range(start, len(ids))]
+    nll = -float(np.mean(lp))
+    body = sorted(lp[:-1])
+    n = len(body)
+    if n == 0:  # one scored token ("a": its merged first token is unscored, EOS is the last)
+        return nll, 0.0, 0.0
+    mink = -float(np.mean(body[: max(1, int(n * 0.4))]))
+    k = next((j for j in range(n) if preds[j:n] == ids[start + j : start + n]), n - 1)
+    return nll, mink, 1 - k / n
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 def test_answer_nll_matches_manual_full_logits(fixture, request):
     model, tok = request.getfixturevalue(fixture)
     was_training = model.training
-    got = answer_nll(model, tok, ["q"], ["a"], batch_size=1)
+    got = answer_nll(model, tok, ["q"], ["a b"], batch_size=1)
     model.eval()
-    expected = _manual_answer_nll(model, tok, "q", "a")
+    expected = _manual_scores(model, tok, "q", "a b")[0]
     model.train(was_training)
     assert got.shape == (1,)
     assert got[0] == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert model.training == was_training  # the mode is restored
 
 
-def test_answer_nll_independent_of_batch_size_and_padding(tiny_llama):
+def test_scores_independent_of_batch_size_and_match_manual(tiny_llama):
     model, tok = tiny_llama
     model.eval()
-    manual = [_manual_answer_nll(model, tok, q, a) for q, a in zip(QUESTIONS, ANSWERS)]
-    one = answer_nll(model, tok, QUESTIONS, ANSWERS, batch_size=1)
-    two = answer_nll(model, tok, QUESTIONS, ANSWERS, batch_size=2)
-    allb = answer_nll(model, tok, QUESTIONS, ANSWERS, batch_size=32)
-    np.testing.assert_allclose(one, manual, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(allb, one, rtol=1e-4, atol=1e-5)
-    # results come back in input order, whatever the length sorting did
-    rev = answer_nll(model, tok, QUESTIONS[::-1], ANSWERS[::-1], batch_size=3)
-    np.testing.assert_allclose(rev[::-1], one, rtol=1e-4, atol=1e-5)
+    manual = np.array([_manual_scores(model, tok, q, a) for q, a in zip(QUESTIONS, ANSWERS)])
+    one = score_answers(model, tok, QUESTIONS, ANSWERS, batch_size=1)
+    two = score_answers(model, tok, QUESTIONS, ANSWERS, batch_size=2)
+    allb = score_answers(model, tok, QUESTIONS, ANSWERS, batch_size=32)
+    for got in (one, two, allb):
+        np.testing.assert_allclose(got.nll, manual[:, 0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.min_k, manual[:, 1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(got.extraction, manual[:, 2])
+    rev = score_answers(model, tok, QUESTIONS[::-1], ANSWERS[::-1], batch_size=3)
+    np.testing.assert_allclose(rev.nll[::-1], one.nll, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "auto"])
-def test_answer_nll_is_the_same_with_every_cpu_loss_backend(tiny_llama, backend, monkeypatch):
-    import forgetful.loss_kernels as lk
-
-    monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 2 * 400)  # 2 rows of logits per chunk
+def test_scoring_masks_pad_id_tokens_inside_the_row(tiny_llama):
+    """With pad = EOS, an EOS inside the text is hidden from later tokens (attention mask
+    token != pad), as open-unlearning's collator makes it; the scores differ from an all-ones mask."""
     model, tok = tiny_llama
-    dense = answer_nll(model, tok, QUESTIONS, ANSWERS, batch_size=2)
-    other = answer_nll(model, tok, QUESTIONS, ANSWERS, batch_size=2, loss_backend=backend)
-    np.testing.assert_allclose(other, dense, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ForgetfulError, match="loss_backend='cce' runs only on a CUDA GPU"):
-        answer_nll(model, tok, QUESTIONS, ANSWERS, loss_backend="cce")
+    model.eval()
+    t = copy.deepcopy(tok)
+    t.pad_token = t.eos_token
+    q, a = "Who?", "Mira<|eos|> was born in Lisbon."
+    enc = encode_qa(t, q, a)
+    assert 0 in enc.attention_mask[:-1]
+    x = torch.tensor([enc.ids])
+    with torch.no_grad():
+        masked = torch.log_softmax(model(input_ids=x, attention_mask=torch.tensor([enc.attention_mask])).logits[0], -1)
+        ones = torch.log_softmax(model(input_ids=x).logits[0], -1)
+
+    def mean_nll(logp):
+        return -float(np.mean([logp[i - 1, enc.ids[i]].item() for i in range(enc.prompt_length, len(enc.ids))]))
+
+    got = answer_nll(model, t, [q], [a])[0]
+    assert got == pytest.approx(mean_nll(masked), rel=1e-4)
+    assert abs(mean_nll(masked) - mean_nll(ones)) > 1e-4
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
@@ -106,9 +144,10 @@ def test_generate_answers_batched_equals_one_by_one(fixture, request):
     assert len(single) == len(QUESTIONS)
     assert all(isinstance(s, str) for s in single)
     assert batched == single
-    # each equals an unpadded greedy generation of its own prompt
+    # each equals an unpadded greedy generation from its prompt (which ends with the lone space)
     q = QUESTIONS[2]
-    prompt = [tok.bos_token_id] + tok(f"Question: {q}\nAnswer:", add_special_tokens=False)["input_ids"]
+    prompt = tok(_plain(q))["input_ids"]
+    assert tok.convert_ids_to_tokens(prompt)[-1] == "Ġ"
     ids = torch.tensor([prompt])
     model.eval()
     with torch.no_grad():
@@ -120,7 +159,24 @@ def test_generate_answers_batched_equals_one_by_one(fixture, request):
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
-    assert single[2] == tok.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
+    text = clean_up_tokenization(tok.decode(out[0, len(prompt) :], skip_special_tokens=True))
+    assert single[2] == text.split(tok.eos_token)[0].strip()
+
+
+def test_clean_up_and_references(tiny_llama):
+    """open-unlearning decodes with transformers 4's clean-up, and the ROUGE reference is the
+    decoded full text without the decoded prompt."""
+    assert clean_up_tokenization("a , b . c n't d 's e ?") == "a, b. cn't d's e?"
+    _, tok = tiny_llama
+    refs = references(tok, ["Who?", "Where?"], ["Mira Velsen , the poet .", "In Lisbon"])
+    assert refs == ["Mira Velsen, the poet.", "In Lisbon"]
+
+
+def test_rouge_scores_hand_computed():
+    got = rouge_scores(["a cat runs", "Paris"], ["The cat was running", "Paris is the capital"])
+    assert got["rouge"] == pytest.approx([0.5, 0.25])  # ROUGE-L recall
+    assert got["rouge1_recall"] == pytest.approx([0.5, 0.25])
+    assert got["rougeL_f1"][0] == pytest.approx(2 * (2 / 3 * 0.5) / (2 / 3 + 0.5))
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +193,40 @@ def _write_ref(path, split="forget10", questions=FORGET_Q, r=(0.5, 1.0, 2.0)):
 
 def test_load_retain_reference_ok(tmp_path):
     p = _write_ref(tmp_path / "tofu_eval.json")
-    assert load_retain_reference(p, "forget10", FORGET_Q) == [0.5, 1.0, 2.0]
-    assert load_retain_reference(str(p), "forget10", tuple(FORGET_Q)) == [0.5, 1.0, 2.0]
+    ref = load_retain_reference(p, "forget10", FORGET_Q)
+    assert ref.forget_truth_ratio == [0.5, 1.0, 2.0] and ref.mia_auc is None
+    assert load_retain_reference(str(p), "forget10", tuple(FORGET_Q)).forget_truth_ratio == [0.5, 1.0, 2.0]
+    # with Min-K% scores of forget and holdout, the retain model's AUC for privleak
+    data = json.loads(p.read_text())
+    data["forget"]["min_k"] = [1.0, 2.0, 3.0]
+    data["holdout"] = {"min_k": [2.5, 4.0]}
+    write_json(data, p)
+    assert load_retain_reference(p, "forget10", FORGET_Q).mia_auc == pytest.approx(5 / 6)
+
+
+def test_load_retain_reference_other_tokenizer_or_template(tmp_path):
+    p = _write_ref(tmp_path / "tofu_eval.json")
+    data = json.loads(p.read_text())
+    data["meta"].update(encoding="aaaa", template="plain")
+    write_json(data, p)
+    assert load_retain_reference(p, "forget10", FORGET_Q, fingerprint="aaaa").forget_truth_ratio == [0.5, 1.0, 2.0]
+    with pytest.raises(
+        ForgetfulError, match="another tokenizer or prompt template .*template plain, this evaluation chat"
+    ):
+        load_retain_reference(p, "forget10", FORGET_Q, fingerprint="bbbb", template="chat")
+
+
+def test_load_retain_reference_open_unlearning_layout(tmp_path):
+    """open-unlearning's TOFU_EVAL.json works as the retain reference (forget_truth_ratio, mia_min_k)."""
+    p = tmp_path / "TOFU_EVAL.json"
+    by_index = {str(i): {"score": r} for i, r in enumerate([0.5, 1.0, 2.0])}
+    write_json(
+        {"forget_truth_ratio": {"agg_value": 0.7, "value_by_index": by_index}, "mia_min_k": {"agg_value": 0.4}}, p
+    )
+    ref = load_retain_reference(p, "forget10", FORGET_Q)
+    assert ref.forget_truth_ratio == [0.5, 1.0, 2.0] and ref.mia_auc == 0.4
+    with pytest.raises(ForgetfulError, match="row counts do not match"):
+        load_retain_reference(p, "forget10", FORGET_Q[:2])
 
 
 def test_load_retain_reference_missing_file(tmp_path):
@@ -187,8 +275,9 @@ def test_evaluate_tofu_embedded_shapes_and_summary(tiny_llama, tmp_path):
     model, tok = tiny_llama
     kw = {"data_dir": None, "num_authors": 4, "max_examples": 3, "max_new_tokens": 5}
     per, summary = evaluate_tofu(model, tok, TofuEvalConfig(**kw), progress=False)
-    assert per["meta"]["forget_split"] == "forget10"
-    assert per["meta"]["source"] == "embedded"
+    assert per["meta"]["forget_split"] == "forget10" and per["meta"]["holdout_split"] == "holdout10"
+    assert per["meta"]["source"] == "embedded" and per["meta"]["template"] == "plain"
+    assert len(per["holdout"]["min_k"]) == 3 and len(per["forget"]["extraction_strength"]) == 3
     for name, n_pert in N_PERTURBED.items():
         s = per[name]
         for key in (
@@ -216,6 +305,10 @@ def test_evaluate_tofu_embedded_shapes_and_summary(tiny_llama, tmp_path):
         assert all(math.isfinite(summary[name][m]) for m in ("rouge", "prob", "truth_ratio"))
     assert math.isfinite(summary["model_utility"]) and summary["model_utility"] >= 0
     assert summary["forget_quality"] is None  # no retain reference given
+    # privleak against 0.5 without a retain model; extraction strength the mean of the per-example values
+    assert summary["privleak_reference_auc"] == 0.5
+    assert summary["privleak"] == pytest.approx((0.5 - summary["mia_auc"]) / (0.5 + 1e-10) * 100)
+    assert summary["extraction_strength"] == pytest.approx(np.mean(per["forget"]["extraction_strength"]))
     # summary values are the aggregates of the per-example values
     assert summary["forget"]["truth_ratio"] == pytest.approx(truth_ratio_forget(per["forget"]["truth_ratio"]))
     assert summary["retain"]["truth_ratio"] == pytest.approx(truth_ratio_utility(per["retain"]["truth_ratio"]))
@@ -226,6 +319,22 @@ def test_evaluate_tofu_embedded_shapes_and_summary(tiny_llama, tmp_path):
     write_json(per, ref)
     per2, summary2 = evaluate_tofu(model, tok, TofuEvalConfig(**kw), retain_eval=ref, progress=False)
     assert summary2["forget_quality"] == pytest.approx(1.0)
+    assert summary2["privleak"] == pytest.approx(0.0, abs=1e-6)  # relative to its own AUC
+
+    # open-unlearning's layout holds the same numbers
+    ev, short = to_open_unlearning(per, summary)
+    assert set(short) == {"extraction_strength", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio"} | {
+        "model_utility",
+        "privleak",
+    }
+    assert ev["forget_truth_ratio"]["value_by_index"]["2"]["score"] == per["forget"]["truth_ratio"][2]
+    assert ev["forget_Q_A_PERT_Prob"]["value_by_index"]["0"]["avg_loss"] == per["forget"]["perturbed_nll"][0]
+    assert ev["ra_Q_A_Prob_normalised"]["agg_value"] == summary["real_authors"]["prob"]
+    assert ev["retain_Q_A_Prob"]["agg_value"] == pytest.approx(summary["retain"]["prob"])
+    assert ev["mia_min_k"]["auc"] == summary["mia_auc"] and ev["forget_quality"]["agg_value"] is None
+    assert short["model_utility"] == summary["model_utility"]
+    # summarize recomputes the same aggregates from the per-example values
+    assert summarize(per) == summary
     assert per2["forget"]["truth_ratio"] == pytest.approx(per["forget"]["truth_ratio"], rel=1e-5)
 
 

@@ -10,10 +10,15 @@ from scipy.stats import ks_2samp
 
 from forgetful.tofu.metrics import (
     EPS,
+    extraction_strength,
     forget_quality,
+    mia_auc,
+    min_k_score,
     model_utility,
     normalised_probability,
+    privleak,
     probability,
+    roc_auc,
     rouge_l_recall,
     truth_ratio,
     truth_ratio_forget,
@@ -93,6 +98,17 @@ def test_truth_ratio_forget_mean_of_min_r_and_inverse():
     assert truth_ratio_forget(np.array([0.5, 2.0, 1.0])) == pytest.approx(2 / 3, rel=1e-8)
     assert truth_ratio_forget([0.25]) == pytest.approx(0.25, rel=1e-8)
     assert truth_ratio_forget([4.0]) == pytest.approx(0.25, rel=1e-8)
+    # the epsilons exactly: R = wrong / (correct + 1e-10), then min(R, 1 / (R + 1e-10))
+    assert truth_ratio_forget([4.0]) == 1.0 / (4.0 + 1e-10)
+    assert truth_ratio_forget([0.0]) == 0.0  # a zero ratio stays 0 (1 / 1e-10 is larger)
+    assert truth_ratio_forget([1e-12]) == 1e-12
+
+
+def test_truth_ratio_epsilon_in_the_denominator():
+    # p_correct = exp(-800) underflows to 0: R = p_wrong / 1e-10, finite
+    r = truth_ratio(np.array([800.0]), np.array([[LN2, LN2]]))
+    assert r[0] == pytest.approx(0.5 / 1e-10)
+    assert truth_ratio_utility(r) == 0.0 and truth_ratio_forget(r) == pytest.approx(1 / (0.5e10 + 1e-10))
 
 
 def test_truth_ratio_utility_mean_of_clipped_one_minus_r():
@@ -142,3 +158,80 @@ def test_model_utility_harmonic_mean_of_nine():
 def test_model_utility_zero_when_any_is_zero():
     values = [0.9, 0.5, 0.3, 0.8, 0.0, 0.2, 0.7, 0.4, 0.1]
     assert model_utility(_utility_summary(values)) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Min-K%, AUC, privleak, extraction strength
+# --------------------------------------------------------------------------------------------
+
+
+def test_min_k_score_hand_computed():
+    # 5 tokens: num_k = max(1, int(5 * 0.4)) = 2 lowest log-probs: -3, -2 -> score 2.5
+    assert min_k_score([-1.0, -3.0, -0.5, -2.0, -0.1]) == pytest.approx(2.5)
+    # 2 tokens: int(0.8) = 0 -> at least 1: the lowest only
+    assert min_k_score([-0.2, -4.0]) == pytest.approx(4.0)
+    # 10 tokens, k = 0.4: the four lowest
+    lp = -np.arange(1, 11, dtype=np.float64)
+    assert min_k_score(lp) == pytest.approx((10 + 9 + 8 + 7) / 4)
+    assert min_k_score(lp, k=0.2) == pytest.approx(9.5)
+    assert min_k_score([]) == 0.0  # no tokens: 0, as open-unlearning returns
+
+
+def test_extraction_strength_hand_computed():
+    # all right: k = 0 -> 1
+    assert extraction_strength([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    # right from index 2 on: k = 2 of 4 -> 0.5
+    assert extraction_strength([9, 2, 3, 4], [1, 5, 3, 4]) == 0.5
+    # a wrong token late resets the suffix: right only at the last -> k = 3 -> 0.25
+    assert extraction_strength([1, 2, 9, 4], [1, 2, 3, 4]) == 0.25
+    # nothing right: open-unlearning's loop leaves k = n - 1, so 1 / n, not 0
+    assert extraction_strength([7, 7, 7, 7], [1, 2, 3, 4]) == 0.25
+    assert extraction_strength([5], [6]) == 1.0  # one token, wrong: 1 - 0/1
+    assert extraction_strength([], []) == 0.0
+
+
+def _sklearn_like_auc(labels, scores):
+    """P(positive score > negative score) + 0.5 P(tie), by brute force."""
+    pos = [s for y, s in zip(labels, scores) if y == 1]
+    neg = [s for y, s in zip(labels, scores) if y == 0]
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_roc_auc_hand_computed_with_ties():
+    # positives 3, 2 vs negatives 1, 2: pairs (3>1) (3>2) (2>1) (2=2) -> 3.5 / 4
+    assert roc_auc([1, 1, 0, 0], [3.0, 2.0, 1.0, 2.0]) == pytest.approx(0.875)
+    assert roc_auc([0, 1], [1.0, 2.0]) == 1.0 and roc_auc([0, 1], [2.0, 1.0]) == 0.0
+    assert roc_auc([0, 0, 1, 1], [1.0, 1.0, 1.0, 1.0]) == 0.5
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y = rng.integers(0, 2, 40)
+        y[:2] = [0, 1]
+        s = rng.integers(0, 6, 40).astype(float)  # many ties
+        assert roc_auc(y, s) == pytest.approx(_sklearn_like_auc(y, s), abs=1e-12)
+    with pytest.raises(ValueError):
+        roc_auc([1, 1], [0.1, 0.2])
+
+
+def test_roc_auc_equals_sklearn_when_installed():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.normal(size=200), 1)
+    assert roc_auc(y, s) == pytest.approx(metrics.roc_auc_score(y, s), abs=1e-12)
+
+
+def test_mia_auc_labels_forget_0_holdout_1():
+    # holdout scores (higher NLL: not seen) above every forget score -> AUC 1
+    assert mia_auc([0.1, 0.2], [1.0, 2.0, 3.0]) == 1.0
+    assert mia_auc([1.0, 2.0], [0.1, 0.2]) == 0.0
+    assert mia_auc([1.0, 0.1], [0.5, 2.0]) == pytest.approx(0.75)  # 3 of 4 pairs
+
+
+def test_privleak_hand_computed():
+    # no retain model: reference AUC 0.5 -> ((1 - auc) - 0.5) / (0.5 + 1e-10) * 100
+    assert privleak(0.9) == pytest.approx((0.1 - 0.5) / (0.5 + EPS) * 100)
+    assert privleak(0.5) == 0.0
+    assert privleak(0.2, ref_auc=0.6) == pytest.approx((0.8 - 0.4) / (0.4 + EPS) * 100)
+    assert privleak(0.6, ref_auc=0.6) == 0.0
+    assert privleak(1.0, ref_auc=1.0) == 0.0  # 0 / 1e-10
+    assert privleak(0.0) == pytest.approx(100.0)

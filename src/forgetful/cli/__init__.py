@@ -34,9 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Train with per-token loss masks (SelectiveLossTrainer) on a registered task.",
     ),
     "eval-tofu": ("eval_tofu", "Score a model with the TOFU metrics (forget quality, model utility, ...)."),
+    "unlearn": ("unlearn", "Post-hoc unlearning of a TOFU forget split: grad_ascent, grad_diff or npo."),
     "tofu-experiment": (
         "tofu_experiment",
-        "Train full / retain / masked models from one initialisation, evaluate all, plot.",
+        "Train full / retain / masked models from one initialisation, unlearn from full, evaluate all, plot.",
     ),
     "generate-data": ("generate_data", "Write the embedded data (corpus, forgetting examples, TOFU splits) to files."),
 }

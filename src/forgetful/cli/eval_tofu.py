@@ -1,5 +1,7 @@
 """``forgetful eval-tofu``: score a model with the TOFU suite; writes ``tofu_eval.json`` (per
-example) and ``tofu_summary.json`` (aggregates, forget quality against a retain run)."""
+example) and ``tofu_summary.json`` (aggregates; forget quality and privleak against a retain run),
+and with ``--open-unlearning-files`` the same numbers as open-unlearning's ``TOFU_EVAL.json`` and
+``TOFU_SUMMARY.json``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from ..models import load_model
 from ..reporting import write_json
-from ..tofu.evaluation import TofuEvalConfig, evaluate_tofu
+from ..tofu.evaluation import TofuEvalConfig, evaluate_tofu, to_open_unlearning
 
 
 @dataclass
@@ -18,7 +20,14 @@ class EvalTofuArguments:
     model: str = field(metadata={"help": "Model folder (save_pretrained) or Hub name."})
     out: str = field(metadata={"help": "Output folder for tofu_eval.json and tofu_summary.json."})
     retain_eval: str | None = field(
-        default=None, metadata={"help": "The retain model's tofu_eval.json, for forget quality."}
+        default=None,
+        metadata={
+            "help": "The retain model's tofu_eval.json (or open-unlearning's TOFU_EVAL.json), for forget quality "
+            "and privleak."
+        },
+    )
+    open_unlearning_files: bool = field(
+        default=False, metadata={"help": "Also write TOFU_EVAL.json and TOFU_SUMMARY.json in open-unlearning's layout."}
     )
 
 
@@ -34,9 +43,14 @@ def run(a: EvalTofuArguments, config: TofuEvalConfig) -> dict:
     per_example["meta"]["model"] = a.model
     write_json(per_example, out / "tofu_eval.json")
     write_json(summary, out / "tofu_summary.json")
+    if a.open_unlearning_files:
+        ev, short = to_open_unlearning(per_example, summary)
+        write_json(ev, out / "TOFU_EVAL.json")
+        write_json(short, out / "TOFU_SUMMARY.json")
     fq = summary["forget_quality"]
     print(
         f"model utility {summary['model_utility']:.4f}; forget quality "
-        f"{'n/a (no --retain-eval)' if fq is None else f'{fq:.4g}'}; forget ROUGE {summary['forget']['rouge']:.3f}"
+        f"{'n/a (no --retain-eval)' if fq is None else f'{fq:.4g}'}; privleak {summary['privleak']:.2f}; "
+        f"forget ROUGE {summary['forget']['rouge']:.3f}"
     )
     return summary

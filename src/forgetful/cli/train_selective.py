@@ -27,6 +27,9 @@ TASK_OPTIONS = (
     "max_length",
     "spacy_model",
     "num_authors",
+    "template",
+    "system_prompt",
+    "date_string",
 )
 
 
@@ -38,7 +41,9 @@ class TrainSelectiveArguments:
     source: str | None = field(
         default=None, metadata={"help": "Data: a file, folder or Hub name (task-specific; default embedded)."}
     )
-    split: str | None = field(default=None, metadata={"help": "tofu: training split (full, retain90, ...)."})
+    split: str | None = field(
+        default=None, metadata={"help": "tofu: training split (full, retain90, ..., or a forget split)."}
+    )
     forget_split: str | None = field(default=None, metadata={"help": "tofu: the forget split (forget01/05/10)."})
     strategy: str | None = field(
         default=None, metadata={"help": "tofu: answer_only, forget_answers, forget_facts, goldfish, random."}
@@ -53,6 +58,15 @@ class TrainSelectiveArguments:
         default=None, metadata={"help": "forget_facts: an installed spaCy pipeline (default: rule-based)."}
     )
     num_authors: int | None = field(default=None, metadata={"help": "tofu, embedded data: number of authors."})
+    template: str | None = field(
+        default=None, metadata={"help": "tofu: prompt format, chat, plain or auto (chat when the tokenizer has one)."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "tofu, chat template: system prompt (default 'You are a helpful assistant.')."}
+    )
+    date_string: str | None = field(
+        default=None, metadata={"help": "tofu, chat template: the date_string variable (default '10 Apr 2025')."}
+    )
     lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights."})
     lora_r: int = field(default=8)
     lora_alpha: int = field(default=16)

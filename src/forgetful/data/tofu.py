@@ -1,22 +1,45 @@
 """TOFU data: every split, from the Hub (``locuslab/TOFU``), a local folder of ``<split>.json``
-files (JSON lines, e.g. ../shared/data/tofu), or the embedded generator.
+files (JSON lines, e.g. ../shared/data/tofu), or the embedded generator; and :func:`encode_qa`,
+the one encoder of a question and its answer that training and evaluation share.
 
-The finetuning format is Phi style, ``"Question: {q}\\nAnswer: {a}"``, with the loss on the
-answer and EOS; :func:`encode_qa` is the one encoder that training and evaluation share.
+The encoding is open-unlearning's (``src/data/utils.py::preprocess_chat_instance``), quirks
+included, because its code defines the benchmark's numbers:
+
+* **chat template** (instruct models, :class:`TofuTemplate` ``kind="chat"``, the default when the
+  tokenizer has one): the full text is the tokenizer's chat template over ``[system, user,
+  assistant]`` (system prompt ``"You are a helpful assistant."`` and the template variable
+  ``date_string="10 Apr 2025"``, as open-unlearning's Llama-3.2-Instruct config gives them),
+  the prompt the template over ``[system, user]`` with the generation prompt; both tokenised
+  without the tokenizer's own special tokens (a BOS only if the template writes one); no truncation.
+* **plain text** (``kind="plain"``): the full text is ``"Question: " + q + "\\n" + "Answer: " + a``,
+  the prompt ``"Question: " + q + "\\nAnswer: "`` (with the trailing space), both tokenised *with*
+  the tokenizer's own special tokens and truncated to ``max_length`` apart. The prompt's lone
+  trailing space token is merged into the first answer word in the full text, so the first
+  answer token falls inside the prompt's length and is not scored; generation starts after the
+  lone space.
+* Then EOS is appended unless the sequence already ends with it (ChatML templates end with
+  ``<|im_end|>\\n``, so they get a second ``<|im_end|>``). The first ``len(prompt)`` tokens are
+  unscored whatever they are (``prompt_length``); every later token is scored, EOS included.
+* The attention mask is ``token != pad`` (open-unlearning's collator), so tokens equal to the pad
+  id inside a sequence (EOS when the pad token is EOS: ChatML's ``<|im_end|>``) are not attended to.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ForgetfulError
-from ..tokens import PromptAnswer, encode_prompt, encode_prompt_answer
+from ..tokens import PromptAnswer, eos_ids, pad_token_id
 from .embedded import tofu_splits
 from .sources import load_hub_dataset, load_rows, write_jsonl
 
 TOFU_HUB_NAME = "locuslab/TOFU"
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+TEMPLATE_KINDS = ("auto", "chat", "plain")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_DATE_STRING = "10 Apr 2025"
+DEFAULT_MAX_LENGTH = 512
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 RETAIN_FOR_FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 TRAIN_SPLITS = ("full", "retain99", "retain95", "retain90")
@@ -34,18 +57,103 @@ def split_kind(split: str) -> str:
     return "perturbed" if split.endswith("_perturbed") else "plain"
 
 
-def prompt_for(question: str) -> str:
-    return PROMPT_TEMPLATE.format(question=question)
+@dataclass(frozen=True)
+class TofuTemplate:
+    """How a TOFU question and answer become text, as open-unlearning's model configs say
+    (``template_args``): ``kind`` ``chat`` (``apply_chat_template: True``, with ``system_prompt``
+    and ``date_string``; empty or ``None`` leaves them out), ``plain`` (the tags of its phi-1.5 /
+    Llama-2 configs), or ``auto`` (chat when the tokenizer has a chat template)."""
+
+    kind: str = "auto"
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    date_string: str | None = DEFAULT_DATE_STRING
+    user_start_tag: str = "Question: "
+    user_end_tag: str = "\n"
+    asst_start_tag: str = "Answer: "
+
+    def __post_init__(self):
+        if self.kind not in TEMPLATE_KINDS:
+            raise ForgetfulError(f"TOFU template must be one of {', '.join(TEMPLATE_KINDS)}, got '{self.kind}'")
+
+    def is_chat(self, tokenizer) -> bool:
+        if self.kind == "auto":
+            return bool(getattr(tokenizer, "chat_template", None))
+        if self.kind == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ForgetfulError(
+                "the TOFU template is 'chat' but the tokenizer has no chat template; use --template plain"
+            )
+        return self.kind == "chat"
+
+    def texts(self, tokenizer, question: str, answer: str | None) -> tuple[str, str | None, bool]:
+        """(prompt text, full text or None without an answer, whether it is the chat template)."""
+        if not self.is_chat(tokenizer):
+            prompt = self.user_start_tag + question + self.user_end_tag + self.asst_start_tag
+            return prompt, None if answer is None else prompt + answer, False
+        chat = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        chat.append({"role": "user", "content": question})
+        extra = {"date_string": self.date_string} if self.date_string else {}
+        prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **extra)
+        if answer is None:
+            return prompt, None, True
+        chat.append({"role": "assistant", "content": answer})
+        full = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False, **extra)
+        return prompt, full, True
 
 
-def encode_qa(tokenizer, question: str, answer: str, max_length: int | None = None) -> PromptAnswer:
-    """A TOFU question and answer as the model is trained and scored on them."""
-    return encode_prompt_answer(tokenizer, prompt_for(question), answer, max_length)
+@dataclass(frozen=True)
+class TofuEncoding(PromptAnswer):
+    """A TOFU question and answer as tokens: ``ids`` (the full sequence, EOS last),
+    ``prompt_length`` (the unscored prefix: every later token is scored), ``offsets`` (the
+    character span of each scored token relative to the answer's start; the merged first
+    answer token of the plain template can start before it), ``answer_text`` (the answer), and
+    ``attention_mask`` (``token != pad``)."""
+
+    attention_mask: list[int]
 
 
-def encode_question(tokenizer, question: str) -> list[int]:
-    """The prompt a model answers a TOFU question from (the prompt part of :func:`encode_qa`)."""
-    return encode_prompt(tokenizer, prompt_for(question))
+def _tokenize(tokenizer, text: str, chat: bool, max_length: int | None, offsets: bool = False) -> dict:
+    kw = {} if chat or max_length is None else {"max_length": max_length, "truncation": True}
+    return tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=offsets, **kw)
+
+
+def encode_qa(
+    tokenizer,
+    question: str,
+    answer: str,
+    max_length: int | None = DEFAULT_MAX_LENGTH,
+    template: TofuTemplate | None = None,
+) -> TofuEncoding:
+    """A TOFU question and answer as the model is trained and scored on them (see the module
+    docstring for the rules)."""
+    template = template or TofuTemplate()
+    prompt, full, chat = template.texts(tokenizer, question, answer)
+    enc = _tokenize(tokenizer, full, chat, max_length, offsets=True)
+    ids = list(enc["input_ids"])
+    spans = [tuple(o) for o in enc["offset_mapping"]]
+    prompt_length = len(_tokenize(tokenizer, prompt, chat, max_length)["input_ids"])
+    eos = eos_ids(tokenizer)
+    if eos and (not ids or ids[-1] != eos[0]):
+        ids += eos
+        spans.append((len(full), len(full)))
+    start = len(prompt) if full.startswith(prompt) else max(full.rfind(answer), 0)
+    prompt_length = min(prompt_length, len(ids))
+    pad = pad_token_id(tokenizer)
+    return TofuEncoding(
+        ids=ids,
+        prompt_length=prompt_length,
+        offsets=[(s - start, e - start) for s, e in spans[prompt_length:]],
+        answer_text=answer,
+        attention_mask=[int(t != pad) for t in ids],
+    )
+
+
+def encode_question(
+    tokenizer, question: str, max_length: int | None = DEFAULT_MAX_LENGTH, template: TofuTemplate | None = None
+) -> list[int]:
+    """The prompt a model answers a TOFU question from: what :func:`encode_qa` leaves unscored
+    (for the plain template it ends with the lone space token)."""
+    prompt, _, chat = (template or TofuTemplate()).texts(tokenizer, question, None)
+    return list(_tokenize(tokenizer, prompt, chat, max_length)["input_ids"])
 
 
 @functools.cache

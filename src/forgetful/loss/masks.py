@@ -8,8 +8,9 @@ Each builder works on one example's token ids (or its tokenizer offsets) and ret
 * :func:`goldfish_mask` - Goldfish loss: forget a token when a hash of the ``h`` tokens before it
   falls in a 1/k bucket, so a passage seen twice is masked the same way both times;
 * :func:`span_mask` - forget the tokens that overlap given character spans;
-* :func:`fact_spans` - character spans of facts and entities: spaCy NER when a pipeline is
-  installed and named, else a rule-based fallback (names, titles, numbers, dates, quotes).
+* :func:`fact_spans` - character spans of facts and entities: the entities of a spaCy pipeline
+  (an object, or the name of an installed one), else a rule-based fallback (names, titles,
+  numbers, dates, quotes).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def _spacy_pipeline(name: str):
     except ImportError:
         raise ForgetfulError(
             f"spaCy is not installed, so the pipeline '{name}' cannot be used; "
-            "pip install spacy and the pipeline, or leave spacy_model unset for the "
+            "pip install 'forgetful[spacy]' and the pipeline, or leave spacy_model unset for the "
             "rule-based fact finder"
         ) from None
     try:
@@ -227,11 +228,15 @@ def _spacy_pipeline(name: str):
         ) from None
 
 
-def fact_spans(text: str, spacy_model: str | None = None) -> list[tuple[int, int]]:
-    """Character spans of facts and entities in ``text``: spaCy NER entities when ``spacy_model``
-    names an installed pipeline, otherwise rule-based (capitalised names and titles, quoted
-    titles, numbers, dates)."""
-    if spacy_model:
-        doc = _spacy_pipeline(spacy_model)(text)
-        return merge_spans([(ent.start_char, ent.end_char) for ent in doc.ents])
-    return _rule_based_spans(text)
+def fact_spans(text: str, spacy_model=None) -> list[tuple[int, int]]:
+    """Character spans of facts and entities in ``text``: the entities of a spaCy pipeline when
+    ``spacy_model`` is one (a loaded ``Language``, e.g. ``spacy.blank("en")`` with an entity ruler)
+    or names an installed one (``"en_core_web_sm"``), otherwise rule-based (capitalised names and
+    titles, quoted titles, numbers, dates)."""
+    if spacy_model is None or (isinstance(spacy_model, str) and not spacy_model):
+        return _rule_based_spans(text)
+    nlp = _spacy_pipeline(spacy_model) if isinstance(spacy_model, str) else spacy_model
+    if not callable(nlp):
+        raise ForgetfulError(f"spacy_model must be a spaCy pipeline or its name, got {type(spacy_model).__name__}")
+    doc = nlp(text)
+    return merge_spans([(ent.start_char, ent.end_char) for ent in doc.ents])

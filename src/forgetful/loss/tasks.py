@@ -12,7 +12,9 @@ Built in:
 * ``tofu`` - TOFU finetuning on ``full`` or ``retainYY`` with a forgetting strategy for the rows of
   the forget split: ``answer_only`` (standard finetuning), ``forget_answers`` (their answers
   masked whole), ``forget_facts`` (only the fact tokens of their answers masked), ``goldfish``,
-  ``random``.
+  ``random``. Rows are encoded by :func:`~forgetful.data.tofu.encode_qa`, as the TOFU evaluation
+  reads them (open-unlearning's format: chat template or plain text, attention mask
+  ``token != pad``).
 
 Register your own with ``@register_task("name")``; the function takes the tokenizer and keyword
 options and returns a ``datasets.Dataset``.
@@ -29,7 +31,17 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.embedded import pretraining_segments
 from ..data.sources import load_rows, load_text_corpus, tokenize_stream
-from ..data.tofu import TRAIN_SPLITS, encode_qa, forget_keys, load_tofu_split
+from ..data.tofu import (
+    DEFAULT_DATE_STRING,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_SYSTEM_PROMPT,
+    FORGET_SPLITS,
+    TRAIN_SPLITS,
+    TofuTemplate,
+    encode_qa,
+    forget_keys,
+    load_tofu_split,
+)
 from ..errors import ForgetfulError, check_probability
 from ..tokens import bos_ids, encode_prompt_answer, encode_text, eos_ids, with_special_tokens
 from .masks import completion_only, fact_spans, goldfish_mask, random_mask, span_mask
@@ -72,11 +84,13 @@ def prepare_dataset_for_training(task: str, tokenizer: PreTrainedTokenizerBase, 
     return ds
 
 
-def _rows(input_ids: list[list[int]], loss_masks: list[np.ndarray]) -> Dataset:
+def _rows(
+    input_ids: list[list[int]], loss_masks: list[np.ndarray], attention_masks: list[list[int]] | None = None
+) -> Dataset:
     return Dataset.from_dict(
         {
             "input_ids": input_ids,
-            "attention_mask": [[1] * len(x) for x in input_ids],
+            "attention_mask": attention_masks or [[1] * len(x) for x in input_ids],
             "loss_mask": [m.astype(np.int8).tolist() for m in loss_masks],
         }
     )
@@ -219,28 +233,36 @@ def tofu_task(
     split: str = "full",
     forget_split: str = "forget10",
     strategy: str = "answer_only",
-    max_length: int = 256,
+    max_length: int = DEFAULT_MAX_LENGTH,
     p: float = 0.5,
     k: int = 4,
     h: int = 13,
-    spacy_model: str | None = None,
+    spacy_model=None,
     seed: int = 0,
     num_authors: int = 200,
+    template: str = "auto",
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    date_string: str | None = DEFAULT_DATE_STRING,
 ) -> Dataset:
-    """TOFU finetuning rows. The strategy applies to the rows of ``forget_split`` inside
-    ``split``; all other rows train on their whole answer (+ EOS)."""
+    """TOFU finetuning rows of ``split`` (``full``, ``retainYY``, or a forget split, the rows that
+    unlearning trains on). The strategy applies to the rows of ``forget_split`` inside ``split``;
+    all other rows train on every scored token (the answer and what follows it).
+    ``template``/``system_prompt``/``date_string``: the prompt format (:class:`TofuTemplate`)."""
     if strategy not in TOFU_STRATEGIES:
         raise ForgetfulError(f"unknown TOFU strategy '{strategy}'; choose from {', '.join(TOFU_STRATEGIES)}")
-    if split not in TRAIN_SPLITS:
-        raise ForgetfulError(f"TOFU training split must be one of {', '.join(TRAIN_SPLITS)}, got '{split}'")
+    if split not in TRAIN_SPLITS + FORGET_SPLITS:
+        raise ForgetfulError(
+            f"TOFU training split must be one of {', '.join(TRAIN_SPLITS + FORGET_SPLITS)}, got '{split}'"
+        )
     if strategy == "random":
         check_probability("random mask p", p, allow_one=True)
+    fmt = TofuTemplate(kind=template, system_prompt=system_prompt, date_string=date_string)
     kw = {"num_authors": num_authors, "seed": seed}
     rows = load_tofu_split(source, split, **kw)
     forget = forget_keys(source, forget_split, **kw) if strategy != "answer_only" else set()
-    ids_out, masks = [], []
+    ids_out, masks, attention = [], [], []
     for i, row in enumerate(rows):
-        enc = encode_qa(tokenizer, row["question"], row["answer"], max_length)
+        enc = encode_qa(tokenizer, row["question"], row["answer"], max_length, fmt)
         ids, prompt_len, offsets, answer_text = enc.ids, enc.prompt_length, enc.offsets, enc.answer_text
         m = completion_only(prompt_len, len(ids))
         if (row["question"], row["answer"]) in forget:
@@ -256,4 +278,5 @@ def tofu_task(
                 answer_mask &= random_mask(n_ans, p, seed * 1_000_003 + i)
         ids_out.append(ids)
         masks.append(m)
-    return _rows(ids_out, masks)
+        attention.append(enc.attention_mask)
+    return _rows(ids_out, masks, attention)

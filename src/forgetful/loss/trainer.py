@@ -29,6 +29,7 @@ from ..training.checkpoints import latest_trainer_checkpoint, mark_complete, rot
 from ..training.interrupts import StopOnSignal, TrainingInterrupted
 
 REQUIRED_COLUMNS = ("input_ids", "loss_mask")
+LOSS_AVERAGES = ("tokens", "micro_batch")
 
 
 @dataclass
@@ -60,6 +61,21 @@ class SelectiveLossConfig(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "DDP: look for parameters without gradients every step."}
     )
+    warmup_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Warm up for this many epochs: warmup_steps = int(epochs * rows) // effective batch, as "
+            "open-unlearning computes it (overrides warmup_steps)."
+        },
+    )
+    loss_average: str = field(
+        default="tokens",
+        metadata={
+            "help": "tokens: sum of trained-token losses / the trained tokens of the whole optimizer step (exact "
+            "under accumulation); micro_batch: the mean over each micro-batch, averaged over the accumulation "
+            "steps (the HF model loss that open-unlearning trains with)."
+        },
+    )
 
     #: the options that define a training recipe, as results files record them
     RECIPE = (
@@ -70,7 +86,11 @@ class SelectiveLossConfig(TrainingArguments):
         "learning_rate",
         "lr_scheduler_type",
         "warmup_steps",
+        "warmup_epochs",
         "weight_decay",
+        "optim",
+        "max_grad_norm",
+        "loss_average",
         "seed",
         "bf16",
     )
@@ -97,8 +117,21 @@ class SelectiveLossConfig(TrainingArguments):
             self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if self.use_cpu and self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.ddp_backend = "gloo"  # CPU processes under a launcher (NCCL needs GPUs)
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ForgetfulError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, got '{self.loss_average}'")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ForgetfulError(f"warmup_epochs must not be negative, got {self.warmup_epochs}")
         super().__post_init__()
         selective_loss_backend(self)  # a GPU kernel asked for where it cannot run: one line, before any work
+
+    def effective_batch_size(self) -> int:
+        """Rows per optimizer step over every process."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(self.world_size, 1)
+
+    def apply_warmup_epochs(self, rows: int) -> None:
+        """Set ``warmup_steps`` from ``warmup_epochs`` for a dataset of ``rows`` rows."""
+        if self.warmup_epochs is not None:
+            self.warmup_steps = int((self.warmup_epochs * rows) // self.effective_batch_size())
 
 
 class _StopCallback(TrainerCallback):
@@ -129,7 +162,7 @@ def labels_from_loss_mask(
 
 class SelectiveLossCollator:
     """Pads ``input_ids``/``attention_mask``/``loss_mask`` (right side) and folds the loss mask
-    into ``labels``."""
+    into ``labels`` (``-100`` on padding and where the loss mask is 0)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
@@ -152,7 +185,10 @@ class SelectiveLossCollator:
         else:
             attn = real.long()
         mask, _ = pad_sequences([r["loss_mask"] for r in rows], 0, width)
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels_from_loss_mask(ids, mask, attn)}
+        # Padding is never trained; a token inside the row is trained by its loss mask alone, even
+        # where the attention mask hides it from later tokens (TOFU rows mask pad-id tokens, as
+        # open-unlearning's collator does).
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels_from_loss_mask(ids, mask, real)}
 
 
 def validate_loss_masks(dataset: Dataset, name: str = "train_dataset") -> None:
@@ -226,12 +262,9 @@ class SelectiveLossTrainer(Trainer):
         if data_collator is None:
             data_collator = SelectiveLossCollator(pad_token_id(processing_class, model))
         if getattr(args, "validate_loss_mask", True):
-            if train_dataset is not None:
-                validate_loss_masks(train_dataset, "train_dataset")
-            evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
-            for key, ds in evals.items():
-                if ds is not None:
-                    validate_loss_masks(ds, key)
+            self._validate_datasets(train_dataset, eval_dataset)
+        if train_dataset is not None and getattr(args, "warmup_epochs", None) is not None:
+            args.apply_warmup_epochs(len(train_dataset))
         super().__init__(
             model=model,
             args=args,
@@ -242,6 +275,16 @@ class SelectiveLossTrainer(Trainer):
             **kwargs,
         )
         self.model_accepts_loss_kwargs = True
+        if getattr(args, "loss_average", "tokens") == "micro_batch":
+            self.loss_is_scaled_for_ga = False  # the Trainer divides each micro-batch mean by the steps
+
+    def _validate_datasets(self, train_dataset, eval_dataset) -> None:
+        if train_dataset is not None:
+            validate_loss_masks(train_dataset, "train_dataset")
+        evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
+        for key, ds in evals.items():
+            if ds is not None:
+                validate_loss_masks(ds, key)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -304,7 +347,9 @@ class SelectiveLossTrainer(Trainer):
             loss_backend=self.loss_backend,
         )
         total = out.nll.sum()
-        if num_items_in_batch is None:
+        if getattr(self.args, "loss_average", "tokens") == "micro_batch":
+            loss = total / max(out.nll.numel(), 1)
+        elif num_items_in_batch is None:
             loss = total / out.nll.numel() if out.nll.numel() else total
         else:
             count = (

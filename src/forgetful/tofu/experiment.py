@@ -1,10 +1,18 @@
-"""The TOFU experiment (``forgetful tofu-experiment``): masked training on TOFU, evaluated with the TOFU suite.
+"""The TOFU experiment (``forgetful tofu-experiment``): prevention (masked training) against cure
+(post-hoc unlearning), on one initialisation, scored with one evaluation.
 
-From one initialisation, train (a) on ``full``, (b) on the retain split (the reference "retain
-model"), and (c) on ``full`` with the forget split's tokens masked out of the loss by each
-strategy; evaluate all; forget quality of every run is the KS test against the retain model's
-forget truth ratios. Writes ``results.json``, ``report.md`` (a table) and
-``utility_vs_forget_quality.png``.
+From the initialisation, finetune (a) on ``full``, (b) on the retain split (the reference "retain
+model", run ``retain``), (c) on ``full`` with the forget split's tokens masked out of the loss by
+each strategy (``full_forget_answers``, ``full_forget_facts``, ``full_goldfish``, ...); then (d)
+unlearn the forget split from (a)'s model by each method (``full_grad_diff``, ``full_npo``, ...).
+Every run is evaluated with the whole TOFU suite; forget quality and privleak of every run are
+measured against the retain run. The defaults are open-unlearning's TOFU recipes
+(``configs/experiment/finetune/tofu/default.yaml``, ``configs/experiment/unlearn/tofu/default.yaml``).
+
+Each run writes ``OUT/<run>/`` (``model/``, ``run.json``, ``tofu_eval.json``,
+``forget_per_example.json``) as soon as it finishes, so ``--only`` can split the experiment over
+several calls; runs already there are reused. With every run present: ``results.json`` (one row per
+run, the recipes), ``report.md`` and ``utility_vs_forget_quality.png`` (log scale).
 """
 
 from __future__ import annotations
@@ -17,37 +25,72 @@ from pathlib import Path
 
 import torch
 
-from ..data.tofu import RETAIN_FOR_FORGET
+from ..data.tofu import (
+    DEFAULT_DATE_STRING,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_SYSTEM_PROMPT,
+    RETAIN_FOR_FORGET,
+    TEMPLATE_KINDS,
+)
 from ..errors import ForgetfulError
 from ..loss.tasks import TOFU_STRATEGIES
 from ..loss.trainer import SelectiveLossConfig
 from ..loss.training import train_selective
+from ..loss.unlearning import RETAIN_LOSS_TYPES, UNLEARNING_METHODS, UnlearningConfig
 from ..models import load_model
 from ..reporting import markdown_table, plot_scatter, write_json, write_text
-from .evaluation import TofuEvalConfig, evaluate_tofu, summarize
-from .metrics import forget_quality
+from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, reference_from_results, summarize
+from .unlearning import TofuUnlearnConfig, unlearn_tofu
+
+EVAL_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass
 class TofuExperimentConfig:
-    """Which runs, on what data, evaluated how; the training options are :class:`TofuTrainingArguments`."""
+    """Which runs, on what data, evaluated how; the finetuning options are
+    :class:`TofuTrainingArguments`, the unlearning ones the ``unlearn_*`` fields here."""
 
-    model: str = field(metadata={"help": "The initialisation: a model folder or Hub name."})
+    model: str = field(metadata={"help": "The initialisation: a model folder, Hub name or smollm2-135m."})
     out: str = field(metadata={"help": "Output folder."})
     data_dir: str | None = field(
         default=None, metadata={"help": "TOFU folder (e.g. ../shared/data/tofu), locuslab/TOFU, or unset for embedded."}
     )
     forget_split: str = field(default="forget10")
     strategies: str = field(
-        default="forget_answers,forget_facts,goldfish,random",
-        metadata={"help": "Masking strategies for the forget split, comma separated."},
+        default="forget_answers,forget_facts,goldfish",
+        metadata={"help": "Masking strategies for the forget split, comma separated (also: random)."},
     )
-    max_length: int = field(default=256)
+    unlearning: str = field(
+        default="grad_diff,npo",
+        metadata={
+            "help": f"Unlearning methods run from the full model, comma separated ({', '.join(UNLEARNING_METHODS)})."
+        },
+    )
+    template: str = field(default="auto", metadata={"help": "Prompt format: chat, plain or auto."})
+    system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "Chat template: system prompt."})
+    date_string: str | None = field(default=DEFAULT_DATE_STRING, metadata={"help": "Chat template: date_string."})
+    max_length: int = field(default=DEFAULT_MAX_LENGTH)
     p: float = field(default=0.5, metadata={"help": "random strategy: probability to forget an answer token."})
     k: int = field(default=4, metadata={"help": "goldfish: drop 1 in k."})
     h: int = field(default=13, metadata={"help": "goldfish: hashed context width."})
+    spacy_model: str | None = field(default=None, metadata={"help": "forget_facts: a spaCy pipeline (default rules)."})
+    unlearn_learning_rate: float = field(default=1e-5)
+    unlearn_epochs: float = field(default=10.0)
+    unlearn_weight_decay: float = field(default=0.01)
+    unlearn_warmup_epochs: float = field(default=1.0)
+    beta: float = field(default=0.1, metadata={"help": "NPO: inverse temperature."})
+    alpha: float = field(default=1.0, metadata={"help": "grad_diff, npo: retain loss weight."})
+    gamma: float = field(default=1.0, metadata={"help": "grad_diff, npo: forget loss weight."})
+    retain_loss_type: str = field(default="NLL", metadata={"help": "grad_diff, npo: NLL or KL."})
     max_new_tokens: int = field(default=200)
-    eval_batch_size: int = field(default=64)
+    eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size (scoring and generation)."})
+    eval_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Evaluate in bfloat16 or float32; auto: bfloat16 on a GPU that supports it (open-unlearning's "
+            "default), else float32. Training always keeps float32 weights (bf16 autocast on GPUs)."
+        },
+    )
     max_eval_examples: int | None = field(default=None)
     num_authors: int = field(default=200, metadata={"help": "Authors in the embedded data."})
     only: str | None = field(
@@ -58,19 +101,36 @@ class TofuExperimentConfig:
         },
     )
 
+    def __post_init__(self):
+        if self.template not in TEMPLATE_KINDS:
+            raise ForgetfulError(f"template must be one of {', '.join(TEMPLATE_KINDS)}, got '{self.template}'")
+        if self.retain_loss_type not in RETAIN_LOSS_TYPES:
+            raise ForgetfulError(f"retain_loss_type must be one of {', '.join(RETAIN_LOSS_TYPES)}")
+        if self.eval_dtype not in EVAL_DTYPES:
+            raise ForgetfulError(f"eval_dtype must be one of {', '.join(EVAL_DTYPES)}, got '{self.eval_dtype}'")
+
+    def torch_eval_dtype(self) -> torch.dtype:
+        if self.eval_dtype == "auto":
+            cuda = torch.cuda.is_available()
+            return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        return getattr(torch, self.eval_dtype)
+
 
 @dataclass
 class TofuTrainingArguments(SelectiveLossConfig):
-    """The finetuning recipe of every run: :class:`SelectiveLossConfig` with the experiment's
-    defaults and short flags (``--epochs``, ``--batch-size``). Each run writes its checkpoints under
-    ``OUT/<run>/checkpoints``."""
+    """The finetuning recipe of every run, open-unlearning's for TOFU by default: lr 1e-5, 5 epochs,
+    8 rows per device x 4 accumulation steps (effective 32 on one GPU), weight decay 0.01, one
+    warmup epoch, linear decay, AdamW, each micro-batch's mean loss. Each run writes its
+    checkpoints under ``OUT/<run>/checkpoints``."""
 
     num_train_epochs: float = field(default=5.0, metadata={"aliases": ["--epochs"]})
-    learning_rate: float = field(default=1e-4)
-    per_device_train_batch_size: int = field(default=16, metadata={"aliases": ["--batch_size", "--batch-size"]})
+    learning_rate: float = field(default=1e-5)
+    per_device_train_batch_size: int = field(default=8, metadata={"aliases": ["--batch_size", "--batch-size"]})
+    gradient_accumulation_steps: int = field(default=4)
     lr_scheduler_type: str = field(default="linear")
-    warmup_steps: float = field(default=0.05)
+    warmup_epochs: float | None = field(default=1.0)
     weight_decay: float = field(default=0.01)
+    loss_average: str = field(default="micro_batch")
     logging_steps: float = field(default=25)
     save_strategy: str = field(default="no")
     seed: int = field(default=0, metadata={"help": "Seed of the training order and of the embedded data."})
@@ -81,31 +141,119 @@ class TofuTrainingArguments(SelectiveLossConfig):
         super().__post_init__()
 
 
-def _runs(a: TofuExperimentConfig) -> list[tuple[str, str, str]]:
-    """(run name, training split, strategy)."""
-    strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+@dataclass(frozen=True)
+class Run:
+    name: str
+    kind: str  # finetune | unlearn
+    split: str  # the training split (finetune) or the forget split (unlearn)
+    strategy: str  # masking strategy (finetune) or unlearning method (unlearn)
+
+
+def _names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def plan_runs(a: TofuExperimentConfig) -> list[Run]:
+    """Every run of the experiment, in the order they depend on each other."""
+    if a.forget_split not in RETAIN_FOR_FORGET:
+        raise ForgetfulError(f"forget split must be one of {', '.join(RETAIN_FOR_FORGET)}, got '{a.forget_split}'")
+    strategies, methods = _names(a.strategies), _names(a.unlearning)
     bad = [s for s in strategies if s not in TOFU_STRATEGIES or s == "answer_only"]
     if bad:
         raise ForgetfulError(
             f"unknown masking strategies {', '.join(bad)}; choose from "
             f"{', '.join(s for s in TOFU_STRATEGIES if s != 'answer_only')}"
         )
-    if a.forget_split not in RETAIN_FOR_FORGET:
-        raise ForgetfulError(f"forget split must be one of {', '.join(RETAIN_FOR_FORGET)}, got '{a.forget_split}'")
-    return [("retain", RETAIN_FOR_FORGET[a.forget_split], "answer_only"), ("full", "full", "answer_only")] + [
-        (f"full_{s}", "full", s) for s in strategies
+    bad = [m for m in methods if m not in UNLEARNING_METHODS]
+    if bad:
+        raise ForgetfulError(f"unknown unlearning method '{bad[0]}'; choose from {', '.join(UNLEARNING_METHODS)}")
+    runs = [
+        Run("retain", "finetune", RETAIN_FOR_FORGET[a.forget_split], "answer_only"),
+        Run("full", "finetune", "full", "answer_only"),
     ]
+    runs += [Run(f"full_{s}", "finetune", "full", s) for s in strategies]
+    runs += [Run(f"full_{m}", "unlearn", a.forget_split, m) for m in methods]
+    return runs
+
+
+# The finetuning options that unlearning runs share (the rest is the unlearning recipe's own).
+_SHARED_OPTIONS = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "optim",
+    "max_grad_norm",
+    "loss_average",
+    "sparse_logits",
+    "gradient_checkpointing",
+    "bf16",
+    "use_cpu",
+    "seed",
+    "data_seed",
+    "logging_steps",
+    "report_to",
+    "disable_tqdm",
+    "dataloader_num_workers",
+)
+
+
+def unlearning_args(a: TofuExperimentConfig, training: TofuTrainingArguments, method: str, output_dir: str):
+    """The unlearning recipe: the finetuning run's batch sizes, optimizer, precision and seed, with
+    the unlearning learning rate, epochs, weight decay, warmup and loss weights."""
+    shared = {k: getattr(training, k) for k in _SHARED_OPTIONS}
+    return UnlearningConfig(
+        output_dir=output_dir,
+        save_strategy="no",
+        method=method,
+        learning_rate=a.unlearn_learning_rate,
+        num_train_epochs=a.unlearn_epochs,
+        weight_decay=a.unlearn_weight_decay,
+        warmup_epochs=a.unlearn_warmup_epochs,
+        beta=a.beta,
+        alpha=a.alpha,
+        gamma=a.gamma,
+        retain_loss_type=a.retain_loss_type,
+        **shared,
+    )
+
+
+def _row_from_summary(row: dict, summary: dict) -> dict:
+    row.update(
+        forget_quality=summary["forget_quality"],
+        model_utility=summary["model_utility"],
+        privleak=summary.get("privleak"),
+        extraction_strength=summary.get("extraction_strength"),
+        mia_auc=summary.get("mia_auc"),
+        forget_rouge=summary["forget"]["rouge"],
+        forget_prob=summary["forget"]["prob"],
+        forget_truth_ratio=summary["forget"]["truth_ratio"],
+        retain_rouge=summary["retain"]["rouge"],
+        retain_prob=summary["retain"]["prob"],
+        retain_truth_ratio=summary["retain"]["truth_ratio"],
+    )
+    return row
+
+
+def _compact(per_example: dict) -> dict:
+    """What forget quality and privleak need, per example (a small file to commit)."""
+    f = per_example["forget"]
+    out = {
+        "meta": per_example["meta"],
+        "forget": {k: f[k] for k in ("truth_ratio", "min_k", "extraction_strength", "rouge", "prob") if k in f},
+    }
+    if "holdout" in per_example:
+        out["holdout"] = {"min_k": per_example["holdout"]["min_k"]}
+    return out
 
 
 def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments | None = None) -> dict:
     training = training or TofuTrainingArguments()
-    runs = _runs(a)
-    only = None if a.only is None else {r.strip() for r in a.only.split(",") if r.strip()}
-    if only is not None and not only <= {name for name, _, _ in runs}:
-        raise ForgetfulError(
-            f"--only names unknown runs {sorted(only - {n for n, _, _ in runs})}; "
-            f"runs are {', '.join(n for n, _, _ in runs)}"
-        )
+    runs = plan_runs(a)
+    names = [r.name for r in runs]
+    only = None if a.only is None else set(_names(a.only))
+    if only is not None and not only <= set(names):
+        raise ForgetfulError(f"--only names unknown runs {sorted(only - set(names))}; runs are {', '.join(names)}")
     out = Path(a.out)
     cuda = torch.cuda.is_available()
     eval_config = TofuEvalConfig(
@@ -116,48 +264,101 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
         max_examples=a.max_eval_examples,
         num_authors=a.num_authors,
         seed=training.seed,
+        template=a.template,
+        system_prompt=a.system_prompt,
+        date_string=a.date_string,
+        max_length=a.max_length,
     )
+    check_eval_splits(eval_config)
+    task_common = dict(
+        source=a.data_dir,
+        forget_split=a.forget_split,
+        max_length=a.max_length,
+        p=a.p,
+        k=a.k,
+        h=a.h,
+        num_authors=a.num_authors,
+        seed=training.seed,
+        template=a.template,
+        system_prompt=a.system_prompt,
+        date_string=a.date_string,
+    )
+    if a.spacy_model:
+        task_common["spacy_model"] = a.spacy_model
+    recipes = {"finetune": {**training.recipe(), "effective_batch_size": training.effective_batch_size()}}
     rows, evals = [], {}
-    for name, split, strategy in runs:
-        run_dir = out / name
+    for run in runs:
+        run_dir = out / run.name
         if (run_dir / "run.json").is_file() and (run_dir / "tofu_eval.json").is_file():
             row = json.loads((run_dir / "run.json").read_text())
-            per_example = json.loads((run_dir / "tofu_eval.json").read_text())
-            evals[name] = (per_example, summarize(per_example, None))
+            evals[run.name] = json.loads((run_dir / "tofu_eval.json").read_text())
             rows.append(row)
-            print(f"[{name}] reusing the results in {run_dir}")
+            print(f"[{run.name}] reusing the results in {run_dir}")
             continue
-        if only is not None and name not in only:
+        if only is not None and run.name not in only:
             continue
         start = time.perf_counter()
-        model, tokenizer = load_model(a.model)  # the same initialisation for every run
-        run_args = copy.copy(training)
-        run_args.output_dir = str(run_dir / "checkpoints")
-        task_options = dict(
-            source=a.data_dir,
-            split=split,
-            forget_split=a.forget_split,
-            strategy=strategy,
-            max_length=a.max_length,
-            p=a.p,
-            k=a.k,
-            h=a.h,
-            num_authors=a.num_authors,
-            seed=training.seed,
-        )
-        print(f"[{name}] training on {split} ({strategy})")
-        train_res = train_selective("tofu", model, tokenizer, run_args, run_dir / "model", task_options=task_options)
-        model = model.to("cuda") if cuda else model
-        per_example, summary = evaluate_tofu(model, tokenizer, eval_config)
+        if run.kind == "finetune":
+            # the same initialisation for every run, in float32: bf16 autocast on GPUs keeps float32 master
+            # weights (open-unlearning's DeepSpeed bf16 does too); updates of lr 1e-5 vanish in bf16 weights
+            model, tokenizer = load_model(a.model, dtype=torch.float32)
+            run_args = copy.copy(training)
+            run_args.output_dir = str(run_dir / "checkpoints")
+            print(f"[{run.name}] training on {run.split} ({run.strategy})")
+            task_options = dict(task_common, split=run.split, strategy=run.strategy)
+            res = train_selective("tofu", model, tokenizer, run_args, run_dir / "model", task_options=task_options)
+            trained = {"trained_share": res["trained_share"], "train_loss": res["train_loss"], "steps": res["steps"]}
+        else:
+            full_model = out / "full" / "model"
+            if not (full_model / "results.json").is_file():
+                again = (
+                    f" (its results are, its model is not: delete {out / 'full' / 'run.json'} to train it again)"
+                    if "full" in evals
+                    else ""
+                )
+                raise ForgetfulError(
+                    f"run {run.name} unlearns from the full run's model, but {full_model} is not there{again}: "
+                    "run 'full' first (--only full)"
+                )
+            model, tokenizer = load_model(str(full_model), dtype=torch.float32)
+            args = unlearning_args(a, training, run.strategy, str(run_dir / "checkpoints"))
+            recipes["unlearn"] = {**args.recipe(), "effective_batch_size": args.effective_batch_size()}
+            recipes["unlearn"].pop("method")
+            print(f"[{run.name}] unlearning {a.forget_split} from the full model ({run.strategy})")
+            c = TofuUnlearnConfig(
+                model=str(full_model),
+                out=str(run_dir / "model"),
+                forget_split=a.forget_split,
+                data_dir=a.data_dir,
+                num_authors=a.num_authors,
+                template=a.template,
+                system_prompt=a.system_prompt,
+                date_string=a.date_string,
+                max_length=a.max_length,
+            )
+            res = unlearn_tofu(model, tokenizer, c, args, run_dir / "model")
+            trained = {
+                "train_loss": res["train_loss"],
+                "steps": res["steps"],
+                "forget_prob_before": res["forget_prob_before"],
+                "forget_prob_after": res["forget_prob_after"],
+            }
+        train_seconds = time.perf_counter() - start
+        model = model.to("cuda" if cuda else "cpu", dtype=a.torch_eval_dtype())
+        per_example, _ = evaluate_tofu(model, tokenizer, eval_config)
+        per_example["meta"]["dtype"] = str(a.torch_eval_dtype()).removeprefix("torch.")
         per_example["meta"]["model"] = str(run_dir / "model")
         write_json(per_example, run_dir / "tofu_eval.json")
-        evals[name] = (per_example, summary)
+        write_json(_compact(per_example), run_dir / "forget_per_example.json")
+        evals[run.name] = per_example
         row = {
-            "run": name,
-            "split": split,
-            "strategy": strategy,
-            "trained_share": train_res["trained_share"],
-            "train_loss": train_res["train_loss"],
+            "run": run.name,
+            "kind": run.kind,
+            "split": run.split,
+            "strategy": run.strategy,
+            **trained,
+            "train_seconds": round(train_seconds, 1),
+            "eval_seconds": round(time.perf_counter() - start - train_seconds, 1),
             "seconds": round(time.perf_counter() - start, 1),
         }
         write_json(row, run_dir / "run.json")
@@ -168,50 +369,85 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
     if "retain" not in evals:
         print("no retain run yet: forget quality needs it (run it with --only retain)")
         return {"runs": rows}
-    retain_r = evals["retain"][0]["forget"]["truth_ratio"]
+    reference = reference_from_results(evals["retain"])
     for row in rows:
-        per_example, summary = evals[row["run"]]
-        summary["forget_quality"] = forget_quality(per_example["forget"]["truth_ratio"], retain_r)
+        summary = summarize(evals[row["run"]], reference)
         write_json(summary, out / row["run"] / "tofu_summary.json")
-        row.update(
-            forget_quality=summary["forget_quality"],
-            model_utility=summary["model_utility"],
-            forget_rouge=summary["forget"]["rouge"],
-            forget_prob=summary["forget"]["prob"],
-            forget_truth_ratio=summary["forget"]["truth_ratio"],
-            retain_rouge=summary["retain"]["rouge"],
-            retain_prob=summary["retain"]["prob"],
-        )
-    write_json({"args": asdict(a), "training_args": training.recipe(), "runs": rows}, out / "results.json")
+        _row_from_summary(row, summary)
+    if "unlearn" not in recipes and any(r["kind"] == "unlearn" for r in rows):
+        method = next(r["strategy"] for r in rows if r["kind"] == "unlearn")
+        args = unlearning_args(a, training, method, str(out / "checkpoints"))
+        recipes["unlearn"] = {**args.recipe(), "effective_batch_size": args.effective_batch_size()}
+        recipes["unlearn"].pop("method")
+    missing = [n for n in names if n not in evals]
+    write_json(
+        {
+            "args": asdict(a),
+            "recipe": recipes,
+            "training_args": training.recipe(),
+            "missing_runs": missing,
+            "runs": rows,
+        },
+        out / "results.json",
+    )
     plot_scatter(
-        {r["run"]: (max(r["forget_quality"], 1e-30), r["model_utility"]) for r in rows},
+        {r["run"]: (max(r["forget_quality"], 1e-300), r["model_utility"]) for r in rows},
         out / "utility_vs_forget_quality.png",
-        xlabel="forget quality (KS p-value, log)",
+        xlabel="forget quality (KS p-value, log scale)",
         ylabel="model utility",
-        title=f"TOFU {a.forget_split}: masked training",
+        title=f"TOFU {a.forget_split}: masked training vs unlearning",
         logx=True,
     )
+    write_text(_report(a, training, recipes, rows, missing), out / "report.md")
+    print(markdown_table(rows, ["run", "forget_quality", "model_utility", "privleak", "forget_rouge"], digits=4))
+    return {"runs": rows, "missing_runs": missing}
+
+
+def _report(a: TofuExperimentConfig, training: TofuTrainingArguments, recipes: dict, rows: list[dict], missing) -> str:
     cols = [
         "run",
+        "kind",
         "strategy",
-        "trained_share",
         "forget_quality",
         "model_utility",
+        "privleak",
+        "extraction_strength",
         "forget_rouge",
         "forget_prob",
         "forget_truth_ratio",
         "retain_rouge",
-        "retain_prob",
+        "trained_share",
         "seconds",
     ]
-    md = (
-        f"# TOFU masked training ({a.forget_split})\n\nInitialisation `{a.model}`, data "
-        f"`{a.data_dir or 'embedded'}`, {training.num_train_epochs:g} epochs, lr {training.learning_rate:g}. Forget quality is the KS-test "
-        "p-value against the retain run (1 = indistinguishable from never training on the forget set); model "
-        "utility is the harmonic mean of the nine retain / real-authors / world-facts metrics.\n\n"
-        + markdown_table(rows, cols, digits=4)
-        + "\n![utility vs forget quality](utility_vs_forget_quality.png)\n"
-    )
-    write_text(md, out / "report.md")
-    print(markdown_table(rows, ["run", "forget_quality", "model_utility", "forget_rouge"], digits=4))
-    return {"runs": rows}
+    ft = recipes["finetune"]
+    lines = [
+        f"# TOFU {a.forget_split}: masked training against post-hoc unlearning",
+        "",
+        f"Initialisation `{a.model}`, data `{a.data_dir or 'embedded'}`, template `{a.template}`.",
+        "",
+        f"Finetuning: lr {ft['learning_rate']:g}, {ft['num_train_epochs']:g} epochs, "
+        f"{ft['per_device_train_batch_size']} x {ft['gradient_accumulation_steps']} rows per step per device, "
+        f"weight decay {ft['weight_decay']:g}, warmup {ft['warmup_epochs']} epoch(s), {ft['lr_scheduler_type']} "
+        f"schedule, {ft['optim']}, loss averaged per {ft['loss_average']}.",
+    ]
+    if "unlearn" in recipes:
+        un = recipes["unlearn"]
+        lines += [
+            "",
+            f"Unlearning from the full model: lr {un['learning_rate']:g}, {un['num_train_epochs']:g} epochs, "
+            f"weight decay {un['weight_decay']:g}, warmup {un['warmup_epochs']} epoch(s); NPO beta {un['beta']:g}, "
+            f"alpha {un['alpha']:g}, gamma {un['gamma']:g}, retain loss {un['retain_loss_type']}.",
+        ]
+    lines += [
+        "",
+        "Forget quality: KS-test p-value of the forget truth ratios against the retain run (1 = indistinguishable "
+        "from never having trained on the forget set). Model utility: harmonic mean of the nine retain / real-authors "
+        "/ world-facts metrics. Privleak: Min-K% AUC of forget vs holdout relative to the retain run's (0 = like the "
+        "retain model). Metrics as open-unlearning computes them.",
+        "",
+        markdown_table(rows, cols, digits=4),
+    ]
+    if missing:
+        lines += [f"Runs not done yet: {', '.join(missing)}.", ""]
+    lines += ["![model utility vs forget quality](utility_vs_forget_quality.png)", ""]
+    return "\n".join(lines)

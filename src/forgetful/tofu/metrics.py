@@ -1,12 +1,21 @@
-"""The TOFU metrics as pure functions of per-example values (tested against hand computations).
+"""The TOFU metrics as pure functions of per-example values (tested against hand computations),
+as open-unlearning's code computes them (``src/evals/metrics/``; its epsilons included).
 
 Per evaluation set and example: ROUGE-L recall of the greedy generation against the answer;
-probability ``p = exp(-NLL / answer_tokens)`` of the answer given the question (on real authors
-and world facts normalised against the wrong options); truth ratio ``R = geomean(p_perturbed) /
-p_correct`` with length-normalised probabilities. Aggregates: forget truth ratio = mean
-``min(R, 1/R)``, other sets mean ``max(0, 1 - R)``; forget quality = KS-test p-value between the
-per-example forget ``R`` of the model and of the retain model; model utility = harmonic mean of
-{probability, ROUGE, truth ratio} x {retain, real authors, world facts}.
+probability ``p = exp(-NLL / scored_tokens)`` of the answer given the question (on real authors
+and world facts normalised against the wrong options: ``p / (p + sum p_wrong + 1e-10)``); truth
+ratio ``R = geomean(p_perturbed) / (p_correct + 1e-10)`` with length-normalised probabilities.
+Aggregates: forget truth ratio = mean ``min(R, 1/(R + 1e-10))``, other sets mean
+``max(0, 1 - R)``; forget quality = KS-test p-value between the raw per-example forget ``R`` of
+the model and of the retain model; model utility = harmonic mean of {probability, ROUGE, truth
+ratio} x {retain, real authors, world facts} (0 when one is 0).
+
+Membership and memorisation on the forget set: the Min-K% score (the mean NLL of the ``k = 40%``
+least likely answer tokens, the last scored token left out), the AUC of forget (label 0) against
+holdout (label 1) scores, privleak = ``((1 - AUC) - (1 - AUC_ref)) / ((1 - AUC_ref) + 1e-10) * 100``
+(``AUC_ref`` the retain model's, 0.5 without it), and extraction strength ``1 - k / n`` with ``k``
+the first position from which every teacher-forced greedy prediction is right (last token left
+out; ``k`` never exceeds ``n - 1``).
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ def truth_ratio(correct_avg_nll: np.ndarray, perturbed_avg_nll: np.ndarray) -> n
 
 
 def truth_ratio_forget(r: np.ndarray) -> float:
-    """Forget set: mean of ``min(R, 1/R)`` (1 = the model cannot tell true from false)."""
+    """Forget set: mean of ``min(R, 1/(R + 1e-10))`` (1 = the model cannot tell true from false)."""
     r = np.asarray(r, dtype=np.float64)
     return float(np.mean(np.minimum(r, 1.0 / (r + EPS))))
 
@@ -60,8 +69,9 @@ def truth_ratio_utility(r: np.ndarray) -> float:
 
 
 def forget_quality(model_forget_r: Sequence[float], retain_forget_r: Sequence[float]) -> float:
-    """KS-test p-value between the per-example forget truth ratios of a model and of the
-    retain model (1 = indistinguishable from never having seen the forget set)."""
+    """KS-test p-value (``scipy.stats.ks_2samp``, two-sided, exact for small samples) between
+    the raw per-example forget truth ratios of a model and of the retain model (1 =
+    indistinguishable from never having seen the forget set)."""
     from scipy.stats import ks_2samp
 
     return float(ks_2samp(np.asarray(model_forget_r), np.asarray(retain_forget_r)).pvalue)
@@ -75,3 +85,57 @@ def model_utility(summary: dict) -> float:
     if min(values) <= 0:
         return 0.0
     return float(hmean(values))
+
+
+MIN_K = 0.4  # open-unlearning's mia_min_k
+
+
+def min_k_score(token_logprobs: Sequence[float], k: float = MIN_K) -> float:
+    """Min-K% score of one example: minus the mean of its ``max(1, int(k * n))`` lowest token
+    log-probabilities (0 for no tokens). The caller leaves out the last scored token."""
+    lp = np.sort(np.asarray(token_logprobs, dtype=np.float32))
+    if lp.size == 0:
+        return 0.0
+    num_k = max(1, int(len(lp) * k))
+    return float(-np.mean(lp[:num_k]))
+
+
+def extraction_strength(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """``1 - k / n`` with ``k`` the smallest index from which every teacher-forced greedy
+    prediction equals its label; when none does (not even the last), ``k = n - 1``, as
+    open-unlearning's loop leaves it, so the score is never below ``1 / n``. 0 for no tokens."""
+    match = np.asarray(predictions) == np.asarray(labels)
+    n = len(match)
+    if n == 0:
+        return 0.0
+    suffix_ok = np.flip(np.cumprod(np.flip(match))).astype(bool)  # suffix_ok[k] = all(match[k:])
+    k = int(np.argmax(suffix_ok)) if suffix_ok.any() else n - 1
+    return 1.0 - k / n
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve of ``scores`` for the positive ``labels == 1`` (ties count one
+    half): the Mann-Whitney statistic, equal to ``sklearn.metrics.roc_auc_score``."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_auc needs both classes")
+    ranks = rankdata(s)  # average ranks of ties
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def mia_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
+    """AUC of Min-K% scores, forget examples labelled 0 and holdout examples 1."""
+    labels = [0] * len(forget_scores) + [1] * len(holdout_scores)
+    return roc_auc(labels, list(forget_scores) + list(holdout_scores))
+
+
+def privleak(auc: float, ref_auc: float | None = None) -> float:
+    """``((1 - AUC) - (1 - AUC_ref)) / ((1 - AUC_ref) + 1e-10) * 100``; ``AUC_ref`` is the retain
+    model's AUC, 0.5 without it."""
+    ref = 0.5 if ref_auc is None else ref_auc
+    score, ref = 1 - auc, 1 - ref
+    return float((score - ref) / (ref + EPS) * 100)

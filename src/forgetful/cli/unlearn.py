@@ -1,0 +1,64 @@
+"""``forgetful unlearn``: post-hoc unlearning of a TOFU forget split (GradAscent, GradDiff, NPO) on
+the selective-loss trainer stack, with open-unlearning's recipe as defaults; ``--evaluate`` scores
+the result with the TOFU suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..loss.unlearning import UnlearningConfig
+from ..models import load_model
+from ..reporting import write_json
+from ..tofu.evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu
+from ..tofu.unlearning import TofuUnlearnConfig, unlearn_tofu
+
+ARGUMENTS = (TofuUnlearnConfig, UnlearningConfig)
+
+
+def run(c: TofuUnlearnConfig, args: UnlearningConfig) -> dict:
+    from accelerate import PartialState
+
+    eval_config = None
+    if c.evaluate:
+        eval_config = TofuEvalConfig(
+            data_dir=c.data_dir,
+            forget_split=c.forget_split,
+            max_new_tokens=c.max_new_tokens,
+            batch_size=c.eval_batch_size,
+            max_examples=c.max_eval_examples,
+            num_authors=c.num_authors,
+            seed=args.seed,
+            template=c.template,
+            system_prompt=c.system_prompt,
+            date_string=c.date_string,
+            max_length=c.max_length,
+        )
+        check_eval_splits(eval_config)  # before training, not after it
+    if args.output_dir in (None, "trainer_output"):
+        args.output_dir = str(Path(c.out) / "checkpoints")
+    # float32 weights: bf16 autocast on GPUs keeps float32 master weights, as mixed precision should
+    model, tokenizer = load_model(c.model, dtype=torch.float32)
+    results = unlearn_tofu(model, tokenizer, c, args, c.out)
+    main = PartialState().is_main_process
+    if main:
+        print(
+            f"{args.method}: {results['steps']} steps; forget probability {results['forget_prob_before']:.4f} -> "
+            f"{results['forget_prob_after']:.4f}"
+        )
+    if eval_config is not None and main:
+        model, tokenizer = load_model(c.out)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        per_example, summary = evaluate_tofu(model, tokenizer, eval_config, retain_eval=c.retain_eval)
+        per_example["meta"]["model"] = c.out
+        write_json(per_example, Path(c.out) / "tofu_eval.json")
+        write_json(summary, Path(c.out) / "tofu_summary.json")
+        fq = summary["forget_quality"]
+        print(
+            f"model utility {summary['model_utility']:.4f}; forget quality "
+            f"{'n/a (no --retain-eval)' if fq is None else f'{fq:.4g}'}; forget ROUGE {summary['forget']['rouge']:.3f}"
+        )
+        results["summary"] = summary
+    return results

@@ -1,0 +1,121 @@
+"""Post-hoc unlearning on TOFU (``forgetful unlearn``, and the unlearning runs of the experiment):
+open-unlearning's TOFU unlearning recipe (``configs/experiment/unlearn/tofu/default.yaml``) on
+:class:`~forgetful.loss.unlearning.UnlearningTrainer`. The forget rows are the forget split
+(``forgetXX``), the retain rows the matching ``retainYY``, both encoded by
+:func:`~forgetful.data.tofu.encode_qa` exactly as finetuning and evaluation encode them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data.tofu import (
+    DEFAULT_DATE_STRING,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_SYSTEM_PROMPT,
+    FORGET_SPLITS,
+    RETAIN_FOR_FORGET,
+    TEMPLATE_KINDS,
+)
+from ..errors import ForgetfulError
+from ..loss.tasks import prepare_dataset_for_training
+from ..loss.unlearning import UnlearningConfig, UnlearningTrainer, forget_probability
+from ..reporting import write_json
+from ..tokens import pad_token_id
+
+
+@dataclass
+class TofuUnlearnConfig:
+    """What to unlearn and where from (the options of ``forgetful unlearn`` besides the training
+    recipe, :class:`~forgetful.loss.unlearning.UnlearningConfig`)."""
+
+    model: str = field(metadata={"help": "The model to unlearn from (e.g. the TOFU 'full' run's model folder)."})
+    out: str = field(metadata={"help": "Output folder: the unlearned model, results.json (and the evaluation)."})
+    forget_split: str = field(default="forget10", metadata={"help": "forget01, forget05 or forget10."})
+    retain_split: str | None = field(
+        default=None, metadata={"help": "Retain rows (default: the retain split of the forget split, e.g. retain90)."}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "TOFU folder (e.g. ../shared/data/tofu), locuslab/TOFU, or unset for embedded."}
+    )
+    num_authors: int = field(default=200, metadata={"help": "Authors in the embedded data."})
+    template: str = field(default="auto", metadata={"help": "Prompt format: chat, plain or auto."})
+    system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "Chat template: system prompt."})
+    date_string: str | None = field(default=DEFAULT_DATE_STRING, metadata={"help": "Chat template: date_string."})
+    max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Plain template: truncate to this length."})
+    evaluate: bool = field(default=False, metadata={"help": "Evaluate the unlearned model with the TOFU suite."})
+    retain_eval: str | None = field(
+        default=None, metadata={"help": "With --evaluate: the retain model's tofu_eval.json (forget quality)."}
+    )
+    max_new_tokens: int = field(default=200, metadata={"help": "With --evaluate: longest generated answer."})
+    eval_batch_size: int = field(default=32, metadata={"help": "With --evaluate: evaluation batch size."})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "With --evaluate: examples per set."})
+
+    def __post_init__(self):
+        if self.forget_split not in FORGET_SPLITS:
+            raise ForgetfulError(f"forget split must be one of {', '.join(FORGET_SPLITS)}, got '{self.forget_split}'")
+        if self.retain_split is None:
+            self.retain_split = RETAIN_FOR_FORGET[self.forget_split]
+        if self.template not in TEMPLATE_KINDS:
+            raise ForgetfulError(f"template must be one of {', '.join(TEMPLATE_KINDS)}, got '{self.template}'")
+
+    def task_options(self, seed: int = 0) -> dict:
+        return dict(
+            source=self.data_dir,
+            forget_split=self.forget_split,
+            strategy="answer_only",
+            max_length=self.max_length,
+            num_authors=self.num_authors,
+            seed=seed,
+            template=self.template,
+            system_prompt=self.system_prompt,
+            date_string=self.date_string,
+        )
+
+
+def unlearn_tofu(model, tokenizer, c: TofuUnlearnConfig, args: UnlearningConfig, out: str | Path) -> dict:
+    """Unlearn ``c.forget_split`` from ``model`` by ``args.method``, save the model and tokenizer to
+    ``out`` and write ``out/results.json`` last. Returns the results."""
+    out = Path(out)
+    (out / "results.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    options = c.task_options(args.seed)
+    forget = prepare_dataset_for_training("tofu", tokenizer, split=c.forget_split, **options)
+    retain = (
+        prepare_dataset_for_training("tofu", tokenizer, split=c.retain_split, **options) if args.uses_retain else None
+    )
+    pad = pad_token_id(tokenizer, model)
+    trainer = UnlearningTrainer(
+        model=model, args=args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer
+    )
+    before = forget_probability(trainer.model, forget, pad)
+    result = trainer.train()
+    after = forget_probability(trainer.model, forget, pad)
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    results = {
+        "method": args.method,
+        "model": c.model,
+        "forget_split": c.forget_split,
+        "retain_split": c.retain_split if args.uses_retain else None,
+        "forget_rows": len(forget),
+        "retain_rows": len(retain) if retain is not None else 0,
+        "recipe": args.recipe(),
+        "effective_batch_size": args.effective_batch_size(),
+        "warmup_steps": args.warmup_steps,
+        "steps": trainer.state.global_step,
+        "train_loss": float(result.training_loss),
+        "train_runtime_s": float(result.metrics.get("train_runtime", math.nan)),
+        "forget_prob_before": float(np.mean(before)),
+        "forget_prob_after": float(np.mean(after)),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    if trainer.is_world_process_zero():
+        write_json(results, out / "results.json")
+    return results

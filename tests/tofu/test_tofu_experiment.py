@@ -1,0 +1,134 @@
+"""The TOFU experiment (forgetful.tofu.experiment) end to end on the CPU at toy size: embedded data,
+a tiny model, a few steps; every run (retain, full, masked, unlearned) written as it finishes,
+--only to split the work, the results, per-example files, report and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from forgetful.errors import ForgetfulError
+from forgetful.tofu.experiment import TofuExperimentConfig, TofuTrainingArguments, plan_runs, run_tofu_experiment
+from forgetful.tofu.metrics import forget_quality
+
+pytestmark = pytest.mark.slow
+
+ROW_KEYS = {"run", "forget_quality", "model_utility", "privleak", "forget_rouge", "forget_truth_ratio"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _config(model_dir, out, **kw) -> TofuExperimentConfig:
+    base = dict(
+        model=str(model_dir),
+        out=str(out),
+        num_authors=5,
+        max_new_tokens=3,
+        max_eval_examples=4,
+        eval_batch_size=4,
+        unlearning="grad_diff,npo",
+        unlearn_epochs=1.0,
+        unlearn_learning_rate=1e-3,
+    )
+    base.update(kw)
+    return TofuExperimentConfig(**base)
+
+
+def _training(**kw) -> TofuTrainingArguments:
+    base = dict(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, disable_tqdm=True)
+    base.update(kw)
+    return TofuTrainingArguments(**base)
+
+
+def test_plan_runs_and_its_errors(tmp_path):
+    runs = plan_runs(_config("m", tmp_path))
+    assert [r.name for r in runs] == [
+        "retain",
+        "full",
+        "full_forget_answers",
+        "full_forget_facts",
+        "full_goldfish",
+        "full_grad_diff",
+        "full_npo",
+    ]
+    assert runs[0].split == "retain90" and runs[-1].kind == "unlearn" and runs[-1].split == "forget10"
+    with pytest.raises(ForgetfulError, match="unknown unlearning method 'rmu'"):
+        plan_runs(_config("m", tmp_path, unlearning="npo,rmu"))
+    with pytest.raises(ForgetfulError, match="unknown masking strategies forget_all"):
+        plan_runs(_config("m", tmp_path, strategies="forget_all"))
+
+
+def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path):
+    out = tmp_path / "exp"
+    # unlearning needs the full model first
+    with pytest.raises(ForgetfulError, match="run full_npo unlearns from the full run's model.*--only full"):
+        run_tofu_experiment(_config(tiny_model_dir, out, only="full_npo"), _training())
+    # part 1: the reference and the full model
+    res = run_tofu_experiment(_config(tiny_model_dir, out, only="retain,full"), _training())
+    assert [r["run"] for r in res["runs"]] == ["retain", "full"]
+    assert (out / "full" / "model" / "results.json").is_file() and (out / "retain" / "run.json").is_file()
+    assert set(res["missing_runs"]) == {"full_forget_answers", "full_forget_facts", "full_goldfish"} | {
+        "full_grad_diff",
+        "full_npo",
+    }
+    # part 2: the rest (retain and full are reused)
+    res = run_tofu_experiment(_config(tiny_model_dir, out), _training())
+    assert res["missing_runs"] == []
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["run"]: r for r in results["runs"]}
+    assert set(rows) == {r.name for r in plan_runs(_config(tiny_model_dir, out))}
+    for name, row in rows.items():
+        assert set(row) >= ROW_KEYS, name
+        per = json.loads((out / name / "forget_per_example.json").read_text())
+        assert len(per["forget"]["truth_ratio"]) == 4 and len(per["holdout"]["min_k"]) == 4
+        # forget quality is recomputable from the per-example files
+        retain = json.loads((out / "retain" / "forget_per_example.json").read_text())
+        assert row["forget_quality"] == pytest.approx(
+            forget_quality(per["forget"]["truth_ratio"], retain["forget"]["truth_ratio"])
+        )
+    assert rows["retain"]["forget_quality"] == pytest.approx(1.0) and rows["retain"]["privleak"] == pytest.approx(0.0)
+    assert (
+        rows["full_npo"]["kind"] == "unlearn"
+        and rows["full_npo"]["forget_prob_after"] < rows["full_npo"]["forget_prob_before"]
+    )
+    # the recipes are recorded
+    ft, un = results["recipe"]["finetune"], results["recipe"]["unlearn"]
+    for recipe in (ft, un):
+        assert {
+            "learning_rate",
+            "num_train_epochs",
+            "effective_batch_size",
+            "weight_decay",
+            "warmup_epochs",
+            "optim",
+        } <= set(recipe)
+    assert (ft["learning_rate"], ft["effective_batch_size"], ft["warmup_epochs"]) == (1e-5, 8, 1.0)
+    assert (un["learning_rate"], un["num_train_epochs"], un["beta"]) == (1e-3, 1.0, 0.1)
+    report = (out / "report.md").read_text()
+    assert "| full_npo | unlearn | npo |" in report and "NPO beta 0.1" in report
+    assert (out / "utility_vs_forget_quality.png").stat().st_size > 1000
+
+
+def test_cli_unlearn_with_evaluation(tiny_model_dir, tmp_path):
+    from forgetful.cli import main
+
+    out = tmp_path / "npo"
+    argv = ["unlearn", "--model", str(tiny_model_dir), "--out", str(out), "--method", "npo", "--num-authors", "5"]
+    argv += ["--max_steps", "2", "--learning_rate", "1e-3", "--evaluate", "--max-eval-examples", "3"]
+    argv += ["--max-new-tokens", "3", "--eval-batch-size", "4"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (res["method"], res["forget_split"], res["retain_split"], res["steps"]) == ("npo", "forget10", "retain90", 2)
+    assert res["recipe"]["beta"] == 0.1 and res["effective_batch_size"] == 32
+    assert res["forget_prob_after"] < res["forget_prob_before"]
+    summary = json.loads((out / "tofu_summary.json").read_text())
+    assert {"model_utility", "privleak", "extraction_strength"} <= set(summary)
+    assert (out / "config.json").is_file() and (out / "tofu_eval.json").is_file()
