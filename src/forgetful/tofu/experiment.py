@@ -186,7 +186,7 @@ _SHARED_OPTIONS = (
     "max_grad_norm",
     "loss_average",
     "sparse_logits",
-    "gradient_checkpointing",
+    "activation_checkpointing",  # transformers 5's name of gradient_checkpointing (the old one warns)
     "bf16",
     "use_cpu",
     "seed",
@@ -201,7 +201,9 @@ _SHARED_OPTIONS = (
 def unlearning_args(a: TofuExperimentConfig, training: TofuTrainingArguments, method: str, output_dir: str):
     """The unlearning recipe: the finetuning run's batch sizes, optimizer, precision and seed, with
     the unlearning learning rate, epochs, weight decay, warmup and loss weights."""
-    shared = {k: getattr(training, k) for k in _SHARED_OPTIONS}
+    shared = {k: getattr(training, k) for k in _SHARED_OPTIONS if hasattr(training, k)}
+    if not hasattr(training, "activation_checkpointing"):  # transformers before the rename
+        shared["gradient_checkpointing"] = training.gradient_checkpointing
     return UnlearningConfig(
         output_dir=output_dir,
         save_strategy="no",
