@@ -298,8 +298,9 @@ def main() -> None:
         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         config=vars(a),
     )
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    from forgetful.training.distributed import close_process_group
+
+    close_process_group()
     if rank == 0:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: result[k] for k in ("trainer", "processes", "rows_per_s", "tokens_per_s", "step_s")}))

@@ -88,10 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _close_process_group() -> None:
     """Under a launcher the command owns the process group: close it before the process exits."""
-    import torch.distributed as dist
+    from forgetful.training.distributed import close_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

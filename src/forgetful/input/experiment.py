@@ -124,6 +124,8 @@ def run_forget_experiment(config: ForgetExperimentConfig, training: ForgetTraini
     if only is not None and not only <= names:
         raise ForgetfulError(f"--only names unknown runs {sorted(only - names)}; runs are {', '.join(sorted(names))}")
     base, tok = load_model(config.model)
+    # the zero-shot run evaluates without a trainer, so it goes to the device a trainer would use
+    base.to("cpu" if training.use_cpu or not torch.cuda.is_available() else "cuda")
     train, held = _data(config, tok, training.seed)
     for name, protocol, strategy, keep in config.runs():
         if name in done or (only is not None and name not in only):
