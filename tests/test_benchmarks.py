@@ -186,3 +186,34 @@ def test_bench_masks(tmp_path):
     assert rows["attention_score"]["learned"] is False and rows["attention_score"]["policy_train_ms"] is None
     assert all(_finite(r["share_of_lm_step"]) and r["flops_per_token"] > 0 for r in rows.values())
     assert rows["hidden_state"]["flops_per_token"] > rows["mlp"]["flops_per_token"]
+
+
+def test_tofu_open_unlearning_check(tiny_model_dir, tmp_path):
+    """Two evaluations in open-unlearning's layout compared number by number: identical runs
+    differ by nothing, and a changed value shows in its aggregate."""
+    from forgetful.cli import main
+
+    runs = {}
+    for name, extra in (("model", []), ("retain", [])):
+        out = tmp_path / name
+        argv = ["eval-tofu", "--model", str(tiny_model_dir), "--out", str(out), "--num-authors", "4"]
+        assert main(argv + ["--max-examples", "3", "--max-new-tokens", "3", "--open-unlearning-files", *extra]) == 0
+        runs[name] = out
+    other = tmp_path / "other"
+    other.mkdir()
+    ev = json.loads((runs["model"] / "TOFU_EVAL.json").read_text())
+    ev["forget_Q_A_Prob"]["agg_value"] += 0.5
+    (other / "TOFU_EVAL.json").write_text(json.dumps(ev))
+    record = tmp_path / "check.json"
+    for case, theirs in (("same", runs["model"]), ("changed", other)):
+        _run(
+            "tofu_open_unlearning_check.py",
+            *("--case", case, "--ours", str(runs["model"]), "--theirs", str(theirs)),
+            *("--ours-retain", str(runs["retain"]), "--theirs-retain", str(runs["retain"]), "--out", str(record)),
+        )
+    cases = json.loads(record.read_text())["cases"]
+    assert cases["same"]["all_aggregates_max_abs_diff"] == 0.0
+    assert cases["same"]["generations"]["forget_Q_A_ROUGE"]["identical_generations"] == "3/3"
+    assert cases["changed"]["aggregates"]["forget_Q_A_Prob"]["abs_diff"] == pytest.approx(0.5)
+    fq = cases["same"]["forget_quality_from_per_example_truth_ratios"]
+    assert fq["forgetful (its model vs its retain model)"] == pytest.approx(1.0)
