@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ForgetfulError, check_choices
 from ..models import load_model
-from ..reporting import markdown_table, plot_lines, write_json, write_text
+from ..reporting import markdown_table, plot_bars, plot_lines, write_json, write_text
 from .evaluation import add_speedups, evaluate_forgetting
 from .examples import load_forget_examples
 from .policies import build_mask, mask_names
@@ -223,8 +223,8 @@ def _data(config: ForgetExperimentConfig, tok, seed: int):
 
 
 def _report(rows: list[dict], config: ForgetExperimentConfig, training: ForgetTrainingConfig, out: Path) -> None:
-    """report.md (a table per protocol) and one plot per protocol: target NLL vs keep ratio, with the
-    identity of that protocol and no context as labelled references."""
+    """report.md (a table per protocol) and one plot per protocol: target NLL vs keep ratio (bars when
+    there is one keep ratio), with the identity of that protocol and no context as labelled references."""
     qa = config.task == "tofu_qa"
     cols = (
         ["strategy", "keep_ratio", "kept_tokens", "nll"]
@@ -256,7 +256,18 @@ def _report(rows: list[dict], config: ForgetExperimentConfig, training: ForgetTr
                 xs, ys = series.setdefault(r["strategy"], ([], []))
                 xs.append(r["keep_ratio"])
                 ys.append(r["nll"])
-        if series:
+        keeps = {x for xs, _ in series.values() for x in xs}
+        if len(keeps) == 1:  # one budget: a line plot would be a column of dots; bars, best first
+            (keep,) = keeps
+            plot_bars(
+                {name: ys[0] for name, (_, ys) in series.items()},
+                out / f"nll_{protocol}.png",
+                ylabel="target NLL (nats per token)",
+                title=f"{config.task}: {protocol.replace('_', ' ')}, keep {keep:g}",
+                levels=references,
+            )
+            parts.append(f"![{protocol}](nll_{protocol}.png)\n")
+        elif series:
             plot_lines(
                 {k: (xs, ys) for k, (xs, ys) in series.items()},
                 out / f"nll_{protocol}.png",
