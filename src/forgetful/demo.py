@@ -274,6 +274,22 @@ def _real_model_section(a: DemoConfig, out: Path) -> dict:
     }
 
 
+def _zero_utility_note(rows: list[dict]) -> list[str]:
+    """Why a column of zeros is not a bug: model utility is a harmonic mean, so one part at 0 makes
+    it 0, and a 1 M-parameter model answers no real-authors question it never trained on."""
+    if not rows or any(r.get("model_utility") != 0 for r in rows):
+        return []
+    parts = (("real_authors_rouge", "real-authors"), ("world_facts_rouge", "world-facts"), ("retain_rouge", "retain"))
+    zero = [label for key, label in parts if all(r.get(key) == 0 for r in rows)]
+    which = f"the {' and '.join(zero)} ROUGE is 0 for every run" if zero else "one of its parts is 0 in every run"
+    return [
+        f"Model utility is 0 for every run: it is a harmonic mean of nine figures and {which} (greedy answers of "
+        "a 1 M-parameter model share no word with the references). Read forget quality and privleak at this "
+        "scale; the README has the real model's TOFU figures.",
+        "",
+    ]
+
+
 def _fmt_row(rows, strategy, keep):
     return next((r for r in rows if r["strategy"] == strategy and abs(r["keep_ratio"] - keep) < 1e-9), None)
 
@@ -333,6 +349,7 @@ def _report(results: dict, rows: list[dict], a: DemoConfig) -> str:
             "![utility vs forget quality](tofu/utility_vs_forget_quality.png)",
             "",
         ]
+        lines += _zero_utility_note(results["tofu"])
     real = results.get("real_model")
     if real and "rows" in real:
         keep = 1 - a.forget_p

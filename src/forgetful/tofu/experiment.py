@@ -233,6 +233,8 @@ def _row_from_summary(row: dict, summary: dict) -> dict:
         retain_rouge=summary["retain"]["rouge"],
         retain_prob=summary["retain"]["prob"],
         retain_truth_ratio=summary["retain"]["truth_ratio"],
+        real_authors_rouge=summary["real_authors"]["rouge"],
+        world_facts_rouge=summary["world_facts"]["rouge"],
     )
     return row
 

@@ -1,0 +1,25 @@
+"""The demo report explains a column of zero model utilities, and only that."""
+
+from __future__ import annotations
+
+from forgetful.demo import _zero_utility_note
+
+
+def _row(mu, real=0.0, world=0.05, retain=0.01):
+    return {"model_utility": mu, "real_authors_rouge": real, "world_facts_rouge": world, "retain_rouge": retain}
+
+
+def test_all_zero_utilities_name_the_parts_that_are_zero():
+    note = _zero_utility_note([_row(0.0), _row(0.0, world=0.0)])
+    assert len(note) == 2 and "the real-authors ROUGE is 0 for every run" in note[0]
+    assert "world-facts" not in note[0]  # it is not 0 in every run
+
+
+def test_no_part_zero_everywhere_still_explains():
+    note = _zero_utility_note([_row(0.0, real=0.1), _row(0.0, real=0.0, world=0.1)])
+    assert "one of its parts is 0 in every run" in note[0]
+
+
+def test_nothing_to_explain():
+    assert _zero_utility_note([_row(0.0), _row(0.3)]) == []
+    assert _zero_utility_note([]) == []
