@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -88,3 +89,21 @@ def test_the_fair_protocol_experiment_end_to_end(tiny_model_dir, tmp_path):
     # a second call finds every run done and changes nothing
     before = (out / "results.json").read_text()
     assert main(args) == 0 and (out / "results.json").read_text() == before
+
+
+def test_baselines_get_as_many_lm_epochs_as_a_learned_policy():
+    from forgetful.errors import ForgetfulError
+    from forgetful.input.experiment import ForgetExperimentConfig
+
+    assert ForgetExperimentConfig(model="m", exploration="0.5,0").finetune_epochs == 2
+    assert ForgetExperimentConfig(model="m", exploration="0.75,0.5,0").finetune_epochs == 3
+    assert ForgetExperimentConfig(model="m", exploration="0.5,0", finetune_epochs=1).finetune_epochs == 1
+    assert ForgetExperimentConfig(model="m", exploration="0.5,0").exploration_shares == [0.5, 0.0]
+    for bad, msg in (
+        (dict(exploration="a,b"), "exploration must be shares"),
+        (dict(exploration="1.5"), "in [0, 1]"),
+        (dict(exploration=","), "is empty"),
+        (dict(finetune_epochs=0), "at least 1"),
+    ):
+        with pytest.raises(ForgetfulError, match=re.escape(msg)):
+            ForgetExperimentConfig(model="m", **bad)

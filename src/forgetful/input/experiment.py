@@ -31,7 +31,7 @@ from ..reporting import markdown_table, plot_bars, plot_lines, write_json, write
 from .evaluation import add_speedups, evaluate_forgetting
 from .examples import load_forget_examples
 from .policies import build_mask, mask_names
-from .reinforce import ForgetMaskTrainer, ForgetTrainingConfig
+from .reinforce import ForgetMaskTrainer, ForgetTrainingConfig, check_exploration
 
 
 def _names(text: str) -> list[str]:
@@ -65,7 +65,13 @@ class ForgetExperimentConfig:
     exploration: str = field(
         default="0.5,0", metadata={"help": "Learned policies: share of random keep sets per epoch."}
     )
-    finetune_epochs: int = field(default=1, metadata={"help": "Epochs of LM finetuning for each baseline strategy."})
+    finetune_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Epochs of LM finetuning for each baseline strategy (default: as many as a learned policy's LM "
+            "gets, one per --exploration entry, so every strategy has the same chance to adapt)."
+        },
+    )
     train_examples: int | None = field(default=None, metadata={"help": "At most this many training examples."})
     eval_examples: int | None = field(default=None, metadata={"help": "At most this many held-out examples."})
     questions_per_author: int = field(default=10, metadata={"help": "tofu_qa: held-out questions per author."})
@@ -86,6 +92,15 @@ class ForgetExperimentConfig:
         if not ratios or any(not 0 < r < 1 for r in ratios):
             raise ForgetfulError(f"keep ratios must lie in (0, 1), got {self.keeps!r}")
         self.keep_ratios = ratios
+        try:
+            self.exploration_shares = [float(e) for e in _names(self.exploration)]
+        except ValueError:
+            raise ForgetfulError(f"exploration must be shares like 0.5,0, got {self.exploration!r}") from None
+        check_exploration("reinforce", self.exploration_shares)  # before the first run, not at the first policy
+        if self.finetune_epochs is None:
+            self.finetune_epochs = len(self.exploration_shares)
+        if self.finetune_epochs < 1:
+            raise ForgetfulError(f"finetune_epochs must be at least 1, got {self.finetune_epochs}")
         known = set(mask_names())
         for option in ("zero_shot", "finetuned", "policies"):
             unknown = [n for n in _names(getattr(self, option)) if n not in known]
@@ -139,9 +154,7 @@ def run_forget_experiment(config: ForgetExperimentConfig, training: ForgetTraini
             mask = build_mask(strategy, model, seed=training.seed)
             # no checkpoints: a run takes minutes, and one cut short is run again
             run_args = replace(training, output_dir=None, run_name=name)
-            epochs = (
-                [0.0] * config.finetune_epochs if not mask.learned else [float(e) for e in _names(config.exploration)]
-            )
+            epochs = [0.0] * config.finetune_epochs if not mask.learned else config.exploration_shares
             trainer = ForgetMaskTrainer(
                 model,
                 mask,

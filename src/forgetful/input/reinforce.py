@@ -161,7 +161,9 @@ class _State:
     history: list[dict] = field(default_factory=list)
 
 
-def _check_exploration(method: str, exploration_epochs: Sequence) -> None:
+def check_exploration(method: str, exploration_epochs: Sequence) -> None:
+    """One entry per epoch: shares of random keep sets in [0, 1] for ``reinforce``, booleans (LM
+    epoch or policy epoch) for ``two_step``."""
     if isinstance(exploration_epochs, str | bytes) or not isinstance(exploration_epochs, Sequence):
         raise ForgetfulError(f"exploration_epochs must be a list, got {exploration_epochs!r}")
     if len(exploration_epochs) == 0:
@@ -262,7 +264,7 @@ class ForgetMaskTrainer:
         if method not in ("reinforce", "two_step"):
             raise ForgetfulError(f"method must be reinforce or two_step, got '{method}'")
         check_probability("forget_p", forget_p)
-        _check_exploration(method, exploration_epochs)
+        check_exploration(method, exploration_epochs)
         if not isinstance(policy, ForgetMask):
             raise ForgetfulError(f"mask must be a forgetful ForgetMask policy, got {type(policy).__name__}")
         if train_dataset is None:
