@@ -96,6 +96,9 @@ case "$phase" in
     sel=(--trainer selective --seq 1024 --per-device-batch 16 --accumulation 8 --max-rows 2048)
     rl=(--trainer reinforce --seq 1024 --per-device-batch 8 --accumulation 6 --samples 4)
     runs=${DDP_RUNS:-selective_ddp selective_fsdp reinforce_ddp}  # a subset when device time is short
+    for r in $runs; do
+      case "$r" in selective_ddp|selective_fsdp|reinforce_ddp) ;; *) echo "DDP_RUNS: unknown run $r"; exit 2 ;; esac
+    done
     for n in 1 2; do
       [[ " $runs " == *" selective_ddp "* ]] && bench "$n" "selective_ddp_${n}gpu" "${sel[@]}" --profile
       [[ " $runs " == *" selective_fsdp "* ]] && bench "$n" "selective_fsdp_${n}gpu" "${sel[@]}" --fsdp

@@ -281,11 +281,15 @@ def _zero_utility_note(rows: list[dict]) -> list[str]:
         return []
     parts = (("real_authors_rouge", "real-authors"), ("world_facts_rouge", "world-facts"), ("retain_rouge", "retain"))
     zero = [label for key, label in parts if all(r.get(key) == 0 for r in rows)]
-    which = f"the {' and '.join(zero)} ROUGE is 0 for every run" if zero else "one of its parts is 0 in every run"
+    which = (
+        f"the {' and '.join(zero)} ROUGE is 0 for every run (greedy answers of a 1 M-parameter model share no "
+        "word with the references)"
+        if zero
+        else "in every run some part of it is 0"
+    )
     return [
-        f"Model utility is 0 for every run: it is a harmonic mean of nine figures and {which} (greedy answers of "
-        "a 1 M-parameter model share no word with the references). Read forget quality and privleak at this "
-        "scale; the README has the real model's TOFU figures.",
+        f"Model utility is 0 for every run: it is a harmonic mean of nine figures and {which}. Read forget "
+        "quality and privleak at this scale; the README has the real model's TOFU figures.",
         "",
     ]
 

@@ -100,10 +100,35 @@ def test_baselines_get_as_many_lm_epochs_as_a_learned_policy():
     assert ForgetExperimentConfig(model="m", exploration="0.5,0", finetune_epochs=1).finetune_epochs == 1
     assert ForgetExperimentConfig(model="m", exploration="0.5,0").exploration_shares == [0.5, 0.0]
     for bad, msg in (
-        (dict(exploration="a,b"), "exploration must be shares"),
-        (dict(exploration="1.5"), "in [0, 1]"),
-        (dict(exploration=","), "is empty"),
-        (dict(finetune_epochs=0), "at least 1"),
+        (dict(exploration="a,b"), "exploration must be shares like 0.5,0, got 'a,b'"),
+        (dict(exploration="1.5"), "--exploration '1.5': reinforce_model: exploration_epochs entries are shares"),
+        (dict(exploration=","), "--exploration ',': exploration_epochs is empty"),
+        (dict(finetune_epochs=0), "finetune_epochs must be at least 1"),
     ):
-        with pytest.raises(ForgetfulError, match=re.escape(msg)):
+        with pytest.raises(ForgetfulError, match="^" + re.escape(msg)):
             ForgetExperimentConfig(model="m", **bad)
+
+
+def test_the_report_draws_bars_for_one_keep_ratio_and_lines_for_several(tmp_path, monkeypatch):
+    from forgetful.input import experiment
+    from forgetful.input.experiment import ForgetExperimentConfig, _report
+    from forgetful.input.reinforce import ForgetTrainingConfig
+
+    drawn = []
+    monkeypatch.setattr(experiment, "plot_bars", lambda values, path, **kw: drawn.append(("bars", values, kw)))
+    monkeypatch.setattr(experiment, "plot_lines", lambda series, path, **kw: drawn.append(("lines", series, kw)))
+
+    def row(strategy, keep, nll, protocol="zero_shot"):
+        return {"strategy": strategy, "keep_ratio": keep, "nll": nll, "protocol": protocol, "kept_tokens": 5}
+
+    one = [row("identity", 0.5, 1.0), row("none", 0.5, 3.0), row("recency", 0.5, 2.0), row("random", 0.5, 2.5)]
+    _report(one, ForgetExperimentConfig(model="m", keeps="0.5"), ForgetTrainingConfig(), tmp_path)
+    kind, values, kw = drawn.pop()
+    assert kind == "bars" and values == {"recency": 2.0, "random": 2.5}
+    assert kw["levels"] == {"full context": 1.0, "no context": 3.0} and "keep 0.5" in kw["title"]
+
+    two = one + [row("identity", 0.25, 1.0), row("recency", 0.25, 2.2), row("random", 0.25, 2.9)]
+    _report(two, ForgetExperimentConfig(model="m", keeps="0.5,0.25"), ForgetTrainingConfig(), tmp_path)
+    kind, series, _ = drawn.pop()
+    assert kind == "lines" and series["recency"] == ([0.5, 0.25], [2.0, 2.2])
+    assert (tmp_path / "report.md").read_text().count("nll_zero_shot.png") == 1

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 
 from ..errors import ForgetfulError, check_choices
 from ..models import load_model
@@ -96,7 +97,10 @@ class ForgetExperimentConfig:
             self.exploration_shares = [float(e) for e in _names(self.exploration)]
         except ValueError:
             raise ForgetfulError(f"exploration must be shares like 0.5,0, got {self.exploration!r}") from None
-        check_exploration("reinforce", self.exploration_shares)  # before the first run, not at the first policy
+        try:  # before the first run, not when the first policy starts
+            check_exploration("reinforce", self.exploration_shares)
+        except ForgetfulError as exc:
+            raise ForgetfulError(f"--exploration {self.exploration!r}: {exc}") from None
         if self.finetune_epochs is None:
             self.finetune_epochs = len(self.exploration_shares)
         if self.finetune_epochs < 1:
@@ -139,8 +143,6 @@ def run_forget_experiment(config: ForgetExperimentConfig, training: ForgetTraini
     if only is not None and not only <= names:
         raise ForgetfulError(f"--only names unknown runs {sorted(only - names)}; runs are {', '.join(sorted(names))}")
     base, tok = load_model(config.model)
-    # the zero-shot run evaluates without a trainer, so it goes to the device a trainer would use
-    base.to("cpu" if training.use_cpu or not torch.cuda.is_available() else "cuda")
     train, held = _data(config, tok, training.seed)
     for name, protocol, strategy, keep in config.runs():
         if name in done or (only is not None and name not in only):
@@ -148,13 +150,18 @@ def run_forget_experiment(config: ForgetExperimentConfig, training: ForgetTraini
         start = time.perf_counter()
         print(f"[{name}]", flush=True)
         if name == "zero_shot":
-            model, policies, strategies = base, {}, tuple(_names(config.zero_shot))
+            # evaluated without a trainer: on the device a trainer would use (this process's GPU under
+            # a launcher), and moved off it again after this run
+            cpu = training.use_cpu or not torch.cuda.is_available()
+            model, policies, strategies = base.to(PartialState(cpu=cpu).device), {}, tuple(_names(config.zero_shot))
+            lm_epochs = 0
         else:
             model, _ = load_model(config.model)
             mask = build_mask(strategy, model, seed=training.seed)
             # no checkpoints: a run takes minutes, and one cut short is run again
             run_args = replace(training, output_dir=None, run_name=name)
             epochs = [0.0] * config.finetune_epochs if not mask.learned else config.exploration_shares
+            lm_epochs = len(epochs)
             trainer = ForgetMaskTrainer(
                 model,
                 mask,
@@ -190,13 +197,16 @@ def run_forget_experiment(config: ForgetExperimentConfig, training: ForgetTraini
                 protocol=protocol,
                 run=name,
                 lm="base" if name == "zero_shot" else name,
+                lm_epochs=lm_epochs,  # rows of earlier calls with other settings stay distinguishable
                 seconds=round(time.perf_counter() - start, 1),
             )
             r.pop("keeps", None)
         rows = [r for r in rows if r["run"] != name] + found
         write_json(rows, results_path)  # after every run: a run cut short leaves the finished ones
         _report(rows, config, training, out)
-        if model is not base:
+        if model is base:
+            base.to("cpu")
+        else:
             del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -242,7 +252,7 @@ def _report(rows: list[dict], config: ForgetExperimentConfig, training: ForgetTr
     cols = (
         ["strategy", "keep_ratio", "kept_tokens", "nll"]
         + (["rouge", "fact_recall"] if qa else [])
-        + ["flops_ratio", "wall_ms", "lm"]
+        + ["flops_ratio", "wall_ms", "lm", "lm_epochs"]
     )
     parts = [
         f"# Input forgetting, fair protocol: {config.task}\n",

@@ -19,7 +19,8 @@ def close_process_group() -> None:
     process aborts with "terminate called without an active exception" (pytorch/pytorch#190489),
     after the run's work was written, so the launcher reports a failure. ``destroy_process_group``
     does not join those threads while a DDP reducer still holds the group, so the closing process
-    sleeps briefly, outside the GIL, while the interpreter is still fully alive.
+    sleeps briefly, outside the GIL, while the interpreter is still fully alive. This narrows the
+    race to a thread that stays descheduled for longer than the pause; it cannot close it.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
