@@ -22,19 +22,7 @@ def run(c: TofuUnlearnConfig, args: UnlearningConfig) -> dict:
 
     eval_config = None
     if c.evaluate:
-        eval_config = TofuEvalConfig(
-            data_dir=c.data_dir,
-            forget_split=c.forget_split,
-            max_new_tokens=c.max_new_tokens,
-            batch_size=c.eval_batch_size,
-            max_examples=c.max_eval_examples,
-            num_authors=c.num_authors,
-            seed=args.seed,
-            template=c.template,
-            system_prompt=c.system_prompt,
-            date_string=c.date_string,
-            max_length=c.max_length,
-        )
+        eval_config = TofuEvalConfig.for_run(c, seed=args.seed)
         check_eval_splits(eval_config)  # before training, not after it
     if args.output_dir in (None, "trainer_output"):
         args.output_dir = str(Path(c.out) / "checkpoints")

@@ -315,6 +315,25 @@ class TofuEvalConfig:
     def tofu_template(self) -> TofuTemplate:
         return TofuTemplate(kind=self.template, system_prompt=self.system_prompt, date_string=self.date_string)
 
+    @classmethod
+    def for_run(cls, options, seed: int) -> TofuEvalConfig:
+        """The evaluation of a training or unlearning run, from that run's options (the unlearn and
+        tofu-experiment configs name these fields alike; ``eval_batch_size`` and
+        ``max_eval_examples`` are theirs for ``batch_size`` and ``max_examples``)."""
+        return cls(
+            data_dir=options.data_dir,
+            forget_split=options.forget_split,
+            max_new_tokens=options.max_new_tokens,
+            batch_size=options.eval_batch_size,
+            max_examples=options.max_eval_examples,
+            num_authors=options.num_authors,
+            seed=seed,
+            template=options.template,
+            system_prompt=options.system_prompt,
+            date_string=options.date_string,
+            max_length=options.max_length,
+        )
+
 
 def encoding_fingerprint(tokenizer, template: TofuTemplate, rows: Sequence[dict], max_length=DEFAULT_MAX_LENGTH):
     """A short hash of how the first forget examples encode: two evaluations are comparable only

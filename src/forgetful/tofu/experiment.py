@@ -260,19 +260,7 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
         raise ForgetfulError(f"--only names unknown runs {sorted(only - set(names))}; runs are {', '.join(names)}")
     out = Path(a.out)
     cuda = torch.cuda.is_available()
-    eval_config = TofuEvalConfig(
-        data_dir=a.data_dir,
-        forget_split=a.forget_split,
-        max_new_tokens=a.max_new_tokens,
-        batch_size=a.eval_batch_size,
-        max_examples=a.max_eval_examples,
-        num_authors=a.num_authors,
-        seed=training.seed,
-        template=a.template,
-        system_prompt=a.system_prompt,
-        date_string=a.date_string,
-        max_length=a.max_length,
-    )
+    eval_config = TofuEvalConfig.for_run(a, seed=training.seed)
     check_eval_splits(eval_config)
     task_common = dict(
         source=a.data_dir,
