@@ -19,8 +19,18 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_ddp.py"
 
 
-def _run(trainer: str, processes: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
+def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    """``python ARGS`` in one process, or under torchrun with ``processes`` CPU processes; it must succeed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    launcher = (
+        [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    )
+    proc = subprocess.run([sys.executable, *launcher, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _run(trainer: str, processes: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
     args = [
         str(SCRIPT),
         "--trainer",
@@ -35,12 +45,7 @@ def _run(trainer: str, processes: int, out: Path, extra: tuple[str, ...] = ()) -
         str(out.parent / f"work_{trainer}_{processes}"),
         *extra,
     ]
-    if processes == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _launch(args, processes)
     return json.loads(out.read_text())
 
 
@@ -85,14 +90,8 @@ def test_logged_train_loss_is_the_global_mean(tmp_path):
 
 def test_cli_under_torchrun_writes_once(tiny_model_dir, tmp_path):
     """The train-forget command under a launcher: one process evaluates, prints and writes."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     out = tmp_path / "rl"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
         "-m",
         "forgetful",
         "train-forget",
@@ -117,8 +116,7 @@ def test_cli_under_torchrun_writes_once(tiny_model_dir, tmp_path):
         "--max_steps_per_epoch",
         "3",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _launch(cmd, 2)
     assert proc.stdout.count("held-out target NLL") == 1, proc.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["train_examples"] == 48 and results["mlp_nll"] > 0
@@ -151,36 +149,9 @@ def test_train_selective_command_under_torchrun_matches_one_process(sharding, ti
         config = tmp_path / "fsdp.json"
         config.write_text(json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}))
         extra += ["--fsdp_config", str(config)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "forgetful",
-        *common,
-        "--out",
-        str(tmp_path / "one"),
-        "--per_device_train_batch_size",
-        "4",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "forgetful",
-        *common,
-        "--out",
-        str(tmp_path / "two"),
-        "--per_device_train_batch_size",
-        "2",
-        *extra,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    command = ["-m", "forgetful", *common]
+    _launch([*command, "--out", str(tmp_path / "one"), "--per_device_train_batch_size", "4"], 1)
+    proc = _launch([*command, "--out", str(tmp_path / "two"), "--per_device_train_batch_size", "2", *extra], 2)
     assert proc.stdout.count("trained 3 steps") == 1, proc.stdout
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
