@@ -28,6 +28,18 @@ def make_tiny(name: str = "tiny-gpt2", vocab_size: int = 400, hidden: int = 32, 
     )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that train or evaluate tiny models many times (opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): they run ~100x faster on one
+    thread than on two when the 2-core machine is shared (OpenMP threads spin-wait on each other);
+    the setting is restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2():
     return make_tiny("tiny-gpt2")

@@ -23,13 +23,7 @@ from forgetful.loss.unlearning import (
     npo_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows(vocab: int, n: int, seed: int) -> Dataset:

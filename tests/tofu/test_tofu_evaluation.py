@@ -29,15 +29,7 @@ from forgetful.tofu.evaluation import (
 )
 from forgetful.tofu.metrics import truth_ratio_forget, truth_ratio_utility
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny models run ~100x faster on one thread than on two when the 2-core machine is
-    shared (OpenMP threads spin-wait on each other); restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,23 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from forgetful.errors import ForgetfulError
 from forgetful.tofu.experiment import TofuExperimentConfig, TofuTrainingArguments, plan_runs, run_tofu_experiment
 from forgetful.tofu.metrics import forget_quality
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ROW_KEYS = {"run", "forget_quality", "model_utility", "privleak", "forget_rouge", "forget_truth_ratio"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _config(model_dir, out, **kw) -> TofuExperimentConfig:
