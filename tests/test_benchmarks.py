@@ -217,3 +217,18 @@ def test_tofu_open_unlearning_check(tiny_model_dir, tmp_path):
     assert cases["changed"]["aggregates"]["forget_Q_A_Prob"]["abs_diff"] == pytest.approx(0.5)
     fq = cases["same"]["forget_quality_from_per_example_truth_ratios"]
     assert fq["forgetful (its model vs its retain model)"] == pytest.approx(1.0)
+
+
+def test_gpu_session_refuses_an_unknown_ddp_run(tmp_path):
+    """A typo in DDP_RUNS stops the phase with one line before any launch, instead of running nothing."""
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "WORK": str(tmp_path / "work"),
+        "DDP_RUNS": "selective_ddp bogus",
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), "ddp"], cwd=BENCH.parent, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stdout.strip() == "DDP_RUNS: unknown run bogus"
+    assert not list((tmp_path / "out" / "ddp").iterdir())  # nothing was launched
