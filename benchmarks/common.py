@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from forgetful.measure import peak_memory_mb, timings_ms  # noqa: E402
+from forgetful.measure import peak_memory_mb, run_environment, timings_ms  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -114,23 +112,8 @@ def spread(values: list[float]) -> dict:
 
 
 def environment(device: torch.device) -> dict:
-    import transformers
-
-    env = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-        env["threads"] = torch.get_num_threads()
-    return env
+    """The library's record of where a result was measured (versions, GPU, git commit, command)."""
+    return run_environment(device)
 
 
 def cuda_time_ms(fn, warmup: int = 3, repeats: int = 10) -> tuple[float, list[float]]:

@@ -5,33 +5,37 @@
 #   .device_data/  a copy of ../shared/data (WikiText-2, TOFU)
 #   .gguf_parts/   the real model's GGUF file (98 MB) in two halves, one per call (a call carries 64 MiB)
 #
-#   OUT=/path bash benchmarks/gpu_session.sh setup|bench|model|experiments|ddp
+#   OUT=/path bash benchmarks/gpu_session.sh setup|bench|model|forget|tofu|ddp
 #
 # setup        install the wheels into /tmp/site, copy the data and the first half of the GGUF file to /root
 # bench        in parallel: GPU 0 bench_forgetting (SmolLM2 shape, eager and compiled, n = 1024 and 2048);
 #              GPU 1 bench_selective (every loss backend and the peers), then bench_masks
 # model        join the GGUF halves, check the sha256, convert the model into the cache once
-# experiments  in parallel until BUDGET seconds: GPU 0 the input-forgetting experiment (TOFU-QA, then
-#              WikiText-2), GPU 1 the TOFU experiment (forget10); finished runs are kept, so calling it
-#              again continues; results are packed into $OUT
+# forget       the input-forgetting experiment on one GPU until BUDGET seconds, one process per task and
+#              keep ratio (FORGET_TASKS: tofu_qa and/or text; KEEPS), sharing one folder per task;
+#              finished runs are kept, so calling it again continues; results are packed into $OUT
+# tofu         the TOFU experiment (forget10) until BUDGET seconds, continued the same way
 # ddp          both trainers on 1 and 2 GPUs at the same per-GPU batch, three repetitions after a warm-up
 #              (DDP_RUNS: a subset of selective_ddp selective_fsdp reinforce_ddp)
 set -uo pipefail
-phase=${1:?phase: setup, bench, model, experiments or ddp}
+phase=${1:?phase: setup, bench, model, forget, tofu or ddp}
 out=${OUT:-/tmp/forgetful_out}
 R=${WORK:-/root}  # where models, data and runs live while the machine is warm
 mkdir -p "$out" "$R/models" "$R/runs"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=/tmp/site:$PWD/src FORGETFUL_CACHE=$R/fcache
+# the copy of the checkout there has no .git: the commit travels in the command (FORGETFUL_COMMIT=...)
+[ -n "${FORGETFUL_COMMIT:-}" ] || FORGETFUL_COMMIT=$(cat "$R/commit" 2>/dev/null || true)
+export FORGETFUL_COMMIT
 GGUF=$R/models/SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 DATA=$R/data
 MODEL=${MODEL:-$GGUF}  # the real model (another folder for a dry run on a CPU)
 quiet() { grep -v -e "it/s\]" -e "s/it\]" || true; }  # drop progress bars
-pack() {  # pack the small result files of $R/runs/$1 into $out/$1.tgz (no model weights)
-  [ -d "$R/runs/$1" ] && tar czf "$out/$1.tgz" -C "$R/runs" --exclude='checkpoint-*' --exclude='*.safetensors' \
-    --exclude='*.bin' --exclude='*.pt' --exclude='tokenizer*' "$1"
+pack() {  # pack the result files of $R/runs/$1 into $out/$1.tgz (policies, no LM weights)
+  [ -d "$R/runs/$1" ] && tar czf "$out/$1.tgz" -C "$R/runs" --exclude='checkpoint-*' --exclude='model*.safetensors' \
+    --exclude='*.bin' --exclude='*.pt' --exclude='tokenizer*' --exclude='.lock' "$1"
 }
 
 case "$phase" in
@@ -39,6 +43,7 @@ case "$phase" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     rm -rf "$DATA" && cp -r .device_data "$DATA"
     cp .gguf_parts/*part00 "$R/models/part00"
+    echo "$FORGETFUL_COMMIT" > "$R/commit"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers, datasets, rouge_score, gguf, forgetful.input.experiment, forgetful.tofu.experiment; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'gpus', torch.cuda.device_count())"
     ;;
@@ -57,32 +62,46 @@ case "$phase" in
     cat "$R/models/part00" .gguf_parts/*part01 > "$GGUF" && echo "$SHA  $GGUF" | sha256sum -c - || exit 1
     python3 -c "import sys; from forgetful.models import load_model; m, t = load_model(sys.argv[1]); print(m.config.num_hidden_layers, m.dtype, t.eos_token)" "$GGUF" 2>&1 | quiet
     ;;
-  experiments)
+  forget)
+    budget=${BUDGET:-520}
+    common="--model $MODEL --eval-batch-size 50 --batch-size 8 --num-samples ${SAMPLES:-8} --lm-learning-rate 2e-5 \
+      --policy-learning-rate 1e-3 --train-examples ${TRAIN:-1600} --warm-rows ${WARM_ROWS:-256} --disable-tqdm true"
+    declare -A task_args=(
+      [tofu_qa]="--task tofu_qa --data $DATA/tofu --max-new-tokens 32"
+      [text]="--task text --train-file $DATA/wikitext2/valid.txt --eval-file $DATA/wikitext2/test.txt \
+        --context-length 1024 --target-length 32 --stride 256 --eval-examples 200"
+    )
+    for task in ${FORGET_TASKS:-tofu_qa}; do
+      first=1
+      for keep in ${KEEPS:-0.5 0.25}; do
+        # ft_identity does not depend on the keep ratio: the first process of a task runs it
+        ft=""; [ $first = 1 ] || ft="--finetuned ${FT_NO_IDENTITY:-random,recency,lexical,attention_score,self_information,random@unit,recency@unit,lexical@unit,attention_score@unit,self_information@unit}"
+        first=0
+        (timeout -k 30 "$budget" python3 -m forgetful forget-experiment $common ${task_args[$task]} \
+           --out "$R/runs/forget_$task" --keeps "$keep" $ft ${FORGET_EXTRA:-} \
+           > "$out/forget_${task}_$keep.log" 2>&1; true) &
+      done
+    done
+    wait
+    for task in ${FORGET_TASKS:-tofu_qa}; do pack "forget_$task"; done
+    tail -n 4 "$out"/forget_*.log | quiet
+    ls -la "$out"
+    ;;
+  tofu)
     budget=${BUDGET:-520}
     # open-unlearning's recipe (the defaults: lr 1e-5, 5 epochs, weight decay 0.01, a warm-up epoch) with its
     # effective batch of 32 as one micro-batch instead of 8 x 4 accumulation: a quarter of the steps
     TOFU_RECIPE="--batch-size 32 --gradient-accumulation-steps 1 --eval-batch-size 256 --disable-tqdm true"
-    (CUDA_VISIBLE_DEVICES=0 timeout -k 30 "$budget" bash -c "
-       python3 -m forgetful forget-experiment --model $MODEL --task tofu_qa --data $DATA/tofu --out $R/runs/forget_tofu_qa \
-         --keeps 0.5,0.25 --train-examples ${QA_TRAIN:-1600} --eval-batch-size 50 --batch-size 8 --num-samples 4 \
-         --lm-learning-rate 2e-5 --policy-learning-rate 1e-3 --disable-tqdm ${QA_EXTRA:-}
-       python3 -m forgetful forget-experiment --model $MODEL --task text --train-file $DATA/wikitext2/valid.txt \
-         --eval-file $DATA/wikitext2/test.txt --out $R/runs/forget_wikitext --keeps 0.5,0.25 --context-length 1024 \
-         --target-length 32 --eval-examples 200 --train-examples ${WT_TRAIN:-1600} --eval-batch-size 50 --batch-size 8 \
-         --num-samples 4 --lm-learning-rate 2e-5 --policy-learning-rate 1e-3 --disable-tqdm ${WT_EXTRA:-}
-     " > "$out/forget.log" 2>&1; true) &
-    (CUDA_VISIBLE_DEVICES=1 timeout -k 30 "$budget" bash -c "
+    (timeout -k 30 "$budget" bash -c "
        for run in ${TOFU_RUNS:-retain full full_grad_diff full_npo full_forget_answers full_forget_facts full_goldfish}; do
          python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
            --forget-split forget10 --only \$run ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
        done
        python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
          --forget-split forget10 ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
-     " > "$out/tofu.log" 2>&1; true) &
-    wait
-    pack forget_tofu_qa; pack forget_wikitext; pack tofu_real
-    tail -n 5 "$out/forget.log" "$out/tofu.log" | quiet
-    ls -la "$out"
+     " > "$out/tofu.log" 2>&1; true)
+    pack tofu_real
+    tail -n 5 "$out/tofu.log" | quiet
     ;;
   ddp)
     mkdir -p "$out/ddp"

@@ -96,3 +96,61 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> tupl
         result = fn()
     del result
     return tracker.peak / 2**20, "cpu_live_tensors"
+
+
+def git_commit() -> str | None:
+    """The commit the code runs from: ``$FORGETFUL_COMMIT`` (set it where the checkout has no .git,
+    e.g. a copy on another machine), else ``git rev-parse HEAD`` beside the package, with
+    ``-dirty`` when files differ from it; None when neither says."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if os.environ.get("FORGETFUL_COMMIT"):
+        return os.environ["FORGETFUL_COMMIT"]
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def run_environment(device: torch.device | str) -> dict:
+    """Where a result was measured: date, versions, the device (GPU name or CPU), the git commit and
+    the command line."""
+    import datetime
+    import platform
+    import sys
+    from pathlib import Path
+
+    import accelerate
+    import transformers
+
+    device = torch.device(device)
+    env = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    return env

@@ -50,6 +50,8 @@ def _jsonable(o):
 
 
 def fmt(v, digits: int = 3) -> str:
+    if isinstance(v, list | tuple) and v and all(isinstance(x, float) for x in v):
+        return "[" + ", ".join(fmt(x, digits) for x in v) + "]"
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):
             return str(v)
@@ -172,3 +174,72 @@ def plot_scatter(
     if logx:
         ax.set_xscale("log")
     _finish(fig, ax, path, xlabel, ylabel, title)
+
+
+def plot_ranked_bars(
+    panels: dict[str, list[dict]],
+    path: str | os.PathLike,
+    *,
+    xlabel: str,
+    title: str = "",
+    levels: dict[str, float] | None = None,
+) -> None:
+    """One panel per key, side by side: horizontal bars ranked best (lowest) first, each bar
+    ``{"label", "value", "highlight"?, "interval"?: (low, high)}``; highlighted bars (e.g. learned
+    policies) in another colour with their interval as whiskers; ``levels``: labelled vertical lines
+    drawn in every panel (e.g. the full context)."""
+    count = max(1, len(panels))
+    height = max(3.0, 0.32 * max((len(b) for b in panels.values()), default=1) + 1.2)
+    fig, axes = plt.subplots(1, count, figsize=(5.2 * count, height), squeeze=False)
+    for ax, (name, bars) in zip(axes[0], panels.items()):
+        bars = sorted(bars, key=lambda b: b["value"])[::-1]  # best at the top
+        ys = list(range(len(bars)))
+        colours = ["tab:orange" if b.get("highlight") else "tab:blue" for b in bars]
+        ax.barh(ys, [b["value"] for b in bars], color=colours, alpha=0.85)
+        for y, b in zip(ys, bars):
+            if b.get("interval") is not None:
+                lo, hi = b["interval"]
+                ax.errorbar(b["value"], y, xerr=[[b["value"] - lo], [hi - b["value"]]], color="k", capsize=3, lw=1)
+            ax.annotate(
+                fmt(b["value"]), (b["value"], y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7
+            )
+        ax.set_yticks(ys, [b["label"] for b in bars], fontsize=8)
+        values = [b["value"] for b in bars]
+        for i, (label, x) in enumerate((levels or {}).items()):
+            ax.axvline(x, color="0.3", linestyle=("--", ":")[i % 2], linewidth=1, label=f"{label} ({fmt(x)})")
+            values.append(x)
+        if values:
+            ax.set_xlim(0, max(values) * 1.15)
+        if levels:
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_panels(
+    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
+    path: str | os.PathLike,
+    *,
+    xlabel: str,
+    title: str = "",
+) -> None:
+    """Small multiples: one panel per key (its own y axis, named by the key), lines inside."""
+    count = max(1, len(panels))
+    fig, axes = plt.subplots(1, count, figsize=(3.6 * count, 3.2), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

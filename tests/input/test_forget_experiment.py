@@ -48,15 +48,27 @@ def test_the_fair_protocol_experiment_end_to_end(tiny_model_dir, tmp_path):
         "--keeps",
         "0.5",
         "--zero-shot",
-        "identity,none,recency,attention_score",
+        "identity,none,recency,lexical@unit,attention_score",
         "--finetuned",
-        "identity,recency",
+        "identity,recency@unit",
         "--policies",
-        "mlp,hidden_state",
-        "--exploration",
-        "0.5",
+        "residual",
+        "--policy-layer",
+        "1",
+        "--policy-hidden-size",
+        "8",
+        "--policy-steps",
+        "3",
+        "--policy-eval-steps",
+        "2",
+        "--warm-rows",
+        "4",
+        "--warm-steps",
+        "2",
+        "--val-examples",
+        "4",
         "--train-examples",
-        "16",
+        "24",
         "--eval-examples",
         "8",
         "--max-new-tokens",
@@ -65,70 +77,114 @@ def test_the_fair_protocol_experiment_end_to_end(tiny_model_dir, tmp_path):
         "4",
         "--num-samples",
         "2",
-        "--max-steps-per-epoch",
-        "2",
         "--eval-batch-size",
         "4",
+        "--bootstrap",
+        "200",
         "--disable-tqdm",
     ]
     assert main(args) == 0
-    rows = json.loads((out / "results.json").read_text())
+    found = json.loads((out / "results.json").read_text())
+    assert {"torch", "transformers", "git_commit", "device"} <= set(found["env"])
+    rows = found["rows"]
     runs = {r["run"] for r in rows}
-    assert runs == {"zero_shot", "ft_identity", "ft_recency_0.5", "joint_mlp_0.5", "joint_hidden_state_0.5"}
-    for r in rows:
+    assert runs == {"policy_residual_0.5", "zero_shot_0.5", "ft_identity", "ft_recency@task_0.5", "ft_residual_0.5"}
+    trained = next(r for r in rows if r["protocol"] == "policy_training")
+    assert (
+        trained["strategy"] == "residual@task"
+        and trained["chosen"] in ("prior", "warm start")
+        or trained["chosen"].startswith("reinforce step")
+    )
+    assert trained["val_nll_best"] <= trained["val_nll_prior"]  # the kept policy is never worse than its prior
+    scored = [r for r in rows if r["protocol"] != "policy_training"]
+    for r in scored:
         for key in ("task", "protocol", "strategy", "keep_ratio", "nll", "kept_tokens", "flops_ratio", "rouge"):
             assert key in r, key
         assert math.isfinite(r["nll"]) and 0 <= r["rouge"] <= 1
     # every strategy that forgets keeps the same number of tokens
-    budgeted = {r["kept_tokens"] for r in rows if r["strategy"] not in ("identity", "none")}
-    assert len(budgeted) == 1
-    protocols = {(r["protocol"], r["strategy"]) for r in rows}
-    assert ("finetuned", "recency") in protocols and ("zero_shot", "recency") in protocols
-    assert ("finetuned", "hidden_state") in protocols
+    assert len({r["kept_tokens"] for r in scored if r["strategy"] not in ("identity", "none")}) == 1
+    protocols = {(r["protocol"], r["strategy"]) for r in scored}
+    assert {("zero_shot", "residual@task"), ("finetuned", "residual@task"), ("finetuned", "recency@task")} <= protocols
+    assert ("zero_shot", "lexical@task") in protocols
+    # the same LM budget for every finetuned strategy; learned rows carry their bootstrap interval
+    finetuned = [r for r in scored if r["protocol"] == "finetuned"]
+    assert len({r["lm_sequences"] for r in finetuned}) == 1 and finetuned[0]["lm_sequences"] > 0
+    for r in (r for r in scored if r["strategy"] == "residual@task"):
+        low, high = r["ci95"]
+        assert low <= r["diff_vs_best"] <= high and r["best_baseline"] not in ("identity", "residual@task")
+    assert (out / "policies" / "residual_0.5" / "policy_config.json").is_file()
+    assert (out / "policies" / "residual_0.5" / "training.png").is_file()
     assert (out / "report.md").is_file() and (out / "nll_zero_shot.png").is_file()
     # a second call finds every run done and changes nothing
     before = (out / "results.json").read_text()
     assert main(args) == 0 and (out / "results.json").read_text() == before
 
 
-def test_baselines_get_as_many_lm_epochs_as_a_learned_policy():
+def test_strategy_lists_spell_out_the_unit_and_refuse_learned_baselines():
     from forgetful.errors import ForgetfulError
     from forgetful.input.experiment import ForgetExperimentConfig
 
-    assert ForgetExperimentConfig(model="m", exploration="0.5,0").finetune_epochs == 2
-    assert ForgetExperimentConfig(model="m", exploration="0.75,0.5,0").finetune_epochs == 3
-    assert ForgetExperimentConfig(model="m", exploration="0.5,0", finetune_epochs=1).finetune_epochs == 1
-    assert ForgetExperimentConfig(model="m", exploration="0.5,0").exploration_shares == [0.5, 0.0]
+    c = ForgetExperimentConfig(model="m", zero_shot="identity,recency,recency@unit,lexical@token,lexical@chunk:8")
+    assert c.unit == "task" and c.prior == "lexical"
+    assert c.strategies("zero_shot") == ["identity", "recency", "recency@task", "lexical", "lexical@chunk:8"]
+    t = ForgetExperimentConfig(model="m", task="text", train_file="a", eval_file="b", finetuned="recency@unit")
+    assert t.unit == "sentence" and t.prior == "recency" and t.strategies("finetuned") == ["recency@sentence"]
+    runs = [
+        name for name, *_ in ForgetExperimentConfig(model="m", keeps="0.5,0.25", finetuned="identity,recency").runs()
+    ]
+    assert runs == [
+        "policy_residual_0.5",
+        "zero_shot_0.5",
+        "policy_residual_0.25",
+        "zero_shot_0.25",
+        "ft_identity",
+        "ft_recency_0.5",
+        "ft_residual_0.5",
+        "ft_recency_0.25",
+        "ft_residual_0.25",
+    ]
     for bad, msg in (
-        (dict(exploration="a,b"), "exploration must be shares like 0.5,0, got 'a,b'"),
-        (dict(exploration="1.5"), "--exploration '1.5': reinforce_model: exploration_epochs entries are shares"),
-        (dict(exploration=","), "--exploration ',': exploration_epochs is empty"),
+        (dict(zero_shot="residual"), "zero_shot and finetuned take strategies that are not learned"),
+        (dict(policies="recency"), "policies takes learned ones"),
+        (dict(zero_shot="recency@page"), "unknown unit 'page'"),
+        (dict(zero_shot="transformer"), "zero_shot: unknown strategy transformer"),
         (dict(finetune_epochs=0), "finetune_epochs must be at least 1"),
+        (dict(keeps="1.5"), "keep ratios must lie in (0, 1)"),
     ):
-        with pytest.raises(ForgetfulError, match="^" + re.escape(msg)):
+        with pytest.raises(ForgetfulError, match=re.escape(msg)):
             ForgetExperimentConfig(model="m", **bad)
 
 
-def test_the_report_draws_bars_for_one_keep_ratio_and_lines_for_several(tmp_path, monkeypatch):
+def test_the_report_ranks_strategies_per_keep_and_marks_the_learned(tmp_path, monkeypatch):
     from forgetful.input import experiment
     from forgetful.input.experiment import ForgetExperimentConfig, _report
     from forgetful.input.reinforce import ForgetTrainingConfig
 
     drawn = []
-    monkeypatch.setattr(experiment, "plot_bars", lambda values, path, **kw: drawn.append(("bars", values, kw)))
-    monkeypatch.setattr(experiment, "plot_lines", lambda series, path, **kw: drawn.append(("lines", series, kw)))
+    monkeypatch.setattr(experiment, "plot_ranked_bars", lambda panels, path, **kw: drawn.append((panels, kw)))
 
     def row(strategy, keep, nll, protocol="zero_shot"):
         return {"strategy": strategy, "keep_ratio": keep, "nll": nll, "protocol": protocol, "kept_tokens": 5}
 
-    one = [row("identity", 0.5, 1.0), row("none", 0.5, 3.0), row("recency", 0.5, 2.0), row("random", 0.5, 2.5)]
-    _report(one, ForgetExperimentConfig(model="m", keeps="0.5"), ForgetTrainingConfig(), tmp_path)
-    kind, values, kw = drawn.pop()
-    assert kind == "bars" and values == {"recency": 2.0, "random": 2.5}
-    assert kw["levels"] == {"full context": 1.0, "no context": 3.0} and "keep 0.5" in kw["title"]
-
-    two = one + [row("identity", 0.25, 1.0), row("recency", 0.25, 2.2), row("random", 0.25, 2.9)]
-    _report(two, ForgetExperimentConfig(model="m", keeps="0.5,0.25"), ForgetTrainingConfig(), tmp_path)
-    kind, series, _ = drawn.pop()
-    assert kind == "lines" and series["recency"] == ([0.5, 0.25], [2.0, 2.2])
+    rows = [row("identity", 0.5, 1.0), row("none", 0.5, 3.0), row("recency", 0.5, 2.0), row("residual@task", 0.5, 1.5)]
+    rows += [row("identity", 0.25, 1.0), row("recency", 0.25, 2.2), row("residual@task", 0.25, 1.9)]
+    _report(rows, ForgetExperimentConfig(model="m", keeps="0.5,0.25"), ForgetTrainingConfig(), tmp_path)
+    panels, kw = drawn.pop()
+    assert list(panels) == ["keep 0.5", "keep 0.25"]
+    assert {b["label"]: b["highlight"] for b in panels["keep 0.5"]} == {"recency": False, "residual@task": True}
+    assert kw["levels"] == {"full context": 1.0}
     assert (tmp_path / "report.md").read_text().count("nll_zero_shot.png") == 1
+
+
+def test_the_paired_bootstrap_resamples_whole_groups():
+    from forgetful.input.evaluation import paired_bootstrap
+
+    # two groups: in group 0 a is better by 1 nat per token, in group 1 equal
+    a = {"nll_sum": [1.0, 1.0, 4.0, 4.0], "tokens": [1, 1, 2, 2], "group": [0, 0, 1, 1]}
+    b = {"nll_sum": [2.0, 2.0, 4.0, 4.0], "tokens": [1, 1, 2, 2], "group": [0, 0, 1, 1]}
+    diff, low, high = paired_bootstrap(a, b, resamples=500, seed=0)
+    assert diff == pytest.approx((10 / 6) - (12 / 6))
+    # a resample holds group 0 twice (-1), group 1 twice (0) or one of each (-1/3)
+    assert low == pytest.approx(-1.0) and high == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="same examples"):
+        paired_bootstrap(a, {**b, "group": [0, 1, 1, 1]})

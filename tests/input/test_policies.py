@@ -17,10 +17,12 @@ from forgetful.input.policies import (
     HiddenStateForgetMask,
     IdentityMask,
     LearnedForgetMask,
+    LexicalOverlapMask,
     MLPForgetMask,
     NoContextMask,
     RandomForgetMask,
     RecencyMask,
+    ResidualForgetMask,
     RNNForgetMask,
     SelfInformationMask,
     build_mask,
@@ -61,11 +63,13 @@ def learned(kind: str, model, seed: int = 0):
         return RNNForgetMask(model, hidden_size=HIDDEN, cell="lstm")
     if kind == "hidden_state":
         return HiddenStateForgetMask(model, hidden_size=HIDDEN, layer=1, window=2)
+    if kind == "residual":
+        return ResidualForgetMask(model, hidden_size=HIDDEN, layer=1, window=2, unit="token")
     raise AssertionError(kind)
 
 
-LEARNED = ["mlp", "cnn_mlp", "rnn", "birnn", "lstm", "bilstm", "hidden_state"]
-BUDGETED = ["random", "recency", "self_information", *LEARNED]
+LEARNED = ["mlp", "cnn_mlp", "rnn", "birnn", "lstm", "bilstm", "hidden_state", "residual"]
+BUDGETED = ["random", "recency", "lexical", "self_information", *LEARNED]
 
 
 def policy(kind: str, model):
@@ -79,6 +83,8 @@ def policy(kind: str, model):
         return RecencyMask()
     if kind == "self_information":
         return SelfInformationMask(model)
+    if kind == "lexical":
+        return LexicalOverlapMask(window=2)
     return learned(kind, model)
 
 
@@ -391,8 +397,16 @@ def test_distance_buckets():
 
 def test_build_mask_from_the_registry():
     m, _ = make_tiny("tiny-gpt2", hidden=16, layers=1)
-    assert mask_names(learned=True) == ["mlp", "cnn_mlp", "rnn", "birnn", "hidden_state"]
-    assert mask_names(learned=False) == ["attention_score", "identity", "none", "random", "recency", "self_information"]
+    assert mask_names(learned=True) == ["mlp", "cnn_mlp", "rnn", "birnn", "hidden_state", "residual"]
+    assert mask_names(learned=False) == [
+        "attention_score",
+        "identity",
+        "none",
+        "random",
+        "recency",
+        "self_information",
+        "lexical",
+    ]
     assert isinstance(build_mask("mlp", m, hidden_size=8), MLPForgetMask)
     p = build_mask("birnn", m, hidden_size=8)
     assert isinstance(p, RNNForgetMask) and p.bidirectional
@@ -406,7 +420,7 @@ def test_build_mask_from_the_registry():
     with pytest.raises(ForgetfulError, match="unknown mask 'transformer'"):
         build_mask("transformer", m)
     with pytest.raises(
-        ForgetfulError, match="unknown mask 'recency'; choose from mlp, cnn_mlp, rnn, birnn, hidden_state"
+        ForgetfulError, match="unknown mask 'recency'; choose from mlp, cnn_mlp, rnn, birnn, hidden_state, residual"
     ):
         build_mask("recency", m, learned=True)
     with pytest.raises(ForgetfulError, match="needs a causal LM"):
@@ -443,14 +457,16 @@ def test_sample_log_prob_is_differentiable(kind, mode, model):
     s.log_prob.sum().backward(retain_graph=True)
     grads = {n: q.grad for n, q in p.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
-    assert grads["proj.weight"].abs().sum() > 0
+    # a residual policy's correction starts at zero (its last layer is 0): only that layer and the
+    # prior's scale get gradient at first; every other policy's features do
+    assert kind == "residual" or grads["proj.weight"].abs().sum() > 0
     assert grads["head." + str(len(p.head) - 1) + ".weight"].abs().sum() > 0
     # the entropy bonus (and in Bernoulli mode, the budget penalty) too
     p.zero_grad()
     extra = s.entropy.sum() + (s.expected_keep.sum() if s.expected_keep is not None else 0)
     extra.backward()
     assert all(torch.isfinite(q.grad).all() for q in p.parameters() if q.grad is not None)
-    assert p.proj.weight.grad.abs().sum() > 0
+    assert (p.log_scale if kind == "residual" else p.proj.weight).grad.abs().sum() > 0
     emb = model.get_input_embeddings().weight
     assert not any(q is emb for q in p.parameters())  # the base model's embeddings are not policy params
 
@@ -465,6 +481,10 @@ ROUND_TRIP = [
     ("bilstm", lambda m: RNNForgetMask(m, hidden_size=HIDDEN, bidirectional=True, cell="lstm")),
     ("gru", lambda m: RNNForgetMask(m, hidden_size=HIDDEN)),
     ("hidden_state", lambda m: HiddenStateForgetMask(m, hidden_size=HIDDEN, layer=2, window=3)),
+    (
+        "residual",
+        lambda m: ResidualForgetMask(m, hidden_size=HIDDEN, layer=2, window=3, prior="recency", unit="chunk:3"),
+    ),
 ]
 
 

@@ -205,8 +205,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_llama, data
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert (tmp_path / "cut" / "checkpoint-6" / "lm" / "config.json").is_file()
-    assert (tmp_path / "cut" / "checkpoint-6" / "policy" / "policy.safetensors").is_file()
+    # Accelerate's state: the LM and the policy (the two trained modules), their optimizers, the RNG
+    checkpoint = tmp_path / "cut" / "checkpoint-6"
+    for name in ("model.safetensors", "model_1.safetensors", "optimizer.bin", "random_states_0.pkl", "COMPLETE"):
+        assert (checkpoint / name).is_file(), name
 
 
 @pytest.mark.parametrize(
@@ -302,3 +304,81 @@ def test_windows_of_one_length_train_the_same_with_and_without_reading_sizes_bac
     assert [h.get("reward") for h in hinted.history] == [h.get("reward") for h in plain.history]
     for (k, a), b in zip(hinted.model.state_dict().items(), plain.model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_freeze_policy_trains_the_lm_on_the_policys_greedy_keep_sets(tiny_llama, data, monkeypatch):
+    from forgetful.input.policies import ResidualForgetMask
+
+    model, tok = tiny_llama
+    model = copy.deepcopy(model)
+    base = copy.deepcopy(model)
+    torch.manual_seed(0)
+    policy = ResidualForgetMask(base, prior="recency", unit="sentence", layer=1, hidden_size=8)
+    p0 = {k: v.clone() for k, v in policy.state_dict().items()}
+    lm0 = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    greedy = ResidualForgetMask.greedy
+
+    def spy(self, *a, **kw):
+        keep = greedy(self, *a, **kw)
+        seen.append(keep)
+        return keep
+
+    monkeypatch.setattr(ResidualForgetMask, "greedy", spy)
+    m, p, hist = reinforce_model(
+        model,
+        policy,
+        forget_p=0.5,
+        exploration_epochs=[0.0],
+        train_dataset=data[0],
+        tokenizer=tok,
+        args=_config(freeze_policy=True),
+    )
+    assert seen and all(torch.equal(v, p0[k]) for k, v in p.state_dict().items())  # the policy never moves
+    assert any(not torch.equal(v, lm0[k]) for k, v in m.state_dict().items())
+    assert p._base is base  # it still reads the LM it was built on, not the one being finetuned
+    assert all("policy_loss" not in h for h in hist) and any("lm_loss" in h for h in hist)
+    with pytest.raises(ForgetfulError, match="freeze_policy is for a learned policy"):
+        reinforce_model(
+            model,
+            RandomForgetMask(0.5),
+            forget_p=0.5,
+            exploration_epochs=[0.0],
+            train_dataset=data[0],
+            tokenizer=tok,
+            args=_config(freeze_policy=True),
+        )
+
+
+def test_keep_best_ends_with_the_policy_that_scored_best(tiny_llama, data):
+    from forgetful.input.policies import ResidualForgetMask
+
+    model, tok = tiny_llama
+    model = copy.deepcopy(model)  # a frozen LM is left with requires_grad off
+    train, held = data
+    torch.manual_seed(0)
+    policy = ResidualForgetMask(model, prior="lexical", unit="sentence", layer=1, hidden_size=8)
+    _, p, hist = reinforce_model(
+        model,
+        policy,
+        forget_p=0.5,
+        exploration_epochs=[0.0, 0.0],
+        train_dataset=train,
+        eval_dataset=held,
+        tokenizer=tok,
+        args=_config(
+            freeze_lm=True, keep_best=True, eval_steps=1, eval_baselines=False, policy_learning_rate=0.3, num_samples=4
+        ),
+    )
+    evals = [h for h in hist if h.get("eval")]
+    assert len(evals) == 5 and set(evals[0]) >= {"eval_policy_nll"} and "eval_identity_nll" not in evals[0]
+    best = min(evals, key=lambda h: h["eval_policy_nll"])
+    assert hist[-1]["best_step"] == best["step"] and hist[-1]["best_eval_nll"] == best["eval_policy_nll"]
+    steps = [h for h in hist if "reward" in h]
+    assert all({"baseline", "entropy", "answer_kept", "reward"} <= set(h) for h in steps)
+    from forgetful.input.evaluation import batches_of, evaluate_strategy
+
+    again = evaluate_strategy(
+        model, p, batches_of(held, 4, tok.pad_token_id, 1), keep_ratio=0.5, pad_token_id=tok.pad_token_id
+    )
+    assert again["nll"] == pytest.approx(best["eval_policy_nll"], abs=1e-6)

@@ -25,6 +25,7 @@ from .compression import apply_mask, compress_examples
 from .examples import ForgetBatch, ForgetCollator
 from .flops import forward_flops
 from .policies import ForgetMask, build_mask
+from .units import whole_units_kept
 
 # The strategies that are not learned, compared in every report.
 BASELINES = ("identity", "none", "random", "recency", "self_information", "attention_score")
@@ -62,7 +63,12 @@ def score_compressed(
     inputs: ``(keep [B, n], TokenNLL)``."""
     forget_p = forget_share(keep_ratio)
     keep = mask.greedy(
-        batch.context_ids, batch.context_mask, forget_p=forget_p, keep_first=keep_first, protect=batch.protect_mask
+        batch.context_ids,
+        batch.context_mask,
+        forget_p=forget_p,
+        keep_first=keep_first,
+        protect=batch.protect_mask,
+        units=batch.units(mask.unit),
     )
     kept = None  # known on the host for rows of one length: the gather then never waits for the device
     if batch.context_length is not None and batch.target_length is not None and batch.protect_mask is None:
@@ -96,14 +102,17 @@ def evaluate_strategy(
     max_new_tokens: int = 0,
 ) -> dict:
     """Target NLL (token-weighted mean), perplexity, kept tokens, and - where the data marks fact
-    tokens - the share of fact tokens the strategy kept. With ``max_new_tokens``, a ``tokenizer`` and
-    reference answers in the batches: the ROUGE-L recall of greedy answers generated from the
-    compressed context."""
+    tokens - the share of fact tokens the strategy kept and the share of rows whose marked answer it
+    kept whole (``answer_kept``). With ``max_new_tokens``, a ``tokenizer`` and reference answers in
+    the batches: the ROUGE-L recall of greedy answers generated from the compressed context.
+    ``per_example`` holds each row's summed target NLL, target tokens and group (the paired
+    bootstrap's inputs)."""
     device = device or next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
     nll_sum, n_tok, kept, ctx, facts_kept, facts, keeps, rouge = 0.0, 0, 0, 0, 0, 0, [], []
+    row_nll, row_tokens, row_group, answer_kept = [], [], [], []
     for batch in batches:
         b = batch.to(device)
         with autocast():
@@ -113,11 +122,15 @@ def evaluate_strategy(
         keeps.append(keep)
         nll_sum += float(out.nll.sum())
         n_tok += out.nll.numel()
+        row_nll.append(out.sum_per_row().float().cpu())
+        row_tokens.append(out.count_per_row().cpu())
+        row_group.append(b.group.cpu() if b.group is not None else torch.full((len(b),), -1))
         kept += int((keep & b.context_mask).sum())
         ctx += int(b.context_mask.sum())
         if b.fact_mask is not None:
             facts_kept += int((keep & b.fact_mask).sum())
             facts += int(b.fact_mask.sum())
+            answer_kept.append(whole_units_kept(keep, b.fact_mask, b.context_mask).cpu())
         if max_new_tokens and tokenizer is not None and b.answers is not None:
             with autocast():
                 texts = generate_answers(model, tokenizer, b, keep, max_new_tokens=max_new_tokens)
@@ -132,8 +145,14 @@ def evaluate_strategy(
         "context_tokens": ctx / n_rows if n_rows else float(ctx),
         "target_tokens": n_tok,
         "fact_recall": facts_kept / facts if facts else None,
+        "answer_kept": float(torch.cat(answer_kept).float().mean()) if answer_kept else None,
         "rouge": sum(rouge) / len(rouge) if rouge else None,
         "keeps": keeps,  # each batch's keep mask, on the evaluation device
+        "per_example": {
+            "nll_sum": torch.cat(row_nll).tolist() if row_nll else [],
+            "tokens": torch.cat(row_tokens).tolist() if row_tokens else [],
+            "group": torch.cat(row_group).tolist() if row_group else [],
+        },
     }
 
 
@@ -242,6 +261,24 @@ def _forward_fn(
     return run
 
 
+def _policy_fn(mask: ForgetMask, batch: ForgetBatch, keep_ratio: float, keep_first: bool, autocast):
+    """One timed unit: the policy's keep mask alone."""
+
+    @torch.no_grad()
+    def run():
+        with autocast():
+            return mask.greedy(
+                batch.context_ids,
+                batch.context_mask,
+                forget_p=forget_share(keep_ratio),
+                keep_first=keep_first,
+                protect=batch.protect_mask,
+                units=batch.units(mask.unit),
+            )
+
+    return run
+
+
 def evaluate_forgetting(
     model: nn.Module,
     policies: dict[str, ForgetMask],
@@ -258,9 +295,11 @@ def evaluate_forgetting(
     progress: bool = True,
     tokenizer=None,
     max_new_tokens: int = 0,
+    per_example: bool = False,
 ) -> list[dict]:
     """One row per (strategy, keep ratio); see the module docstring. ``timing_repeats=0`` leaves out
-    the wall time and peak memory (where they would only measure noise, e.g. a tiny model on a CPU)."""
+    the wall time and peak memory (where they would only measure noise, e.g. a tiny model on a CPU).
+    ``per_example``: each row also carries its examples' summed NLL, target tokens and groups."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -274,7 +313,7 @@ def evaluate_forgetting(
     bar = tqdm(work, desc="eval-forget", disable=not progress)
     for name, ratio in bar:
         mask = masks[name].to(device)
-        if name == "random":  # the same random subsets for every run
+        if mask.name == "random":  # the same random subsets for every run
             mask.generator = torch.Generator(device=device).manual_seed(seed)
         quality = evaluate_strategy(
             model,
@@ -290,11 +329,12 @@ def evaluate_forgetting(
         )
         policy_flops = mask.extra_flops_per_token(int(batches[0].context_ids.shape[1]))
         fr, afr = flops_ratios(config, batches, quality.pop("keeps"), policy_flops)
-        wall = mem = mem_method = None
+        wall = mem = mem_method = policy_ms = None
         if timing_repeats:
             fwd = _forward_fn(model, mask, batches[0], ratio, pad_token_id, keep_first, autocast)
             wall = time_ms(fwd, device, warmup=1, repeats=timing_repeats)
             mem, mem_method = peak_memory_mb(fwd, device)
+            policy_ms = time_ms(_policy_fn(mask, batches[0], ratio, keep_first, autocast), device, 1, timing_repeats)
         rows.append(
             {
                 "strategy": name,
@@ -304,14 +344,19 @@ def evaluate_forgetting(
                 "nll": quality["nll"],
                 "ppl": quality["ppl"],
                 "fact_recall": quality["fact_recall"],
+                "answer_kept": quality["answer_kept"],
                 "rouge": quality["rouge"],
                 "flops_ratio": fr,
                 "attn_flops_ratio": afr,
                 "wall_ms": wall,
+                "policy_ms": policy_ms,
+                # the policy's share of the LM step it serves (the forward on the compressed input)
+                "policy_share": policy_ms / (wall - policy_ms) if wall and policy_ms and wall > policy_ms else None,
                 "peak_mem_mb": mem,
                 "mem_method": mem_method,
                 "batch_size": len(batches[0]),
                 "device": str(device),
+                **({"per_example": quality["per_example"]} if per_example else {}),
             }
         )
     return rows
@@ -376,3 +421,33 @@ def write_report(rows: list[dict], out: Path, title: str = "Forgetting evaluatio
     md = f"# {title}\n\n{notes}\n\n{table}\n{plots}"
     write_text(md, out / "report.md")
     return md
+
+
+def paired_bootstrap(
+    a: dict, b: dict, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """``(difference, low, high)``: the token-weighted mean target NLL of ``a`` minus that of ``b``
+    on the same examples (``per_example`` dicts of :func:`evaluate_strategy`), and its ``level``
+    percentile interval from resampling whole groups (an author's questions; a row without a group
+    is its own) with replacement, paired: one resample picks the same groups for both."""
+    import numpy as np
+
+    groups = np.asarray(a["group"])
+    if len(groups) != len(b["group"]) or (groups != np.asarray(b["group"])).any():
+        raise ValueError("paired bootstrap: the two strategies were not scored on the same examples")
+    groups = np.where(groups < 0, -1 - np.arange(len(groups)), groups)  # ungrouped rows: each its own
+    _, index = np.unique(groups, return_inverse=True)
+    count = int(index.max()) + 1
+    sums = [
+        np.bincount(index, weights=np.asarray(d[k], dtype=np.float64), minlength=count)
+        for d in (a, b)
+        for k in ("nll_sum", "tokens")
+    ]
+    na, ta, nb, tb = sums
+    point = na.sum() / ta.sum() - nb.sum() / tb.sum()
+    rng = np.random.default_rng(seed)
+    picks = rng.multinomial(count, np.full(count, 1.0 / count), size=resamples).astype(np.float64)
+    diff = (picks @ na) / (picks @ ta) - (picks @ nb) / (picks @ tb)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(diff, [tail, 100 - tail])
+    return float(point), float(low), float(high)

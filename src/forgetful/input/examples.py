@@ -20,6 +20,7 @@ from ..data.embedded import biography_examples
 from ..data.sources import EMBEDDED, load_rows, load_text_corpus, text_windows, tokenize_stream
 from ..errors import ForgetfulError
 from ..tokens import bos_ids, encode_text, overlap_mask, pad_sequences, with_special_tokens
+from .units import add_sentence_ids, unit_ids
 
 
 def qa_examples(rows: Sequence[dict] | Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
@@ -77,7 +78,10 @@ def tofu_qa_examples(
     ``part="train"``: every author but the last 20; ``"eval"``: the last 20 (forget10's), whose
     passages draw distractors from the held-out authors only, so no held-out answer ever reaches
     training. ``fact_mask`` marks the passage tokens of the answer asked about (a strategy that keeps
-    them can copy the answer). Through the chat template when the tokenizer has one.
+    them can copy the answer); ``unit_ids`` declares the task's units, one per answer in the passage
+    (-1 outside it); ``group`` is the author asked about (the unit of the paired bootstrap);
+    ``sentence_ids`` splits the prompt into sentences. Through the chat template when the tokenizer
+    has one.
     """
     from ..data.tofu import load_tofu_split
 
@@ -93,7 +97,7 @@ def tofu_qa_examples(
             f"TOFU-QA needs more than {distractor_authors} authors in the {part} part, has {len(pool)}"
         )
     rng = np.random.default_rng([seed, 0 if part == "train" else 1])
-    ids_out, tgt_out, protect_out, fact_out, answers = [], [], [], [], []
+    ids_out, tgt_out, protect_out, fact_out, answers, units_out, groups = [], [], [], [], [], [], []
     for a in pool:
         asked = range(per_author) if questions_per_author is None else range(min(questions_per_author, per_author))
         for q in asked:
@@ -103,18 +107,21 @@ def tofu_qa_examples(
                 picks = rng.choice(per_author, size=answers_per_distractor, replace=False)
                 sentences += [authors[o][i]["answer"] for i in picks]
             order = rng.permutation(len(sentences))
-            passage, start, span = "", 0, None
+            passage, start, span, spans = "", 0, None, []
             for j in order:
                 if passage:
                     passage += " "
                 start = len(passage)
                 passage += sentences[j]
+                spans.append((start, len(passage)))
                 if j == q:  # the author's own answer to the question asked
                     span = (start, len(passage))
             enc = _encode_passage_question(tokenizer, passage, authors[a][q]["question"])
             ids, offsets, passage_at = enc
             in_passage = overlap_mask(offsets, [(passage_at, passage_at + len(passage))])
             facts = overlap_mask(offsets, [(passage_at + span[0], passage_at + span[1])])
+            units_out.append(_span_units(offsets, [(passage_at + s, passage_at + e) for s, e in spans]).tolist())
+            groups.append(a)
             answer = authors[a][q]["answer"]
             ids_out.append(ids)
             protect_out.append((~in_passage).astype(np.int8).tolist())
@@ -125,15 +132,28 @@ def tofu_qa_examples(
                 )
             )
             answers.append(answer)
-    return Dataset.from_dict(
+    ds = Dataset.from_dict(
         {
             "context_ids": ids_out,
             "target_ids": tgt_out,
             "protect_mask": protect_out,
             "fact_mask": fact_out,
+            "unit_ids": units_out,
+            "group": groups,
             "answer": answers,
         }
     )
+    return add_sentence_ids(ds, tokenizer)
+
+
+def _span_units(offsets, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Index of the span each token overlaps (the first, for a token across two), -1 for none."""
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    if len(off) == 0 or len(sp) == 0:
+        return np.full(len(off), -1, dtype=np.int64)
+    hit = (off[:, None, 0] < sp[None, :, 1]) & (sp[None, :, 0] < off[:, None, 1])
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
 
 
 def _encode_passage_question(tokenizer, passage: str, question: str) -> tuple[list[int], list, int]:
@@ -189,6 +209,8 @@ def load_forget_examples(
         raise ForgetfulError(f"no input-forgetting examples could be made from {source}")
     if max_examples is not None:
         ds = ds.select(range(min(max_examples, len(ds))))
+    if "sentence_ids" not in ds.column_names:
+        ds = add_sentence_ids(ds, tokenizer)
     return ds
 
 
@@ -204,13 +226,31 @@ class ForgetBatch:
     target_mask: torch.Tensor  # [B, m] bool
     fact_mask: torch.Tensor | None = None  # [B, n] bool
     protect_mask: torch.Tensor | None = None  # [B, n] bool: always kept, outside the budget (a question)
+    sentence_ids: torch.Tensor | None = None  # [B, n] long: sentence of each context token (-1: padding)
+    unit_ids: torch.Tensor | None = None  # [B, n] long: the task's unit of each context token (-1: none)
+    group: torch.Tensor | None = None  # [B] long: what the row belongs to (its author), for the bootstrap
     context_length: int | None = None
     target_length: int | None = None
     answers: tuple[str, ...] | None = None  # reference answers, for ROUGE of generated ones
 
+    _TENSORS = (
+        "context_ids",
+        "context_mask",
+        "target_ids",
+        "target_mask",
+        "fact_mask",
+        "protect_mask",
+        "sentence_ids",
+        "unit_ids",
+        "group",
+    )
+
     def _map(self, fn) -> ForgetBatch:
-        tensors = ("context_ids", "context_mask", "target_ids", "target_mask", "fact_mask", "protect_mask")
-        return replace(self, **{k: fn(getattr(self, k)) for k in tensors if getattr(self, k) is not None})
+        return replace(self, **{k: fn(getattr(self, k)) for k in self._TENSORS if getattr(self, k) is not None})
+
+    def units(self, spec: str) -> torch.Tensor | None:
+        """``[B, n]`` unit ids of the context for a unit kind (``token``: None)."""
+        return unit_ids(spec, self.context_mask, sentence_ids=self.sentence_ids, task_units=self.unit_ids)
 
     def to(self, device) -> ForgetBatch:
         return self._map(lambda t: t.to(device))
@@ -242,6 +282,11 @@ class ForgetCollator:
         for column in ("fact_mask", "protect_mask"):
             if column in rows[0]:
                 flags[column] = pad_sequences([r[column] for r in rows], 0)[0].bool()
+        for column in ("sentence_ids", "unit_ids"):
+            if column in rows[0]:
+                flags[column] = pad_sequences([r[column] for r in rows], -1)[0]
+        if "group" in rows[0]:
+            flags["group"] = torch.tensor([int(r["group"]) for r in rows])
         answers = tuple(r["answer"] for r in rows) if "answer" in rows[0] else None
         return ForgetBatch(
             ctx,

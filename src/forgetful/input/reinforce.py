@@ -12,15 +12,21 @@
 
 Both are thin wrappers over :class:`ForgetMaskTrainer`, which has a Trainer-like surface
 (``train(resume_from_checkpoint=...)``, ``evaluate()``, ``save_model()``). The loop is written on
-Accelerate by hand rather than on ``transformers.Trainer``, which assumes one model, one optimizer
-and one loss: here two modules have their own optimizers, phases freeze one or the other, K samples
-share noise across processes, and the two backward passes run in a fixed order.
+Accelerate's primitives rather than on ``transformers.Trainer``, which assumes one model, one
+optimizer and one loss: here two modules have their own optimizers, phases freeze one or the other,
+K samples share noise across processes, and the two backward passes run in a fixed order. The
+REINFORCE arithmetic (baselines, advantages, losses) is :mod:`.reinforce_core`'s.
+
+Phases can also train the LM alone on a frozen policy's own greedy keep sets (``freeze_policy``:
+the fair protocol's finetuning of an LM to read a learned policy's compressions), or the policy
+alone (``freeze_lm``), keeping the policy that scores best on ``eval_dataset`` (``keep_best``).
 
 Both run on Accelerate (``accelerate launch`` / ``torchrun`` give DDP unchanged; bf16 on GPU),
 shard every global batch over processes so 1 and N processes compute the same thing, draw all
 randomness from ``(seed, epoch, step)`` so a resumed run repeats an uninterrupted one exactly,
-and checkpoint atomically (LM and policy via ``save_pretrained``, optimizers, schedulers, RNG,
-step).
+and checkpoint atomically: ``Accelerator.save_state`` (trained modules, optimizers, every
+process's RNG) plus the schedulers and the loop's state registered with it, written under a
+temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -45,15 +51,19 @@ from ..nll import token_nll, unwrap_model
 from ..tokens import pad_token_id
 from ..training.checkpoints import latest_checkpoint, mark_complete, rotate
 from ..training.interrupts import StopOnSignal, TrainingInterrupted
-from .compression import _eligible, bernoulli_keep, budget_counts, compress_examples, gumbel_topk_keep, kept_counts
+from . import reinforce_core as core
+from .compression import _eligible, budget_counts, compress_examples, gumbel_topk_keep, kept_counts
 from .evaluation import baseline_masks, batches_of, evaluate_strategy
 from .examples import ForgetBatch, ForgetCollator
 from .policies import ForgetMask, LearnedForgetMask
-from .policies.learned import WEIGHTS_NAME as POLICY_WEIGHTS
+from .units import unit_gumbel_keep, whole_units_kept
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "forget_trainer_state.json"
+HISTORY_NAME = "history.json"
+# what Accelerate's schedulers are called here (transformers.get_scheduler's names)
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -94,6 +104,22 @@ class ForgetTrainingConfig:
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0
     freeze_lm: bool = field(default=False, metadata={"help": "Train the policy only."})
+    freeze_policy: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the LM only, on the (learned) policy's own greedy keep sets; the policy is not trained."
+        },
+    )
+    keep_best: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the policy on eval_dataset before training and at every evaluation; end with the best one "
+            "(lowest held-out target NLL)."
+        },
+    )
+    eval_baselines: bool = field(
+        default=True, metadata={"help": "Evaluations also score the identity, random and recency baselines."}
+    )
     keep_first: bool = field(default=True, metadata={"help": "Always keep token 0 (the attention sink)."})
     mixed_precision: Literal["no", "bf16", "fp16"] | None = field(
         default=None, metadata={"help": "Default: bf16 on a GPU that has it, else no."}
@@ -135,6 +161,8 @@ class ForgetTrainingConfig:
                 raise ForgetfulError(f"{name} must be positive, got {getattr(self, name)}")
         if self.budget is not None and self.budget < 1:
             raise ForgetfulError(f"budget must be at least 1 token, got {self.budget}")
+        if self.freeze_lm and self.freeze_policy:
+            raise ForgetfulError("freeze_lm and freeze_policy together train nothing")
 
 
 class ForgetTrainingResult(NamedTuple):
@@ -145,20 +173,34 @@ class ForgetTrainingResult(NamedTuple):
 
 @dataclass
 class _Phase:
-    """What one epoch trains: the LM, the policy, and the share of random (exploration) samples."""
+    """What one epoch trains: the LM, the policy, the share of random (exploration) samples, and
+    whether the LM reads the policy's greedy keep sets (a frozen learned policy)."""
 
     train_lm: bool
     train_policy: bool
     explore: float
+    greedy: bool = False
 
 
 @dataclass
 class _State:
+    """The loop's position and what it has seen; checkpointed through Accelerate."""
+
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
     baseline: float | None = None  # moving-average baseline
     history: list[dict] = field(default_factory=list)
+    best_nll: float | None = None  # keep_best: the best held-out NLL so far, its step and weights
+    best_step: int | None = None
+    best_policy: dict | None = None
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            setattr(self, f.name, state.get(f.name, getattr(_State(), f.name)))
 
 
 def check_exploration(method: str, exploration_epochs: Sequence) -> None:
@@ -209,20 +251,6 @@ def _check_dataset(ds, name: str, budget: int | None) -> None:
         raise ForgetfulError(f"budget {budget} is larger than the shortest context in {name} ({shortest} tokens)")
 
 
-def _scheduler(optimizer, kind: str, total: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _trackers(report_to: str) -> list[str]:
     names = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
     if "all" in names:
@@ -259,6 +287,7 @@ class ForgetMaskTrainer:
     ):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
+        from transformers import get_scheduler
 
         args = args or ForgetTrainingConfig()
         if method not in ("reinforce", "two_step"):
@@ -271,7 +300,9 @@ class ForgetMaskTrainer:
             raise ForgetfulError("train_dataset is required")
         _check_dataset(train_dataset, "train_dataset", args.budget)
         _check_dataset(eval_dataset, "eval_dataset", args.budget)
-        phases = _phases(method, policy, list(exploration_epochs), args.freeze_lm)
+        if args.keep_best and eval_dataset is None:
+            raise ForgetfulError("keep_best needs an eval_dataset to score the policy on")
+        phases = _phases(method, policy, list(exploration_epochs), args.freeze_lm, args.freeze_policy)
         if args.output_dir:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
@@ -306,6 +337,9 @@ class ForgetMaskTrainer:
         self.trains_policy = self.learned and any(p.train_policy for p in phases)
         for p in model.parameters():
             p.requires_grad_(self.trains_lm)
+        if self.learned:
+            for p in policy.parameters():
+                p.requires_grad_(self.trains_policy)
         self.model = model
         self.policy = policy
         self.micro = args.per_device_batch_size * self.world  # rows per global micro-batch
@@ -321,35 +355,33 @@ class ForgetMaskTrainer:
             self.steps_per_epoch = min(self.steps_per_epoch, args.max_steps_per_epoch)
         self.total_steps = self.steps_per_epoch * len(phases)
 
-        # Optimizers and schedules, one per trained module.
+        # Optimizers and schedules, one per trained module. Accelerate places and wraps the trained
+        # modules (DDP under a launcher); frozen ones are only moved. The schedulers are registered
+        # for checkpointing but not prepared: every process steps them once per optimizer step
+        # (Accelerate's wrapper would step them once per process, assuming a split data loader).
         self.lm_opt = self.policy_opt = self.lm_sched = self.policy_sched = None
+        schedule = SCHEDULERS[args.lr_scheduler_type]
         if self.trains_lm:
             lm_steps = self.steps_per_epoch * sum(p.train_lm for p in phases)
             self.lm_opt = torch.optim.AdamW(
                 model.parameters(), lr=args.lm_learning_rate, weight_decay=args.weight_decay
             )
-            self.lm_sched = _scheduler(self.lm_opt, args.lr_scheduler_type, lm_steps, int(args.warmup_ratio * lm_steps))
-        if self.trains_policy:
-            pol_steps = self.steps_per_epoch * sum(p.train_policy for p in phases)
-            self.policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_learning_rate)
-            self.policy_sched = _scheduler(
-                self.policy_opt, args.lr_scheduler_type, pol_steps, int(args.warmup_ratio * pol_steps)
-            )
-        # Accelerate places and wraps (DDP under a launcher); frozen modules are only moved. The
-        # schedulers stay ours: every process steps them once per optimizer step (Accelerate's
-        # wrapper would step them once per process, assuming a split data loader).
-        if self.trains_lm:
+            self.lm_sched = get_scheduler(schedule, self.lm_opt, int(args.warmup_ratio * lm_steps), lm_steps)
             self.model, self.lm_opt = acc.prepare(self.model, self.lm_opt)
         else:
             self.model = self.model.to(acc.device)
         if self.trains_policy:
+            pol_steps = self.steps_per_epoch * sum(p.train_policy for p in phases)
+            self.policy_opt = torch.optim.AdamW(policy.parameters(), lr=args.policy_learning_rate)
+            self.policy_sched = get_scheduler(schedule, self.policy_opt, int(args.warmup_ratio * pol_steps), pol_steps)
             self.policy, self.policy_opt = acc.prepare(self.policy, self.policy_opt)
         else:
             self.policy = self.policy.to(acc.device)
         self.inner_policy = unwrap_model(self.policy)
-        if self.learned:
-            self.inner_policy.attach(self.model)
+        if self.learned and getattr(self.inner_policy, "_embeddings", None) is None:
+            self.inner_policy.attach(self.model)  # a policy built without a model reads this one
         self.state = _State()
+        acc.register_for_checkpointing(*(s for s in (self.lm_sched, self.policy_sched) if s is not None), self.state)
         if trackers:
             acc.init_trackers(args.run_name, config={**asdict(args), "forget_p": forget_p})
 
@@ -363,6 +395,9 @@ class ForgetMaskTrainer:
         return torch.randperm(len(self.train_dataset), generator=self._generator(1, epoch))
 
     # -- one micro-batch ---------------------------------------------------------------------
+    def _budget_kwargs(self) -> dict:
+        return {"forget_p": self.forget_p if self.args.budget is None else None, "budget": self.args.budget}
+
     def _micro_loss(
         self,
         batch: ForgetBatch,
@@ -371,31 +406,38 @@ class ForgetMaskTrainer:
         noise: torch.Tensor,
         rand_noise: torch.Tensor,
         counts: dict,
-    ) -> dict:
+    ) -> tuple[dict, dict]:
         """Losses of this process's rows; ``counts`` holds global normalisers for the step."""
         args, acc = self.args, self.accelerator
         K = noise.shape[0]
         b = batch.to(acc.device)
         noise, rand_noise, explore_rows = noise.to(acc.device), rand_noise.to(acc.device), explore_rows.to(acc.device)
         eligible, forced = _eligible(b.context_mask, args.keep_first, b.protect_mask)
-        k = budget_counts(
-            b.context_mask,
-            forget_p=self.forget_p if args.budget is None else None,
-            budget=args.budget,
-            keep_first=args.keep_first,
-            protect=b.protect_mask,
-        )
+        k = budget_counts(b.context_mask, keep_first=args.keep_first, protect=b.protect_mask, **self._budget_kwargs())
+        units = b.units(self.inner_policy.unit)
         use_policy = phase.train_policy or not phase.explore >= 1.0
+        sample = None
         with acc.autocast():
-            if use_policy:
+            keep = None
+            if use_policy and phase.greedy:
+                keep = self.inner_policy.greedy(
+                    b.context_ids,
+                    b.context_mask,
+                    keep_first=args.keep_first,
+                    protect=b.protect_mask,
+                    units=units,
+                    **self._budget_kwargs(),
+                ).unsqueeze(0)
+            elif use_policy:
                 with torch.set_grad_enabled(phase.train_policy and self.trains_policy):
-                    sample = self.policy_sample(b, noise, k)
+                    sample = self.policy_sample(b, noise, k, units)
                 keep = sample.keep
+            # exploration: a random keep set of the same budget, of the policy's units
+            zeros = torch.zeros_like(b.context_ids, dtype=torch.float)
+            if units is None:
+                random_keep = gumbel_topk_keep(zeros, k, eligible, forced, K, noise=rand_noise).keep
             else:
-                sample, keep = None, None
-            random_keep = gumbel_topk_keep(
-                torch.zeros_like(b.context_ids, dtype=torch.float), k, eligible, forced, K, noise=rand_noise
-            ).keep
+                random_keep = unit_gumbel_keep(zeros, units, k, eligible, forced, K, noise=rand_noise).keep
             keep = random_keep if keep is None else torch.where(explore_rows.view(1, -1, 1), random_keep, keep)
             inputs = compress_examples(
                 b.context_ids,
@@ -425,26 +467,38 @@ class ForgetMaskTrainer:
             "keep_sum": (keep & b.context_mask).sum().detach(),
             "ctx_sum": b.context_mask.sum().detach() * K,
         }
+        if b.fact_mask is not None:  # the answer asked about, kept whole
+            kept = whole_units_kept(
+                keep.reshape(-1, keep.shape[-1]), b.fact_mask.repeat(K, 1), b.context_mask.repeat(K, 1)
+            )
+            result["answer_kept_sum"] = kept.float().sum()
         losses = {}
         if train_lm:
-            lm_loss = out.nll.sum() / counts["target_tokens"] * self.world
-            losses["lm"] = lm_loss
+            losses["lm"] = out.nll.sum() / counts["target_tokens"] * self.world
             result["lm_loss_sum"] = out.nll.sum().detach()
         if phase.train_policy and self.trains_policy and sample is not None:
             own = ~explore_rows  # the policy learns from its own samples only
-            adv = self._advantages(reward, own)
-            w = own.float().view(1, -1)
-            pg = -(adv.detach() * sample.log_prob * w).sum() / counts["policy_samples"] * self.world
-            ent = (sample.entropy * own.float()).sum() / counts["policy_rows"] * self.world
-            pol_loss = pg - args.entropy_coef * ent
+            adv, base = self._advantages(reward, own)
+            pol_loss = core.policy_gradient_loss(
+                adv,
+                sample.log_prob,
+                sample.entropy,
+                own,
+                samples=counts["policy_samples"],
+                rows=counts["policy_rows"],
+                entropy_coef=args.entropy_coef,
+                scale=self.world,
+            )
             if args.mode == "bernoulli":
                 target = k.float() / b.context_mask.sum(-1).clamp(min=1)
                 share = sample.expected_keep / b.context_mask.sum(-1).clamp(min=1)
                 penalty = ((share - target) ** 2 * own.float()).sum() / counts["policy_rows"] * self.world
                 pol_loss = pol_loss + args.budget_penalty * penalty
             losses["policy"] = pol_loss
+            w = own.float().view(1, -1)
             result["policy_loss_sum"] = (-(adv * sample.log_prob.detach() * w).sum()).detach()
             result["entropy_sum"] = (sample.entropy.detach() * own.float()).sum()
+            result["baseline_sum"] = (base * w).sum().detach()
         return result, losses
 
     def _kept_per_row(self, b: ForgetBatch, use_policy: bool) -> int | None:
@@ -457,69 +511,48 @@ class ForgetMaskTrainer:
             or b.protect_mask is not None
         ):
             return None
-        budget = {
-            "forget_p": self.forget_p if self.args.budget is None else None,
-            "budget": self.args.budget,
-            "keep_first": self.args.keep_first,
-        }
+        budget = {**self._budget_kwargs(), "keep_first": self.args.keep_first}
         kept = int(kept_counts(torch.tensor([b.context_length]), **budget)[0])
         if use_policy and self.inner_policy.kept_per_row(b.context_length, **budget) != kept:
             return None  # a policy with its own budget rule (identity, no context)
         return kept
 
-    def policy_sample(self, b: ForgetBatch, noise: torch.Tensor, k: torch.Tensor):
-        """The policy's K samples for this batch (``k``: the tokens each row keeps in all)."""
-        if self.policy is not self.inner_policy:
-            return self._wrapped_sample(b, noise, self.args.mode, k)
-        budget = {"forget_p": self.forget_p if self.args.budget is None else None, "budget": self.args.budget}
-        if self.args.mode == "bernoulli":
-            budget = {}
-        return self.inner_policy.sample(
-            b.context_ids,
-            b.context_mask,
+    def policy_sample(self, b: ForgetBatch, noise: torch.Tensor, k: torch.Tensor, units: torch.Tensor | None = None):
+        """The policy's K samples for this batch (``k``: the tokens each row keeps in all). Under
+        DDP the logits come through the wrapper, so gradients are synchronised."""
+        budget = {} if self.args.mode == "bernoulli" else self._budget_kwargs()
+        kw = dict(
             mode=self.args.mode,
             num_samples=noise.shape[0],
             keep_first=self.args.keep_first,
             noise=noise,
             protect=b.protect_mask,
+            units=units,
             **budget,
         )
-
-    def _wrapped_sample(self, b, noise, mode, k):
-        # Under DDP the forward must go through the wrapper so gradients are synchronised:
-        # compute the logits with it, then sample exactly as the policy would.
+        if self.policy is self.inner_policy:
+            return self.inner_policy.sample(b.context_ids, b.context_mask, **kw)
         attn = b.context_mask
-        logits = self.policy(b.context_ids, attn).float().masked_fill(~attn, float("-inf"))
-        eligible, forced = _eligible(attn, self.args.keep_first, b.protect_mask)
-        if mode == "bernoulli":
-            return bernoulli_keep(logits, eligible, forced, noise.shape[0], noise=noise)
-        return gumbel_topk_keep(logits, k, eligible, forced, noise.shape[0], noise=noise)
+        logits = self.policy(b.context_ids, attn, protect=b.protect_mask, units=units).float()
+        return self.inner_policy.sample_from_logits(logits.masked_fill(~attn, float("-inf")), attn, **kw)
 
-    def _advantages(self, reward: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        """Advantages ``[K, B]`` of this process's samples, normalised over the global batch."""
+    def _advantages(self, reward: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advantages ``[K, B]`` of this process's samples (normalised over the global batch) and
+        the baseline each was compared with."""
         args, acc = self.args, self.accelerator
-        K = reward.shape[0]
+        reduce = (lambda t: acc.reduce(t, "sum")) if self.world > 1 else (lambda t: t)
         if args.baseline == "rloo":
-            adv = reward - (reward.sum(0, keepdim=True) - reward) / (K - 1)
+            base = core.rloo_baseline(reward)
         else:
-            own_r = torch.stack([(reward * own.float()).sum(), own.float().sum() * K])
-            if self.world > 1:
-                own_r = acc.reduce(own_r, "sum")
-            mean_r = float(own_r[0] / own_r[1].clamp(min=1))
-            base = self.state.baseline if self.state.baseline is not None else mean_r
-            adv = reward - base
+            mean_r = float(core.weighted_mean(reward, own.view(1, -1), reduce))
+            prev = self.state.baseline if self.state.baseline is not None else mean_r
+            base = torch.full_like(reward, prev)
             m = args.baseline_momentum
-            self.state.baseline = m * base + (1 - m) * mean_r
+            self.state.baseline = m * prev + (1 - m) * mean_r
+        adv = reward - base
         if args.normalize_advantages:
-            w = own.float().expand_as(adv)
-            stats = torch.stack([(adv * w).sum(), (adv * adv * w).sum(), w.sum()])
-            if self.world > 1:
-                stats = acc.reduce(stats, "sum")
-            n = stats[2].clamp(min=1)
-            mean = stats[0] / n
-            var = (stats[1] / n - mean * mean).clamp(min=0)
-            adv = (adv - mean) / (var.sqrt() + 1e-6)
-        return adv
+            adv = core.normalise(adv, own.view(1, -1), reduce)
+        return adv, base
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> ForgetTrainingResult:
@@ -535,6 +568,8 @@ class ForgetMaskTrainer:
             resume_from_checkpoint = args.resume
         if resume_from_checkpoint:
             self._resume(None if resume_from_checkpoint is True else Path(resume_from_checkpoint))
+        if args.keep_best and self.state.global_step == 0 and self.state.best_nll is None:
+            self.evaluate()  # the policy as it starts is a candidate too
         bar = tqdm(
             total=self.total_steps,
             initial=self.state.global_step,
@@ -582,6 +617,15 @@ class ForgetMaskTrainer:
                 if args.output_dir:
                     self.save_checkpoint()
         bar.close()
+        if args.keep_best and not stopped and self.state.best_policy is not None:
+            self.inner_policy.load_state_dict(self.state.best_policy)
+            self.state.history.append(
+                {
+                    "step": self.state.global_step,
+                    "best_step": self.state.best_step,
+                    "best_eval_nll": self.state.best_nll,
+                }
+            )
         # Drop the DDP wrappers at the same point on every process: left to the garbage collector,
         # their reducers can be torn down while a peer still talks to them, which hangs gloo. The
         # process group stays up (unlike ``end_training``) so the caller can evaluate next.
@@ -602,7 +646,9 @@ class ForgetMaskTrainer:
         g = self._generator(2, self.state.epoch, self.state.step_in_epoch)
         # One keep set per row where nothing learns from comparing samples: LM-only phases, and a
         # policy that is not learned (its samples train the LM to read that strategy's compressions).
-        lm_only = phase.train_lm and not phase.train_policy and (phase.explore >= 1.0 or not self.learned)
+        lm_only = (
+            phase.train_lm and not phase.train_policy and (phase.explore >= 1.0 or not self.learned or phase.greedy)
+        )
         K = 1 if lm_only else args.num_samples
         explore_all = torch.rand(len(step_rows), generator=g) < phase.explore
         micro_batches = [step_rows[i : i + self.micro] for i in range(0, len(step_rows), self.micro)]
@@ -665,11 +711,14 @@ class ForgetMaskTrainer:
             "reward": totals.get("reward_sum", 0.0) / max(n_samples, 1),
             "keep_ratio": totals.get("keep_sum", 0.0) / max(totals.get("ctx_sum", 1.0), 1.0),
         }
+        if "answer_kept_sum" in totals:
+            stats["answer_kept"] = totals["answer_kept_sum"] / max(n_samples, 1)
         if "lm_loss_sum" in totals:
             stats["lm_loss"] = totals["lm_loss_sum"] / counts["target_tokens"]
         if "policy_loss_sum" in totals:
             stats["policy_loss"] = totals["policy_loss_sum"] / counts["policy_samples"]
             stats["entropy"] = totals["entropy_sum"] / counts["policy_rows"]
+            stats["baseline"] = totals["baseline_sum"] / counts["policy_samples"]
         return stats
 
     def _log(self, running: dict[str, float], phase: _Phase, bar) -> None:
@@ -694,8 +743,9 @@ class ForgetMaskTrainer:
         )
 
     def evaluate(self) -> dict[str, Any]:
-        """Held-out target NLL of the policy and of the identity, random and recency baselines at
-        the training budget (on ``eval_batches`` batches); appended to the history and returned."""
+        """Held-out target NLL of the policy (and, with ``eval_baselines``, of the identity, random
+        and recency baselines) at the training budget, on ``eval_batches`` batches; appended to the
+        history and returned. With ``keep_best``, a policy better than every earlier one is kept."""
         if self.eval_dataset is None:
             return {}
         acc = self.accelerator
@@ -703,10 +753,9 @@ class ForgetMaskTrainer:
             self.eval_dataset, self.args.per_device_batch_size, self.pad_token_id, self.args.eval_batches
         )
         keep = 1.0 - self.forget_p
-        strategies = {
-            "policy": self.inner_policy,
-            **baseline_masks(self.model, self.args.seed, ("identity", "random", "recency"), acc.device),
-        }
+        strategies = {"policy": self.inner_policy}
+        if self.args.eval_baselines:
+            strategies.update(baseline_masks(self.model, self.args.seed, ("identity", "random", "recency"), acc.device))
         entry: dict[str, Any] = {"step": self.state.global_step, "epoch": self.state.epoch, "eval": True}
         for name, mask in strategies.items():
             res = evaluate_strategy(
@@ -720,8 +769,13 @@ class ForgetMaskTrainer:
                 autocast=acc.autocast,
             )
             entry[f"eval_{name}_nll"] = res["nll"]
-            if res.get("fact_recall") is not None:
-                entry[f"eval_{name}_fact_recall"] = res["fact_recall"]
+            for key in ("fact_recall", "answer_kept"):
+                if res.get(key) is not None:
+                    entry[f"eval_{name}_{key}"] = res[key]
+        if self.args.keep_best and (self.state.best_nll is None or entry["eval_policy_nll"] < self.state.best_nll):
+            self.state.best_nll, self.state.best_step = entry["eval_policy_nll"], self.state.global_step
+            self.state.best_policy = {k: v.detach().cpu().clone() for k, v in self.inner_policy.state_dict().items()}
+            entry["best"] = True
         self.state.history.append(entry)
         acc.log(
             {k.replace("eval_", "eval/"): v for k, v in entry.items() if k.startswith("eval_")},
@@ -739,67 +793,55 @@ class ForgetMaskTrainer:
         ``output_dir/policy`` (default: ``args.output_dir``); one process writes under a launcher."""
         out = Path(output_dir or self.args.output_dir or ".")
         if self.accelerator.is_main_process:
-            self._write_weights(out)
+            unwrap_model(self.model).save_pretrained(out / "lm")
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(out / "lm")
+            if self.learned:
+                self.inner_policy.save_pretrained(out / "policy")
         self.accelerator.wait_for_everyone()
         return out
 
-    def _write_weights(self, folder: Path) -> None:
-        unwrap_model(self.model).save_pretrained(folder / "lm")
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(folder / "lm")
-        if self.learned:
-            self.inner_policy.save_pretrained(folder / "policy")
-
     # -- checkpoints ------------------------------------------------------------------------
-    def _modules(self):
-        """(name, module, optimizer, scheduler) of everything whose state a checkpoint holds."""
-        out = []
-        if self.trains_lm:
-            out.append(("lm", self.model, self.lm_opt, self.lm_sched))
-        if self.trains_policy:
-            out.append(("policy", self.policy, self.policy_opt, self.policy_sched))
-        return out
-
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoint-<step>`` atomically (temporary folder, then rename)."""
+        """Write ``checkpoint-<step>`` atomically: ``Accelerator.save_state`` (trained modules,
+        optimizers, RNG of every process, the registered schedulers and loop state) into a
+        temporary folder, marked complete and renamed into place by the main process."""
         acc, args = self.accelerator, self.args
         root = Path(args.output_dir)
         final = root / f"checkpoint-{self.state.global_step}"
         tmp = root / f".tmp-checkpoint-{self.state.global_step}"
         acc.wait_for_everyone()
         if acc.is_main_process:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        # Every process saves its own RNG state; the main process saves the rest.
-        torch.save(
-            {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-            tmp / f"rng_state_{self.rank}.pt",
-        )
+        # tied weights (the LM head and the embeddings) are saved once; Accelerate says so each time
+        quiet = logging.getLogger("accelerate.utils.other")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            acc.save_state(str(tmp))
+        finally:
+            quiet.setLevel(level)
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            self._write_weights(tmp)
-            for name, _, opt, sched in self._modules():
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / f"{name}_optim.pt")
-            state = asdict(self.state)
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+            (tmp / STATE_NAME).write_text(json.dumps({"global_step": self.state.global_step}) + "\n")
             mark_complete(tmp)
-            import shutil
-
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             rotate(root, args.save_total_limit)
+            self._write_history()
         acc.wait_for_everyone()
         return final
 
-    def _resume(self, ckpt: Path | None = None) -> None:
-        from safetensors.torch import load_file
+    def _write_history(self) -> None:
+        from ..reporting import write_json
 
+        if self.args.output_dir and self.accelerator.is_main_process:
+            write_json(self.state.history, Path(self.args.output_dir) / HISTORY_NAME)
+
+    def _resume(self, ckpt: Path | None = None) -> None:
         if ckpt is None:
             root = Path(self.args.output_dir) if self.args.output_dir else None
             ckpt = latest_checkpoint(root) if root else None
@@ -807,36 +849,15 @@ class ForgetMaskTrainer:
                 self.accelerator.print("resume: no complete checkpoint found, starting fresh")
                 return
         try:
-            state = json.loads((ckpt / STATE_NAME).read_text())
-            if self.trains_lm:
-                lm_state = {}
-                for f in sorted((ckpt / "lm").glob("*.safetensors")):
-                    lm_state.update(load_file(str(f)))
-                _, unexpected = unwrap_model(self.model).load_state_dict(lm_state, strict=False)
-                if unexpected or not lm_state:
-                    raise ForgetfulError(f"LM weights do not match the model ({len(lm_state)} tensors)")
-            if self.learned and (ckpt / "policy").exists():
-                pol = load_file(str(ckpt / "policy" / POLICY_WEIGHTS))
-                self.inner_policy.load_state_dict(pol)
-            for name, _, opt, sched in self._modules():
-                blob = torch.load(ckpt / f"{name}_optim.pt", map_location="cpu", weights_only=False)
-                opt.load_state_dict(blob["optimizer"])
-                sched.load_state_dict(blob["scheduler"])
-            rng_file = ckpt / f"rng_state_{self.rank}.pt"
-            if rng_file.exists():
-                rng = torch.load(rng_file, weights_only=False)
-                torch.set_rng_state(rng["torch"])
-                if rng["cuda"] is not None and torch.cuda.is_available():
-                    torch.cuda.set_rng_state_all(rng["cuda"])
-        except (OSError, StopIteration, json.JSONDecodeError, RuntimeError, KeyError) as exc:
+            self.accelerator.load_state(str(ckpt))
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError) as exc:
             raise ForgetfulError(
-                f"cannot resume from {ckpt}: {str(exc).splitlines()[0]} (a corrupt checkpoint?)"
+                f"cannot resume from {ckpt}: {str(exc).splitlines()[0]} (a corrupt checkpoint, or one of another run?)"
             ) from None
-        self.state = _State(**state)
         self.accelerator.print(f"resumed from {ckpt} (step {self.state.global_step})")
 
 
-def _phases(method: str, mask: ForgetMask, exploration_epochs: list, freeze_lm: bool) -> list[_Phase]:
+def _phases(method: str, mask: ForgetMask, exploration_epochs: list, freeze_lm: bool, freeze_policy: bool = False):
     """What each epoch trains, from the method and ``exploration_epochs``."""
     learned = isinstance(mask, LearnedForgetMask)
     if method == "two_step" and not learned and not all(exploration_epochs):
@@ -854,6 +875,12 @@ def _phases(method: str, mask: ForgetMask, exploration_epochs: list, freeze_lm: 
         if not learned:
             raise ForgetfulError("freeze_lm with a mask that is not learned trains nothing")
         phases = [_Phase(False, p.train_policy, p.explore) for p in phases]
+    if freeze_policy:
+        if not learned:
+            raise ForgetfulError("freeze_policy is for a learned policy (a baseline is never trained)")
+        phases = [_Phase(p.train_lm, False, p.explore, greedy=True) for p in phases if p.train_lm]
+        if not phases:
+            raise ForgetfulError("freeze_policy leaves no epoch that trains the LM")
     return phases
 
 

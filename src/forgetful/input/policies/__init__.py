@@ -3,13 +3,22 @@
 selection of SnapKV / H2O in :mod:`.attention`) and the learned policies (:mod:`.learned`)."""
 
 from .attention import AttentionScoreMask, attention_scores
-from .base import MASKS, ForgetMask, build_mask, mask_names, register_mask
-from .baselines import IdentityMask, NoContextMask, RandomForgetMask, RecencyMask, SelfInformationMask
+from .base import MASKS, ForgetMask, build_mask, mask_names, parse_strategy, query_mask, register_mask
+from .baselines import (
+    IdentityMask,
+    LexicalOverlapMask,
+    NoContextMask,
+    RandomForgetMask,
+    RecencyMask,
+    SelfInformationMask,
+    lexical_scores,
+)
 from .learned import (
     CNNMLPForgetMask,
     HiddenStateForgetMask,
     LearnedForgetMask,
     MLPForgetMask,
+    ResidualForgetMask,
     RNNForgetMask,
     distance_buckets,
 )
@@ -22,15 +31,20 @@ __all__ = [
     "HiddenStateForgetMask",
     "IdentityMask",
     "LearnedForgetMask",
+    "LexicalOverlapMask",
     "MLPForgetMask",
     "NoContextMask",
     "RNNForgetMask",
+    "ResidualForgetMask",
     "RandomForgetMask",
     "RecencyMask",
     "SelfInformationMask",
     "attention_scores",
     "build_mask",
     "distance_buckets",
+    "lexical_scores",
     "mask_names",
+    "parse_strategy",
+    "query_mask",
     "register_mask",
 ]

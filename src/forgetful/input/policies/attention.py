@@ -24,27 +24,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ForgetfulError
-from ...models.layers import first_layers, num_layers
+from ...models.layers import decoder_stack, first_layers, num_layers
 from ...nll import attention_implementation, unwrap_model
-from .base import ForgetMask, attention_or_ones, register_mask
+from .base import ForgetMask, attention_or_ones, query_mask, register_mask
 
 ATTENTION_SCORES = "forgetful_attention_scores"
 
 
 class _Recorder:
-    """The attention received by every key from the observation window, accumulated over layers."""
+    """The attention received by every key from the query tokens, accumulated over layers."""
 
-    def __init__(self, lengths: torch.Tensor, window: int, layers: set[int], width: int):
+    def __init__(self, query_positions: torch.Tensor, valid_queries: torch.Tensor, layers: set[int], width: int):
         self.layers = layers
-        self.lengths = lengths
-        offsets = torch.arange(window, device=lengths.device) - window  # -w .. -1
-        positions = lengths.unsqueeze(1) + offsets  # the last w real tokens of each row
-        self.valid_queries = positions >= 0
-        self.query_positions = positions.clamp(min=0)
-        keys = torch.arange(width, device=lengths.device)
-        # a window query at position q sees keys 0..q of its own row
-        self.visible = keys.view(1, 1, -1) <= self.query_positions.unsqueeze(-1)
-        self.scores = torch.zeros(lengths.shape[0], width, device=lengths.device)
+        self.valid_queries = valid_queries  # [B, Q]
+        self.query_positions = query_positions  # [B, Q]
+        keys = torch.arange(width, device=query_positions.device)
+        # a query at position q sees keys 0..q of its own row
+        self.visible = keys.view(1, 1, -1) <= query_positions.unsqueeze(-1)
+        self.scores = torch.zeros(query_positions.shape[0], width, device=query_positions.device)
+
+    @classmethod
+    def for_query(cls, query: torch.Tensor, layers: set[int]) -> _Recorder:
+        """Queries where ``query`` ([B, n] bool) is true, in order (one read-back: their count)."""
+        count = query.sum(-1)
+        width = max(int(count.max()), 1)
+        positions = torch.argsort((~query).to(torch.uint8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width, device=query.device).unsqueeze(0) < count.unsqueeze(1)
+        return cls(positions, valid, layers, query.shape[1])
 
     def add(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         b, heads, _, dim = query.shape
@@ -88,6 +94,19 @@ def _recording(recorder: _Recorder) -> Iterator[_Recorder]:
         _ACTIVE.pop()
 
 
+def _window(attn: torch.Tensor, window: int) -> torch.Tensor:
+    pos = torch.arange(attn.shape[1], device=attn.device).unsqueeze(0)
+    return (pos >= attn.sum(-1, keepdim=True) - window) & attn
+
+
+def _chosen_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    total = num_layers(model)
+    chosen = sorted(set(range(total) if layers is None else layers))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= total:
+        raise ForgetfulError(f"attention-score layers must lie in 0..{total - 1}, got {list(layers or [])}")
+    return chosen
+
+
 @torch.no_grad()
 def attention_scores(
     model: nn.Module,
@@ -96,17 +115,16 @@ def attention_scores(
     *,
     window: int = 32,
     layers: Sequence[int] | None = None,
+    query: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[B, n]``: the attention each token receives from the last ``window`` real tokens of its
-    row, summed over heads, window queries and ``layers`` (default: all). Rows are right-padded."""
-    total = num_layers(model)
-    chosen = sorted(set(range(total) if layers is None else layers))
-    if not chosen or chosen[0] < 0 or chosen[-1] >= total:
-        raise ForgetfulError(f"attention-score layers must lie in 0..{total - 1}, got {list(layers or [])}")
+    """``[B, n]``: the attention each token receives from the query tokens of its row, summed over
+    heads, queries and ``layers`` (default: all). The query is ``query`` ([B, n] bool) or the last
+    ``window`` real tokens of each row. Rows are right-padded."""
+    chosen = _chosen_layers(model, layers)
     if window < 1:
         raise ForgetfulError(f"the observation window must hold at least one token, got {window}")
     attn = attention_mask.bool()
-    recorder = _Recorder(attn.sum(-1), window, set(chosen), attn.shape[1])
+    recorder = _Recorder.for_query(_window(attn, window) if query is None else query.bool() & attn, set(chosen))
     with (
         _recording(recorder),
         attention_implementation(model, ATTENTION_SCORES),
@@ -116,12 +134,36 @@ def attention_scores(
     return recorder.scores
 
 
+@torch.no_grad()
+def early_features(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward through the first ``layer`` decoder layers only: the hidden states there
+    ``[B, n, d]`` (before the final norm) and the attention each token receives from the ``query``
+    tokens in those layers ``[B, n]`` (summed over heads, queries and layers)."""
+    attn = attention_mask.bool()
+    recorder = _Recorder.for_query(query.bool() & attn, set(range(layer)))
+    captured = {}
+
+    def grab(module, args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+
+    with _recording(recorder), attention_implementation(model, ATTENTION_SCORES), first_layers(model, layer) as base:
+        handle = getattr(base, decoder_stack(model)[1])[layer - 1].register_forward_hook(grab)
+        try:
+            base(input_ids=input_ids, attention_mask=attn.long(), use_cache=False)
+        finally:
+            handle.remove()
+    return captured["h"], recorder.scores
+
+
 @register_mask("attention_score")
 class AttentionScoreMask(ForgetMask):
-    """Keep the tokens the observation window (the last ``window`` tokens) attends to most, summed
-    over heads and ``layers`` (default all), max-pooled over ``pool`` neighbours (odd; 0 or 1: no
-    pooling), the window itself kept first (``keep_window``). Costs one forward of the scoring LM
-    through the last chosen layer."""
+    """Keep the tokens the query attends to most (SnapKV): the attention from the query tokens
+    (the protected question after a passage, else the last ``window`` tokens, the observation
+    window), summed over heads and ``layers`` (default all), smoothed by ``pooling`` (``avg``, as
+    SnapKV, or ``max``) over ``pool`` neighbours (odd; 0 or 1: none), the window itself kept first
+    (``keep_window``). Costs one forward of the scoring LM through the last chosen layer."""
 
     name = "attention_score"
 
@@ -130,14 +172,17 @@ class AttentionScoreMask(ForgetMask):
         scorer_model: nn.Module,
         window: int = 32,
         layers: Sequence[int] | None = None,
-        pool: int = 0,
+        pool: int = 5,
+        pooling: str = "avg",
         keep_window: bool = True,
     ):
         super().__init__()
         if pool < 0 or (pool > 1 and pool % 2 == 0):
             raise ForgetfulError(f"pool must be 0, 1 or an odd width, got {pool}")
+        if pooling not in ("avg", "max"):
+            raise ForgetfulError(f"pooling must be avg or max, got '{pooling}'")
         object.__setattr__(self, "_scorer", scorer_model)  # not a submodule: never trained or saved
-        self.window, self.layers, self.pool, self.keep_window = window, layers, pool, keep_window
+        self.window, self.layers, self.pool, self.pooling, self.keep_window = window, layers, pool, pooling, keep_window
 
     @classmethod
     def create(cls, model=None, *, seed=0, device="cpu", **options):
@@ -146,15 +191,16 @@ class AttentionScoreMask(ForgetMask):
         return cls(model, **options)
 
     @torch.no_grad()
-    def keep_logits(self, input_ids, attention_mask=None):
+    def keep_logits(self, input_ids, attention_mask=None, *, protect=None, units=None):
         attn = attention_or_ones(input_ids, attention_mask)
-        scores = attention_scores(self._scorer, input_ids, attn, window=self.window, layers=self.layers)
+        query = query_mask(attn, protect, self.window)
+        scores = attention_scores(self._scorer, input_ids, attn, window=self.window, layers=self.layers, query=query)
         if self.pool > 1:
-            scores = F.max_pool1d(scores.unsqueeze(1), self.pool, stride=1, padding=self.pool // 2).squeeze(1)
+            pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
+            kwargs = {"count_include_pad": False} if self.pooling == "avg" else {}
+            scores = pool(scores.unsqueeze(1), self.pool, stride=1, padding=self.pool // 2, **kwargs).squeeze(1)
         if self.keep_window:
-            positions = torch.arange(attn.shape[1], device=attn.device).unsqueeze(0)
-            in_window = positions >= attn.sum(-1, keepdim=True) - self.window
-            scores = scores + in_window.float() * 1e4
+            scores = scores + query.float() * 1e4
         return scores.masked_fill(~attn, float("-inf"))
 
     def extra_flops_per_token(self, context_length: int) -> float:

@@ -1,7 +1,9 @@
 """Policies that are not learned, the baselines of every report: :class:`IdentityMask` (keep
 all), :class:`NoContextMask` (keep only token 0), :class:`RandomForgetMask`, :class:`RecencyMask`
-(keep the last ``b``) and :class:`SelfInformationMask` (keep the tokens the LM finds least
-predictable, as in Selective Context)."""
+(keep the last ``b``), :class:`LexicalOverlapMask` (keep what shares rare words with the question)
+and :class:`SelfInformationMask` (keep the tokens the LM finds least predictable, as in Selective
+Context). Each also works on units (``recency@sentence``, ``lexical@task``): a unit's score is the
+mean of its tokens'."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from torch import nn
 
 from ...errors import ForgetfulError, check_probability
 from ...nll import unwrap_model
-from ..compression import KeepSample, _eligible, bernoulli_keep, budget_counts, gumbel_topk_keep
-from .base import MODES, ForgetMask, attention_or_ones, register_mask
+from ..compression import KeepSample, _eligible, bernoulli_keep, budget_counts
+from .base import MODES, ForgetMask, attention_or_ones, query_mask, register_mask
 
 
 @register_mask("identity")
@@ -23,7 +25,7 @@ class IdentityMask(ForgetMask):
     keeps_everything = True
     name = "identity"
 
-    def keep_logits(self, input_ids, attention_mask=None):
+    def keep_logits(self, input_ids, attention_mask=None, *, protect=None, units=None):
         attn = attention_or_ones(input_ids, attention_mask)
         return torch.zeros(attn.shape, device=input_ids.device).masked_fill(~attn, float("-inf"))
 
@@ -34,7 +36,7 @@ class NoContextMask(ForgetMask):
 
     name = "none"
 
-    def keep_logits(self, input_ids, attention_mask=None):
+    def keep_logits(self, input_ids, attention_mask=None, *, protect=None, units=None):
         attn = attention_or_ones(input_ids, attention_mask)
         return torch.zeros(attn.shape, device=input_ids.device).masked_fill(~attn, float("-inf"))
 
@@ -70,7 +72,7 @@ class RandomForgetMask(ForgetMask):
     def create(cls, model=None, *, seed=0, device="cpu", **options):
         return cls(generator=torch.Generator(device=device).manual_seed(seed), **options)
 
-    def keep_logits(self, input_ids, attention_mask=None):
+    def keep_logits(self, input_ids, attention_mask=None, *, protect=None, units=None):
         attn = attention_or_ones(input_ids, attention_mask)
         # Random scores: top-k of i.i.d. noise is a uniform random subset of size k.
         u = torch.rand(attn.shape, generator=self.generator, device=input_ids.device)
@@ -89,10 +91,11 @@ class RandomForgetMask(ForgetMask):
         generator=None,
         noise=None,
         protect=None,
+        units=None,
     ):
         if mode not in MODES:
             raise ForgetfulError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
-        if mode == "bernoulli":
+        if mode == "bernoulli" and self.unit == "token":
             p = self.forget_prob if forget_p is None else check_probability("forget_p", forget_p)
             attn = attention_or_ones(input_ids, attention_mask)
             eligible, forced = _eligible(attn, keep_first, protect)
@@ -100,10 +103,21 @@ class RandomForgetMask(ForgetMask):
             logits = torch.full(attn.shape, logit, device=input_ids.device)
             return bernoulli_keep(logits, eligible, forced, num_samples, generator or self.generator, noise)
         attn = attention_or_ones(input_ids, attention_mask)
-        eligible, forced = _eligible(attn, keep_first, protect)
-        k = self._budget(attn, forget_p, budget, keep_first, protect)
+        # a uniform random subset (of tokens, or of units filling the budget): equal logits
         zeros = torch.zeros(attn.shape, device=input_ids.device)
-        return gumbel_topk_keep(zeros, k, eligible, forced, num_samples, generator or self.generator, noise)
+        return self.sample_from_logits(
+            zeros,
+            attn,
+            forget_p=forget_p,
+            budget=budget,
+            mode=mode,
+            num_samples=num_samples,
+            keep_first=keep_first,
+            generator=generator or self.generator,
+            noise=noise,
+            protect=protect,
+            units=units,
+        )
 
 
 @register_mask("recency")
@@ -112,7 +126,7 @@ class RecencyMask(ForgetMask):
 
     name = "recency"
 
-    def keep_logits(self, input_ids, attention_mask=None):
+    def keep_logits(self, input_ids, attention_mask=None, *, protect=None, units=None):
         attn = attention_or_ones(input_ids, attention_mask)
         pos = torch.arange(attn.shape[1], device=input_ids.device, dtype=torch.float32).expand(attn.shape)
         return pos.masked_fill(~attn, float("-inf"))
@@ -136,7 +150,7 @@ class SelfInformationMask(ForgetMask):
         return cls(model, **options)
 
     @torch.no_grad()
-    def keep_logits(self, input_ids, attention_mask=None):
+    def keep_logits(self, input_ids, attention_mask=None, *, protect=None, units=None):
         attn = attention_or_ones(input_ids, attention_mask)
         logits = self._scorer(input_ids=input_ids, attention_mask=attn.long(), use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -147,3 +161,58 @@ class SelfInformationMask(ForgetMask):
         from ..flops import forward_flops_per_token
 
         return forward_flops_per_token(unwrap_model(self._scorer).config, context_length)
+
+
+@register_mask("lexical")
+class LexicalOverlapMask(ForgetMask):
+    """Keep what shares rare tokens with the question, BM25-style: a context token scores the
+    inverse document frequency of its id when the id occurs in the query, else 0. The query is the
+    protected part of the row (the question after a passage) or, where nothing is protected, its
+    last ``window`` tokens (the observation window). Documents are runs of ``doc_tokens`` context
+    tokens (``D`` of them, at least one), and ``idf = log(1 + (D - f + 0.5) / (f + 0.5))`` with ``f``
+    the id's count in the context, at most ``D`` (so words in every run, such as "the", weigh ~0). Ties (most tokens score 0) go to the more recent
+    token; the query itself is kept first. A unit's score is its tokens' mean: density of rare shared
+    words, as BM25 normalises by length. Costs nothing but a few scatters."""
+
+    name = "lexical"
+
+    def __init__(self, window: int = 32, doc_tokens: int = 32, vocab_size: int | None = None):
+        super().__init__()
+        if window < 1 or doc_tokens < 1:
+            raise ForgetfulError(f"window and doc_tokens must be at least 1, got {window} and {doc_tokens}")
+        self.window, self.doc_tokens, self.vocab_size = window, doc_tokens, vocab_size
+
+    @classmethod
+    def create(cls, model=None, *, seed=0, device="cpu", **options):
+        config = getattr(unwrap_model(model), "config", None) if model is not None else None
+        options.setdefault("vocab_size", getattr(config, "vocab_size", None))
+        return cls(**options)
+
+    def keep_logits(self, input_ids, attention_mask=None, *, protect=None, units=None):
+        attn = attention_or_ones(input_ids, attention_mask)
+        return lexical_scores(input_ids, attn, query_mask(attn, protect, self.window), self.doc_tokens, self.vocab_size)
+
+
+def lexical_scores(
+    input_ids: torch.Tensor,
+    attn: torch.Tensor,
+    query: torch.Tensor,
+    doc_tokens: int = 32,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """``[B, n]`` BM25-style overlap of each context token with the ``query`` tokens of its row
+    (see :class:`LexicalOverlapMask`), plus ``1e-3 * position / length`` to break ties by recency; the
+    query tokens themselves first (``1e4``: an observation window is kept, as SnapKV keeps it);
+    ``-inf`` on padding."""
+    b, n = input_ids.shape
+    size = max(int(vocab_size or 0), int(input_ids.max()) + 1 if input_ids.numel() else 1)
+    ids = input_ids.clamp(min=0)
+    context = attn & ~query
+    counts = torch.zeros(b, size, device=ids.device).scatter_add_(1, ids, context.float())
+    asked = torch.zeros(b, size, dtype=torch.bool, device=ids.device).scatter_(1, ids, query)
+    docs = (context.sum(-1, keepdim=True).float() / doc_tokens).clamp(min=1)
+    freq = torch.minimum(counts.gather(1, ids), docs)  # a document frequency cannot pass the documents
+    idf = torch.log1p(((docs - freq + 0.5) / (freq + 0.5)).clamp(min=0))
+    score = idf * asked.gather(1, ids).float() * context.float()
+    pos = torch.arange(n, device=ids.device, dtype=torch.float32) / attn.sum(-1, keepdim=True).clamp(min=1)
+    return (score + 1e-3 * pos + 1e4 * query.float()).masked_fill(~attn, float("-inf"))
