@@ -364,6 +364,7 @@ def _scored_run(config, training, base, tok, train, held, name, protocol, strate
         tokenizer=tok,
         max_new_tokens=config.max_new_tokens if config.task == "tofu_qa" else 0,
         per_example=True,
+        progress=not training.disable_tqdm,
     )
     add_speedups(found)  # against the identity of the same run (zero-shot), else left empty
     per_example = {}
