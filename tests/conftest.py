@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +14,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The tests' converted models and hash stamps go to a folder of their own, removed at the end:
+# `make test` leaves nothing in the user's ~/.cache/forgetful.
+_CACHE = tempfile.mkdtemp(prefix="forgetful-test-cache-")
+os.environ["FORGETFUL_CACHE"] = _CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def tiny_corpus(n: int = 200) -> list[str]:

@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "forgetful"
 # The layer of each part of the package (by its first name under forgetful).
 LAYERS = {
     "errors": 0,
+    "atomic": 0,
     "rouge": 0,
     "tokens": 0,
     "reporting": 0,

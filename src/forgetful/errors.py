@@ -15,6 +15,16 @@ class ForgetfulError(ValueError):
     """A problem with the user's input or environment, with a message that names the fix."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after ``step`` optimizer steps; ``checkpoint`` is the folder
+    written at that step (None when the run has nowhere to save)."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        self.step, self.checkpoint = step, checkpoint
+        where = f"; checkpoint saved in {checkpoint}, run again with --resume to continue" if checkpoint else ""
+        super().__init__(f"interrupted after step {step}{where}")
+
+
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     """Return ``path`` as a Path, or raise a clear error if it is missing, a folder, or empty."""
     p = Path(path)

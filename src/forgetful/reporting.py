@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+
+from .atomic import atomic_file, write_text_atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -17,26 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def write_json(obj, path: str | os.PathLike) -> None:
     """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_jsonable)
+        f.write("\n")
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(text, path)
 
 
 def _jsonable(o):
@@ -233,7 +221,8 @@ def plot_panels(
     fig, axes = plt.subplots(1, count, figsize=(3.6 * count, 3.2), squeeze=False)
     for ax, (name, series) in zip(axes[0], panels.items()):
         for label, (xs, ys) in series.items():
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
+            faint = label == "raw" and len(series) > 1  # raw values behind their running mean
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label, alpha=0.3 if faint else 1.0)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)

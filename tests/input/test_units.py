@@ -293,3 +293,17 @@ def test_the_warm_start_fits_the_policy_to_its_labels(tiny_llama):
         assert int(scores[r, :4].argmax()) == int(labels[r, :4].argmax())
     with pytest.raises(ForgetfulError, match="a token policy has too many"):
         warm_start(build_mask("residual", model, unit="token", layer=1), model, [batch], pad_token_id=0, steps=1)
+
+
+def test_lexical_overlap_marks_every_id_of_the_query_wherever_else_it_occurs():
+    """An id that occurs in the query and elsewhere is a query id: the mark is a sum, not a plain
+    scatter whose last write would decide (CUDA leaves the order open)."""
+    from forgetful.input.policies import lexical_scores
+
+    ids = torch.tensor([[1, 7, 8, 9, 7, 2, 7, 3]])
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    query = torch.tensor([[0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)  # the query comes first here
+    scores = lexical_scores(ids, attn, query, doc_tokens=2)
+    matched = scores[0, [4, 6]]
+    others = scores[0, [0, 2, 3, 5, 7]]
+    assert float(matched.min()) > float(others.max()) + 0.1

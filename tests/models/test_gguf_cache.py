@@ -205,3 +205,18 @@ def test_an_unwritable_cache_folder_is_one_line_and_exit_2(tmp_path, real_gguf, 
         "smollm2-135m",
     ]
     assert "cannot write the model cache" in _cli_error(argv, capsys)
+
+
+def test_a_gguf_file_is_hashed_once_per_version(cache, tmp_path, monkeypatch):
+    good = _fake_gguf(tmp_path / "m.gguf")
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    hashed = []
+    real = gguf.file_sha256
+    monkeypatch.setattr(gguf, "file_sha256", lambda p: hashed.append(p) or real(p))
+    assert check_gguf_file(good) == digest and check_gguf_file(good) == digest
+    assert len(hashed) == 1 and json.loads((cache / gguf.STAMPS).read_text())[str(good.resolve())]["sha256"] == digest
+    good.write_bytes(good.read_bytes()[:-1] + b"Z")  # another version of the file: hashed again
+    assert check_gguf_file(good) == hashlib.sha256(good.read_bytes()).hexdigest() != digest
+    assert len(hashed) == 2
+    (cache / gguf.STAMPS).write_text("not json")  # a damaged stamp file is only a cache
+    assert check_gguf_file(good) == hashlib.sha256(good.read_bytes()).hexdigest() and len(hashed) == 3

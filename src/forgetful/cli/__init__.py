@@ -12,8 +12,7 @@ import importlib
 import os
 import sys
 
-from ..errors import ForgetfulError
-from ..training.interrupts import TrainingInterrupted
+from ..errors import ForgetfulError, TrainingInterrupted
 from .parsing import parse_options
 
 # command -> (module under forgetful.cli with ARGUMENTS and run(), one-line help)

@@ -11,7 +11,7 @@ device.
 * :func:`bernoulli_keep` - keep each token with its own probability, with the log-probability;
 * :func:`apply_mask` - gather the kept tokens (in order, original positions), right-padded;
 * :func:`compress_examples` - the LM input for (context, target) examples: ``c[K] ++ y`` with
-  original position ids and labels on the target only.
+  original position ids and labels on the target only; :func:`compressed_nll` scores it.
 """
 
 from __future__ import annotations
@@ -115,8 +115,7 @@ def create_random_forgetting_mask(
 
 def topk_keep(scores: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     """Keep the ``k`` highest-scoring tokens per row (``k`` counts forced tokens too)."""
-    k_free = (k - forced.sum(-1)).clamp(min=0)
-    k_free = torch.minimum(k_free, eligible.sum(-1))
+    k_free = free_budget(k, eligible, forced)
     s = scores.float().masked_fill(~eligible, float("-inf"))
     order = s.argsort(dim=-1, descending=True, stable=True)
     ranks = torch.arange(s.shape[-1], device=s.device).expand_as(s)
@@ -155,6 +154,34 @@ def _sampling_noise(logits: torch.Tensor, num_samples: int, generator, noise):
     return logits.float(), shape, noise
 
 
+def free_budget(k: torch.Tensor, eligible: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Tokens each row chooses: its budget ``k`` less its forced tokens, at most its eligible ones."""
+    return torch.minimum((k - forced.sum(-1)).clamp(min=0), eligible.sum(-1))
+
+
+def gumbel_order(
+    logits: torch.Tensor,
+    drawable: torch.Tensor,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, finite)``: ``num_samples`` orderings ``[S, ..., n]`` of the drawable items by
+    Gumbel-perturbed logits (an ordering drawn from Plackett-Luce over softmax(logits), the items
+    that cannot be drawn last), and the logits with :data:`NEG_LARGE` for those items."""
+    logits, _, noise = _sampling_noise(logits, num_samples, generator, noise)
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-12, 1 - 1e-7)))
+    finite = logits.masked_fill(~drawable, NEG_LARGE)
+    perturbed = (finite.detach() + gumbel).masked_fill(~drawable, float("-inf"))
+    return perturbed.argsort(dim=-1, descending=True), finite
+
+
+def softmax_entropy(finite: torch.Tensor, drawable: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the drawable items (the first draw of Plackett-Luce)."""
+    probs = torch.softmax(finite, dim=-1)
+    return -(probs * torch.log_softmax(finite, dim=-1)).masked_fill(~drawable, 0.0).sum(-1)
+
+
 def gumbel_topk_keep(
     logits: torch.Tensor,
     k: torch.Tensor,
@@ -167,20 +194,13 @@ def gumbel_topk_keep(
     """Sample ``num_samples`` exact-budget keep sets per row by Gumbel-top-k, which draws
     without replacement from softmax(logits) (Plackett-Luce). ``noise`` (uniform [S, B, n]) may be
     given to share randomness across processes."""
-    k_free = torch.minimum((k - forced.sum(-1)).clamp(min=0), eligible.sum(-1))
-    logits, shape, noise = _sampling_noise(logits, num_samples, generator, noise)
-    u = noise.clamp(1e-12, 1 - 1e-7)
-    gumbel = -torch.log(-torch.log(u))
-    finite = logits.masked_fill(~eligible, NEG_LARGE)
-    perturbed = (logits.detach() + gumbel).masked_fill(~eligible, float("-inf"))
-    order = perturbed.argsort(dim=-1, descending=True)
+    k_free = free_budget(k, eligible, forced)
+    order, finite = gumbel_order(logits, eligible, num_samples, generator, noise)
     ranks = torch.arange(logits.shape[-1], device=logits.device)
-    chosen = (ranks < k_free.unsqueeze(-1)).expand(shape)
-    keep = torch.zeros(shape, dtype=torch.bool, device=logits.device).scatter(-1, order, chosen) | forced
-    log_prob = plackett_luce_log_prob(finite.expand(shape), order, k_free)
-    probs = torch.softmax(finite, dim=-1)
-    entropy = -(probs * torch.log_softmax(finite, dim=-1)).masked_fill(~eligible, 0.0).sum(-1)
-    return KeepSample(keep, log_prob, entropy)
+    chosen = (ranks < k_free.unsqueeze(-1)).expand(order.shape)
+    keep = torch.zeros(order.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, chosen) | forced
+    log_prob = plackett_luce_log_prob(finite.expand(order.shape), order, k_free)
+    return KeepSample(keep, log_prob, softmax_entropy(finite, eligible))
 
 
 def bernoulli_keep(
@@ -314,3 +334,19 @@ def compress_examples(
         # every row ends with its full target: the LM head is needed on the last positions only
         result["target_length"] = int(target_mask.shape[1])
     return result
+
+
+def compressed_nll(model, inputs: dict, loss_backend: str = "dense"):
+    """The per-token target NLL (:class:`~forgetful.nll.TokenNLL`) of ``model`` on the output of
+    :func:`compress_examples` (unpadded rows read as causal sequences at their original positions)."""
+    from ..nll import token_nll
+
+    return token_nll(
+        model,
+        inputs["input_ids"],
+        inputs["labels"],
+        attention_mask=inputs["attention_mask"],
+        position_ids=inputs["position_ids"],
+        target_length=inputs["target_length"],
+        loss_backend=loss_backend,
+    )

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from ..measure import peak_memory_mb, time_ms
-from ..nll import token_nll, unwrap_model
+from ..nll import unwrap_model
 from ..rouge import rouge_l_recall
 from ..tokens import pad_token_id as pad_id_of
-from .compression import apply_mask, compress_examples
+from .compression import apply_mask, compress_examples, compressed_nll
 from .examples import ForgetBatch, ForgetCollator
 from .flops import forward_flops
 from .policies import ForgetMask, build_mask
@@ -76,15 +76,7 @@ def score_compressed(
     inputs = compress_examples(
         batch.context_ids, batch.context_mask, keep, batch.target_ids, batch.target_mask, pad_token_id, kept
     )
-    out = token_nll(
-        model,
-        inputs["input_ids"],
-        inputs["labels"],
-        attention_mask=inputs["attention_mask"],
-        position_ids=inputs["position_ids"],
-        target_length=inputs["target_length"],
-    )
-    return keep, out
+    return keep, compressed_nll(model, inputs)
 
 
 @torch.no_grad()

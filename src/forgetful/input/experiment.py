@@ -626,27 +626,36 @@ def _report(rows: list[dict], config: ForgetExperimentConfig, training: ForgetTr
     write_text("\n".join(parts), out / "report.md")
 
 
+def _running_mean(values: list[float], window: int = 25) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def _plot_policy_training(history: list[dict], path: Path, title: str) -> None:
+    """The warm start's loss, then per REINFORCE step the reward, the entropy of the policy and the
+    share of samples that kept the answer (running means of 25 steps over the raw values), and the
+    validation NLL at each evaluation."""
     steps = [h for h in history if "reward" in h]
     evals = [h for h in history if h.get("eval")]
     warm = [h for h in history if "listwise_loss" in h]
     panels = {}
+
+    def curve(rows, x, key):
+        xs, ys = [h[x] for h in rows], [h[key] for h in rows]
+        return {"raw": (xs, ys), "running mean": (xs, _running_mean(ys))}
+
     if warm:
-        panels["warm start: listwise loss"] = {
-            "loss": ([h["warm_step"] for h in warm], [h["listwise_loss"] for h in warm])
-        }
-    if steps:
-        panels["reward (-target NLL)"] = {
-            "reward": ([h["step"] for h in steps], [h["reward"] for h in steps]),
-            **(
-                {"baseline": ([h["step"] for h in steps], [h["baseline"] for h in steps])}
-                if "baseline" in steps[0]
-                else {}
-            ),
-        }
-        for key, label in (("entropy", "entropy over units"), ("answer_kept", "answer kept (share of samples)")):
-            if key in steps[0]:
-                panels[label] = {key: ([h["step"] for h in steps], [h[key] for h in steps])}
+        panels["warm start: listwise loss"] = curve(warm, "warm_step", "listwise_loss")
+    for key, label in (
+        ("reward", "reward (-target NLL)"),
+        ("entropy", "entropy over units"),
+        ("answer_kept", "answer kept (share of samples)"),
+    ):
+        if steps and key in steps[0]:
+            panels[label] = curve(steps, "step", key)
     if evals:
         panels["validation NLL"] = {"policy": ([h["step"] for h in evals], [h["eval_policy_nll"] for h in evals])}
     if panels:

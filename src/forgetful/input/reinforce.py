@@ -47,12 +47,12 @@ from torch import nn
 
 from ..errors import ForgetfulError, check_choices, check_probability
 from ..loss_kernels import check_loss_backend
-from ..nll import token_nll, unwrap_model
+from ..nll import unwrap_model
 from ..tokens import pad_token_id
 from ..training.checkpoints import latest_checkpoint, mark_complete, rotate
 from ..training.interrupts import StopOnSignal, TrainingInterrupted
 from . import reinforce_core as core
-from .compression import _eligible, budget_counts, compress_examples, gumbel_topk_keep, kept_counts
+from .compression import _eligible, budget_counts, compress_examples, compressed_nll, gumbel_topk_keep, kept_counts
 from .evaluation import baseline_masks, batches_of, evaluate_strategy
 from .examples import ForgetBatch, ForgetCollator
 from .policies import ForgetMask, LearnedForgetMask
@@ -450,15 +450,7 @@ class ForgetMaskTrainer:
             )
             train_lm = phase.train_lm and self.trains_lm
             with torch.set_grad_enabled(train_lm):
-                out = token_nll(
-                    self.model,
-                    inputs["input_ids"],
-                    inputs["labels"],
-                    attention_mask=inputs["attention_mask"],
-                    position_ids=inputs["position_ids"],
-                    target_length=inputs["target_length"],
-                    loss_backend=args.loss_backend,
-                )
+                out = compressed_nll(self.model, inputs, args.loss_backend)
         # per (sample, row) mean target NLL -> reward
         per_row = out.sum_per_row() / out.count_per_row().clamp(min=1)
         reward = -per_row.detach().view(K, -1)

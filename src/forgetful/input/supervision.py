@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ForgetfulError
-from ..nll import token_nll
-from .compression import _eligible, compress_examples
+from .compression import _eligible, compress_examples, compressed_nll
 from .examples import ForgetBatch
 from .policies import ForgetMask
 from .policies.learned import standardise
@@ -29,15 +28,7 @@ from .units import unit_scores, unit_sizes
 
 def _row_nll(model: nn.Module, ctx_ids, ctx_mask, keep, tgt_ids, tgt_mask, pad: int) -> torch.Tensor:
     """Mean target NLL per row of the compressed inputs ``c[keep] ++ y``."""
-    inputs = compress_examples(ctx_ids, ctx_mask, keep, tgt_ids, tgt_mask, pad)
-    out = token_nll(
-        model,
-        inputs["input_ids"],
-        inputs["labels"],
-        attention_mask=inputs["attention_mask"],
-        position_ids=inputs["position_ids"],
-        target_length=inputs["target_length"],
-    )
+    out = compressed_nll(model, compress_examples(ctx_ids, ctx_mask, keep, tgt_ids, tgt_mask, pad))
     return out.sum_per_row().float() / out.count_per_row().clamp(min=1)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import ForgetfulError
-from .compression import NEG_LARGE, KeepSample, plackett_luce_log_prob
+from .compression import KeepSample, free_budget, gumbel_order, plackett_luce_log_prob, softmax_entropy
 
 UNIT_KINDS = ("token", "sentence", "chunk:N", "task")
 _CHUNK = re.compile(r"^chunk:(\d+)$")
@@ -160,10 +160,6 @@ def _fill_by_unit_order(
     return keep | forced, touched
 
 
-def _free_budget(k: torch.Tensor, eligible: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
-    return torch.minimum((k - forced.sum(-1)).clamp(min=0), eligible.sum(-1))
-
-
 def unit_topk_keep(
     token_scores: torch.Tensor, units: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor, forced: torch.Tensor
 ) -> torch.Tensor:
@@ -174,7 +170,7 @@ def unit_topk_keep(
     rank = torch.empty_like(order).scatter(
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
     )
-    keep, _ = _fill_by_unit_order(rank, units, eligible, forced, _free_budget(k, eligible, forced))
+    keep, _ = _fill_by_unit_order(rank, units, eligible, forced, free_budget(k, eligible, forced))
     return keep
 
 
@@ -194,23 +190,15 @@ def unit_gumbel_keep(
     ``[S, B, n]``, one value per unit slot."""
     logits = unit_scores(token_logits.float(), units, eligible)
     drawable = torch.isfinite(logits)
-    finite = logits.masked_fill(~drawable, NEG_LARGE)
-    shape = (num_samples, *logits.shape)
-    if noise is None:
-        noise = torch.rand(shape, generator=generator, device=logits.device)
-    gumbel = -torch.log(-torch.log(noise.clamp(1e-12, 1 - 1e-7)))
-    perturbed = (finite.detach() + gumbel).masked_fill(~drawable, float("-inf"))
-    order = perturbed.argsort(dim=-1, descending=True)
-    positions = torch.arange(order.shape[-1], device=order.device).expand(shape)
+    order, finite = gumbel_order(logits, drawable, num_samples, generator, noise)
+    positions = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
     rank = torch.empty_like(order).scatter(-1, order, positions)
-    k_free = _free_budget(k, eligible, forced)
+    k_free = free_budget(k, eligible, forced)
     keep, touched = _fill_by_unit_order(rank, units, eligible, forced, k_free)
     # tokens in no unit fill what the units could not: they are no draw of the ordering
     touched = torch.minimum(touched, drawable.sum(-1))
-    log_prob = plackett_luce_log_prob(finite.expand(shape), order, touched)
-    probs = torch.softmax(finite, dim=-1)
-    entropy = -(probs * torch.log_softmax(finite, dim=-1)).masked_fill(~drawable, 0.0).sum(-1)
-    return KeepSample(keep, log_prob, entropy)
+    log_prob = plackett_luce_log_prob(finite.expand(order.shape), order, touched)
+    return KeepSample(keep, log_prob, softmax_entropy(finite, drawable))
 
 
 def whole_units_kept(keep: torch.Tensor, marked: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:

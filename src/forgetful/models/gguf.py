@@ -11,7 +11,9 @@ converted copy (safetensors + tokenizer, float32: the dequantised values exactly
 folder (``FORGETFUL_CACHE``, default ``~/.cache/forgetful``); later loads read that copy. The copy is
 written in a temporary folder and renamed into place once complete, under a file lock: two processes
 loading at once (``torchrun``) never see half a copy, one converts while the others wait. A copy
-whose files do not match its completion record (sizes, source hash) is rebuilt.
+whose files do not match its completion record (sizes, source hash) is rebuilt. The GGUF file's own
+sha256 is computed once per version of the file (a stamp of its size, inode and modification time
+in the cache folder), not on every load.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import atomic_folder, write_text_atomic
 from ..errors import ForgetfulError
 
 RECORD = "forgetful_cache.json"  # written last: a folder without it is not a complete copy
@@ -80,6 +82,33 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+STAMPS = "hash_stamps.json"  # in the cache folder: path -> the file's stat and its sha256
+
+
+def stamped_sha256(path: Path) -> str:
+    """The file's sha256, computed once per version of the file: remembered in the cache folder
+    with its size, inode and modification time, and computed again when any of them changes."""
+    stat = path.stat()
+    key = str(path.resolve())
+    stamp = {"size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns}
+    store = cache_root() / STAMPS
+    try:
+        stamps = json.loads(store.read_text())
+        if not isinstance(stamps, dict):
+            stamps = {}
+    except (OSError, ValueError):
+        stamps = {}
+    known = stamps.get(key)
+    if isinstance(known, dict) and {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("sha256"), str):
+        return known["sha256"]
+    digest = file_sha256(path)
+    stamps[key] = {**stamp, "sha256": digest}
+    with contextlib.suppress(OSError):  # an unwritable cache only costs hashing again next time
+        store.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(stamps, indent=1), store)
+    return digest
+
+
 def locate(model: GgufModel) -> Path:
     """The GGUF file of a built-in model, found through its installed distribution."""
     from importlib.metadata import PackageNotFoundError, distribution
@@ -114,7 +143,7 @@ def check_gguf_file(path: Path, model: GgufModel | None = None) -> str:
             f"{path} has {path.stat().st_size:,} bytes, expected {model.size:,}: a truncated or damaged file; "
             f"reinstall {model.distribution}"
         )
-    digest = file_sha256(path)
+    digest = stamped_sha256(path)
     if model is not None and digest != model.sha256:
         raise ForgetfulError(
             f"{path} has sha256 {digest}, expected {model.sha256}: a damaged or different file; reinstall {model.distribution}"
@@ -167,27 +196,17 @@ def cached_copy(key: str, source: str, build: Callable[[Path], None]) -> Path:
     with _locked(root / f".{key}.lock"):
         if _record_matches(folder, source):  # another process built it while we waited
             return folder
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
-            build(tmp)
-            # mkdtemp and some writers make private files; give the copy the usual modes
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)
-            for p in tmp.iterdir():
-                os.chmod(p, 0o666 & ~umask)
-            files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-            (tmp / RECORD).write_text(json.dumps({"source_sha256": source, "files": files}, indent=1))
-            if folder.exists():
-                shutil.rmtree(folder)  # an incomplete or corrupt copy
-            os.replace(tmp, folder)
+            # an incomplete or corrupt copy at ``folder`` is replaced only once this one is whole
+            with atomic_folder(folder) as tmp:
+                build(tmp)
+                files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+                (tmp / RECORD).write_text(json.dumps({"source_sha256": source, "files": files}, indent=1))
         except OSError as exc:
             raise ForgetfulError(
                 f"cannot write the converted model into {root} ({exc}); set FORGETFUL_CACHE "
                 "to a writable folder with about 600 MB free"
             ) from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -7,27 +7,16 @@ never leaves a folder that a resume would pick. Resume always takes the newest c
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
+from ..atomic import fsync_dir
 from ..errors import ForgetfulError
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def mark_complete(folder: str | os.PathLike) -> None:
@@ -37,30 +26,11 @@ def mark_complete(folder: str | os.PathLike) -> None:
         f.write("ok\n")
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
     return (Path(folder) / MARKER).is_file()
-
-
-@contextlib.contextmanager
-def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; on success it is marked complete and renamed to
-    ``final`` (replacing an older one); on failure it is removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        yield tmp
-        mark_complete(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def checkpoints(root: str | os.PathLike, complete_only: bool = True) -> list[tuple[int, Path]]:

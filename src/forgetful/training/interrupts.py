@@ -15,15 +15,7 @@ import threading
 
 import torch
 
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on a signal after ``step`` optimizer steps; ``checkpoint`` is the folder
-    written at that step (None when the run has nowhere to save)."""
-
-    def __init__(self, step: int, checkpoint: str | None):
-        self.step, self.checkpoint = step, checkpoint
-        where = f"; checkpoint saved in {checkpoint}, run again with --resume to continue" if checkpoint else ""
-        super().__init__(f"interrupted after step {step}{where}")
+from ..errors import TrainingInterrupted  # noqa: F401  (raised by the trainers, caught by the CLI)
 
 
 class StopOnSignal:

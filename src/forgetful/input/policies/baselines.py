@@ -209,7 +209,10 @@ def lexical_scores(
     ids = input_ids.clamp(min=0)
     context = attn & ~query
     counts = torch.zeros(b, size, device=ids.device).scatter_add_(1, ids, context.float())
-    asked = torch.zeros(b, size, dtype=torch.bool, device=ids.device).scatter_(1, ids, query)
+    # scatter_add, never scatter_: an id in the query and in the context is written by both, and a
+    # plain scatter keeps one write in an order CUDA leaves open (seen on an H200: the context's
+    # False won for 30% of the answers asked about)
+    asked = torch.zeros(b, size, device=ids.device).scatter_add_(1, ids, query.float()) > 0
     docs = (context.sum(-1, keepdim=True).float() / doc_tokens).clamp(min=1)
     freq = torch.minimum(counts.gather(1, ids), docs)  # a document frequency cannot pass the documents
     idf = torch.log1p(((docs - freq + 0.5) / (freq + 0.5)).clamp(min=0))

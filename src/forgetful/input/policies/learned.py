@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...atomic import atomic_file, write_text_atomic
 from ...errors import ForgetfulError
 from ...models.layers import early_hidden_states, num_layers
 from ...nll import unwrap_model
@@ -31,8 +31,6 @@ CONFIG_NAME = "policy_config.json"
 WEIGHTS_NAME = "policy.safetensors"
 # what policy folders were called before (they looked like model folders)
 _OLD_NAMES = ("config.json", "model.safetensors")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def distance_buckets(distance: torch.Tensor, num_buckets: int = 32, max_distance: int = 4096) -> torch.Tensor:
@@ -150,19 +148,9 @@ class LearnedForgetMask(ForgetMask):
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        for name, write in (
-            (WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"})),
-            (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(self.config(), indent=2) + "\n")),
-        ):
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-            os.close(fd)
-            try:
-                write(tmp)
-                os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
-                os.replace(tmp, out / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        with atomic_file(out / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        write_text_atomic(json.dumps(self.config(), indent=2) + "\n", out / CONFIG_NAME)
 
     @classmethod
     def from_pretrained(
@@ -380,8 +368,8 @@ class ResidualForgetMask(LearnedForgetMask):
     ``token``; a unit's logit is its tokens' mean).
 
     What the correction reads, per token: the base LM's hidden state after its first ``layer``
-    layers (one truncated forward over the whole row, question included; ``layer=0``: the input
-    embeddings), the token's distance to the end, the standardised scores of the cheap priors
+    layers (default 4, or all of a shallower model; one truncated forward over the whole row,
+    question included; ``layer=0``: the input embeddings), the token's distance to the end, the standardised scores of the cheap priors
     (recency, lexical overlap, the attention the question pays the token in those early layers) and
     of the chosen prior, and a cross-attention from the token to the question's tokens at that layer
     (the question: the protected part of the row after the passage, else the last ``window``
@@ -396,7 +384,7 @@ class ResidualForgetMask(LearnedForgetMask):
         base_llm_model=None,
         prior: str = "lexical",
         unit: str = "sentence",
-        layer: int = 4,
+        layer: int | None = None,
         window: int = 32,
         prior_scale: float = 2.0,
         **kw,
@@ -404,6 +392,8 @@ class ResidualForgetMask(LearnedForgetMask):
         super().__init__(base_llm_model, **kw)
         if prior not in PRIORS:
             raise ForgetfulError(f"prior must be one of {', '.join(PRIORS)}, got '{prior}'")
+        if layer is None:  # the default: 4 layers, or every layer of a shallower model
+            layer = min(4, num_layers(base_llm_model)) if base_llm_model is not None else 4
         if layer < 0 or window < 1:
             raise ForgetfulError(f"layer must be >= 0 and window >= 1, got layer={layer}, window={window}")
         if base_llm_model is not None and layer > num_layers(base_llm_model):
