@@ -46,12 +46,17 @@ class DemoConfig:
     forget_p: float = field(default=0.5, metadata={"help": "Share of the context the policies forget."})
     steps_per_epoch: int = field(default=40, metadata={"help": "REINFORCE steps per epoch (4 epochs)."})
     tofu_authors: int = field(default=20, metadata={"help": "Authors in the embedded TOFU data."})
-    tofu_epochs: float = field(default=20.0)
-    tofu_learning_rate: float = field(default=3e-4)
-    tofu_strategies: str = field(default="forget_answers,forget_facts,goldfish,random")
+    tofu_epochs: float = field(default=20.0, metadata={"help": "Epochs of the TOFU finetuning runs."})
+    tofu_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of the TOFU finetuning runs."})
+    tofu_strategies: str = field(
+        default="forget_answers,forget_facts,goldfish,random",
+        metadata={"help": "Masked-training strategies of the TOFU stage, comma separated."},
+    )
     tofu_unlearning: str = field(default="npo", metadata={"help": "Unlearning runs from the full model."})
-    tofu_unlearn_learning_rate: float = field(default=1e-4)
-    seed: int = field(default=0)
+    tofu_unlearn_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Learning rate of the TOFU unlearning runs (NPO)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of every stage."})
     skip_tofu: bool = field(default=False, metadata={"help": "Leave out the TOFU part."})
     real_model: str = field(default="smollm2-135m", metadata={"help": "The real model of part 4 (a name or folder)."})
     wikitext: str = field(

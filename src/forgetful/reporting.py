@@ -59,9 +59,29 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
-def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], path: str | os.PathLike, title: str = "") -> None:
+def plot_loss_curve(
+    steps: Sequence[float],
+    losses: Sequence[float],
+    path: str | os.PathLike,
+    title: str = "",
+    marks: dict[str, float] | None = None,
+) -> None:
+    """The training loss per logged step; ``marks``: labelled vertical lines at steps where the
+    training data changes (a curriculum's next phase), so a jump in the curve is explained."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, losses)
+    for label, x in (marks or {}).items():
+        ax.axvline(x, color="0.4", linestyle="--", linewidth=1)
+        ax.annotate(
+            label,
+            (x, 0.97),
+            xycoords=("data", "axes fraction"),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+            color="0.3",
+        )
     _finish(fig, ax, path, "step", "training loss", title)
 
 
@@ -154,13 +174,30 @@ def plot_scatter(
     title: str = "",
     logx: bool = False,
 ) -> None:
-    """Labelled points (e.g. forget quality vs model utility per strategy)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, (x, y) in points.items():
-        ax.scatter([x], [y], s=60)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    """Points named in a legend (a marker and colour each, with their values), so names never
+    overprint however close the points lie; the y axis is zoomed to the points (padded when they
+    are all equal, e.g. a model utility of 0 everywhere)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = "osD^vP*Xh<>"
+    for i, (name, (x, y)) in enumerate(points.items()):
+        ax.scatter(
+            [x],
+            [y],
+            s=70,
+            marker=markers[i % len(markers)],
+            color=plt.cm.tab10(i % 10),
+            alpha=0.85,
+            label=f"{name} ({fmt(x)}, {fmt(y)})",
+        )
+    ys = [y for _, y in points.values() if math.isfinite(y)]
+    if ys:
+        lo, hi = min(ys), max(ys)
+        pad = max(0.1 * (hi - lo), 0.02 * max(abs(hi), 1e-3), 0.01)
+        ax.set_ylim(lo - pad, hi + pad)
     if logx:
         ax.set_xscale("log")
+    if points:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="run (x, y)", title_fontsize=7)
     _finish(fig, ax, path, xlabel, ylabel, title)
 
 

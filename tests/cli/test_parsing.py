@@ -119,3 +119,27 @@ def test_every_command_parses_its_help(capsys):
             _parse(command, ["--help"])
         assert info.value.code == 0
         assert "--config" in capsys.readouterr().out
+
+
+def test_every_option_of_every_command_has_help():
+    import importlib
+
+    from forgetful.cli import COMMANDS
+    from forgetful.cli.parsing import _hf_parser
+
+    missing = []
+    for command, (module, _) in COMMANDS.items():
+        classes = importlib.import_module(f"forgetful.cli.{module}").ARGUMENTS
+        parser = _hf_parser(classes if len(classes) > 1 else classes[0], command, "")
+        missing += [f"{command} {a.option_strings[0]}" for a in parser._actions if a.dest != "help" and not a.help]
+    assert not missing
+
+
+def test_the_command_list_loads_no_torch():
+    """`forgetful --help` answers at once: listing the commands imports neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    code = "import sys, forgetful.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

@@ -39,13 +39,15 @@ class EvalForgetArguments:
     )
     keep: str = field(default="1,0.75,0.5,0.25", metadata={"help": "Keep ratios, comma separated."})
     strategies: str = field(default=",".join(BASELINES), metadata={"help": "Baselines to include."})
-    context_length: int = field(default=256)
-    target_length: int = field(default=32)
-    max_examples: int = field(default=256)
-    batch_size: int = field(default=16)
-    timing_repeats: int = field(default=5)
+    context_length: int = field(default=256, metadata={"help": "Text files: context tokens per window (n)."})
+    target_length: int = field(default=32, metadata={"help": "Text files: target tokens per window (m)."})
+    max_examples: int = field(default=256, metadata={"help": "At most this many held-out examples."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per evaluation batch."})
+    timing_repeats: int = field(
+        default=5, metadata={"help": "Timed forwards per strategy and keep ratio (0: no timing)."}
+    )
     embedded_seed: int = field(default=1234, metadata={"help": "Seed of the embedded held-out examples."})
-    seed: int = field(default=0)
+    seed: int = field(default=0, metadata={"help": "Seed of the random baseline and of generated data."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on a GPU that supports it)."})
 
     def __post_init__(self):

@@ -22,11 +22,11 @@ from ..reporting import write_text
 @dataclass
 class GenerateDataArguments:
     out: str = field(metadata={"help": "Output folder."})
-    corpus_docs: int = field(default=4000)
-    forget_examples: int = field(default=2000)
-    eval_examples: int = field(default=256)
-    tofu_authors: int = field(default=200)
-    seed: int = field(default=0)
+    corpus_docs: int = field(default=4000, metadata={"help": "Documents of the pretraining corpus."})
+    forget_examples: int = field(default=2000, metadata={"help": "Input-forgetting (biography question) examples."})
+    eval_examples: int = field(default=256, metadata={"help": "Held-out input-forgetting examples."})
+    tofu_authors: int = field(default=200, metadata={"help": "Fictitious authors of the TOFU-shaped splits."})
+    seed: int = field(default=0, metadata={"help": "Seed of the generator."})
 
     def __post_init__(self):
         for name in ("corpus_docs", "forget_examples", "eval_examples", "tofu_authors"):

@@ -44,9 +44,11 @@ class TrainForgetArguments:
     context_length: int = field(default=256, metadata={"help": "Text files: context tokens per window (n)."})
     target_length: int = field(default=32, metadata={"help": "Text files: target tokens per window (m)."})
     stride: int | None = field(default=None, metadata={"help": "Text files: window stride (default n + m)."})
-    max_examples: int | None = field(default=None)
-    embedded_examples: int = field(default=2000)
-    eval_examples: int = field(default=256)
+    max_examples: int | None = field(default=None, metadata={"help": "At most this many training examples."})
+    embedded_examples: int = field(
+        default=2000, metadata={"help": "Training examples generated when no --train-file is given."}
+    )
+    eval_examples: int = field(default=256, metadata={"help": "Held-out examples scored at the end."})
     hidden_size: int = field(default=128, metadata={"help": "Policy width."})
     kernel_size: int = field(default=5, metadata={"help": "cnn_mlp: convolution width."})
     cell: Literal["gru", "lstm"] = field(default="gru", metadata={"help": "rnn/birnn: gru or lstm."})

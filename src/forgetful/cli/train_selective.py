@@ -68,8 +68,8 @@ class TrainSelectiveArguments:
         default=None, metadata={"help": "tofu, chat template: the date_string variable (default '10 Apr 2025')."}
     )
     lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights."})
-    lora_r: int = field(default=8)
-    lora_alpha: int = field(default=16)
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (with --lora)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (with --lora)."})
     resume: bool = field(
         default=False, metadata={"help": "Resume from the newest complete checkpoint in OUT/checkpoints."}
     )
@@ -85,11 +85,11 @@ class SelectiveTrainingArguments(SelectiveLossConfig):
     unless --output_dir says otherwise."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Checkpoints (default: OUT/checkpoints)."})
-    learning_rate: float = field(default=1e-4)
-    num_train_epochs: float = field(default=3.0)
-    per_device_train_batch_size: int = field(default=16)
-    logging_steps: float = field(default=10)
-    save_strategy: str = field(default="no")
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the training set."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per process per micro-batch."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    save_strategy: str = field(default="no", metadata={"help": "When to checkpoint: no, steps or epoch."})
 
     def __post_init__(self):
         # TrainingArguments replaces a missing output_dir with "trainer_output" in the working

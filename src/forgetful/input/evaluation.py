@@ -406,7 +406,16 @@ def write_report(rows: list[dict], out: Path, title: str = "Forgetting evaluatio
     cols = ["strategy", "keep_ratio", "kept_tokens", "nll", "ppl", "fact_recall", "flops_ratio", "attn_flops_ratio"]
     if timed:
         cols += ["wall_ms", "speedup", "peak_mem_mb"]
-    table = markdown_table(sorted(rows, key=lambda r: (-r["keep_ratio"], r["nll"])), cols)
+    # the full context and no context do not depend on the keep ratio: one row each, not one per ratio
+    shown, seen = [], set()
+    for r in sorted(rows, key=lambda r: (-r["keep_ratio"], r["nll"])):
+        if r["strategy"] in REFERENCES:
+            if r["strategy"] in seen:
+                continue
+            r = {**r, "keep_ratio": "any"}
+            seen.add(r["strategy"])
+        shown.append(r)
+    table = markdown_table(shown, cols)
     plots = "![target NLL vs keep ratio](nll_vs_keep.png)\n"
     if timed:
         plots += "\n![speedup vs keep ratio](speedup_vs_keep.png)\n"

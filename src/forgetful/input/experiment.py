@@ -108,7 +108,9 @@ class ForgetExperimentConfig:
     eval_examples: int | None = field(default=None, metadata={"help": "At most this many held-out examples."})
     questions_per_author: int = field(default=10, metadata={"help": "tofu_qa: held-out questions per author."})
     num_authors: int = field(default=200, metadata={"help": "tofu_qa on the embedded data: authors generated."})
-    eval_batch_size: int = field(default=16)
+    eval_batch_size: int = field(
+        default=16, metadata={"help": "Rows per evaluation batch (also for generating answers)."}
+    )
     max_new_tokens: int = field(default=48, metadata={"help": "tofu_qa: longest generated answer (0: no ROUGE)."})
     timing_repeats: int = field(default=5, metadata={"help": "Timed forwards per strategy (0: no timing)."})
     bootstrap: int = field(default=2000, metadata={"help": "Resamples of the paired bootstrap."})

@@ -86,23 +86,37 @@ class ForgetTrainingConfig:
     )
     num_samples: int = field(default=4, metadata={"help": "Keep sets sampled per context (K); RLOO needs at least 2."})
     baseline: Literal["rloo", "moving_average"] = field(default="rloo", metadata={"help": "REINFORCE baseline."})
-    baseline_momentum: float = 0.9
-    normalize_advantages: bool = True
-    entropy_coef: float = 0.01
+    baseline_momentum: float = field(
+        default=0.9, metadata={"help": "moving_average baseline: weight of the old mean in each update."}
+    )
+    normalize_advantages: bool = field(
+        default=True, metadata={"help": "Normalise the advantages over the global batch (mean 0, std 1)."}
+    )
+    entropy_coef: float = field(
+        default=0.01, metadata={"help": "Weight of the entropy bonus in the policy loss (keeps sampling alive)."}
+    )
     budget_penalty: float = field(
         default=10.0, metadata={"help": "Bernoulli mode: weight of (expected keep share - target)^2."}
     )
     budget: int | None = field(
         default=None, metadata={"help": "Keep exactly this many context tokens (instead of forget_p)."}
     )
-    per_device_batch_size: int = field(default=16, metadata={"aliases": ["--batch_size", "--batch-size"]})
-    gradient_accumulation_steps: int = 1
-    lm_learning_rate: float = 1e-4
-    policy_learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
+    per_device_batch_size: int = field(
+        default=16, metadata={"help": "Rows per process per micro-batch.", "aliases": ["--batch_size", "--batch-size"]}
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    lm_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the LM."})
+    policy_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the policy."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LM."})
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "Share of each schedule's steps spent warming the learning rate up."}
+    )
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata={"help": "Learning-rate schedule after the warm-up: cosine, linear or constant."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip each module's gradient norm to this (0: no clipping)."}
+    )
     freeze_lm: bool = field(default=False, metadata={"help": "Train the policy only."})
     freeze_policy: bool = field(
         default=False,
@@ -133,20 +147,25 @@ class ForgetTrainingConfig:
             "liger or auto (see SelectiveLossConfig.loss_backend)."
         },
     )
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = field(
+        default=None,
+        metadata={"help": "At most this many optimizer steps per epoch (default: the whole training set)."},
+    )
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of every epoch)."})
-    eval_batches: int = 8
-    logging_steps: int = 10
+    eval_batches: int = field(default=8, metadata={"help": "Batches of eval_dataset each evaluation scores."})
+    logging_steps: int = field(default=10, metadata={"help": "Append the running means to the history every N steps."})
     save_steps: int = field(
         default=0,
         metadata={"help": "Checkpoint every N steps (0: at the end of every epoch only, when output_dir is set)."},
     )
-    save_total_limit: int = 2
+    save_total_limit: int = field(default=2, metadata={"help": "Complete checkpoints kept (older ones are deleted)."})
     resume: bool = field(default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir."})
     report_to: str = field(default="none", metadata={"help": "none, wandb, tensorboard or all (comma separated)."})
-    run_name: str = "forget-mask"
-    seed: int = 0
-    disable_tqdm: bool = False
+    run_name: str = field(default="forget-mask", metadata={"help": "Name of the run for wandb / tensorboard."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of every random choice (policy initialisation, sampling noise, data order)."}
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
     stop_after_steps: int | None = field(default=None, metadata={"help": "End the run early (tests of interruption)."})
 
     def __post_init__(self):

@@ -103,10 +103,12 @@ class PretrainTrainingArguments(SelectiveLossConfig):
             "help": "Warm-up: a share of the steps (< 1) or a step count.",
         },
     )
-    logging_steps: float = field(default=20)
+    logging_steps: float = field(default=20, metadata={"help": "Log the training loss every N steps."})
     save_steps: float = field(default=0, metadata={"help": "Checkpoint every N steps (0: no checkpoints)."})
-    save_total_limit: int | None = field(default=2)
-    disable_tqdm: bool | None = field(default=False)
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Complete checkpoints kept (older ones are deleted)."}
+    )
+    disable_tqdm: bool | None = field(default=False, metadata={"help": "No progress bars."})
     seed: int = field(
         default=0, metadata={"help": "Seed of the initialisation, the data order and the embedded corpus."}
     )
@@ -230,8 +232,17 @@ def run_pretrain(a: PretrainConfig, args: PretrainTrainingArguments | None = Non
         tokenizer.save_pretrained(out)
     history = [h for h in trainer.state.log_history if "loss" in h]
     if history and main_process:
+        marks = {}
+        if embedded:  # the loss is on other tokens once the copy documents end: say where
+            copy_rows = a.embedded_docs // 4 if a.embedded_copy_docs is None else a.embedded_copy_docs
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            marks["copy documents end; biographies (loss on answers)"] = min(copy_rows, len(train)) / per_step
         plot_loss_curve(
-            [h["step"] for h in history], [h["loss"] for h in history], out / "loss.png", title=f"Pretraining {a.model}"
+            [h["step"] for h in history],
+            [h["loss"] for h in history],
+            out / "loss.png",
+            title=f"Pretraining {a.model}",
+            marks=marks,
         )
     n_tokens = sum(len(x) for x in train["input_ids"])
     results = {

@@ -51,17 +51,38 @@ class UnlearningConfig(SelectiveLossConfig):
     alpha: float = field(default=1.0, metadata={"help": "grad_diff, npo: weight of the retain loss."})
     gamma: float = field(default=1.0, metadata={"help": "grad_diff, npo: weight of the forget loss."})
     retain_loss_type: str = field(default="NLL", metadata={"help": "grad_diff, npo: NLL or KL (to the reference)."})
-    learning_rate: float = field(default=1e-5)
-    num_train_epochs: float = field(default=10.0, metadata={"aliases": ["--epochs"]})
-    per_device_train_batch_size: int = field(default=8, metadata={"aliases": ["--batch_size", "--batch-size"]})
-    gradient_accumulation_steps: int = field(default=4)
-    weight_decay: float = field(default=0.01)
-    warmup_epochs: float | None = field(default=1.0)
-    lr_scheduler_type: str = field(default="linear")
-    loss_average: str = field(default="micro_batch")
-    save_strategy: str = field(default="no")
-    logging_steps: float = field(default=5)
-    remove_unused_columns: bool = field(default=False)
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (open-unlearning: 1e-5)."})
+    num_train_epochs: float = field(
+        default=10.0, metadata={"help": "Epochs over the forget set (open-unlearning: 10).", "aliases": ["--epochs"]}
+    )
+    per_device_train_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Forget rows per process per micro-batch (open-unlearning: 8).",
+            "aliases": ["--batch_size", "--batch-size"],
+        },
+    )
+    gradient_accumulation_steps: int = field(
+        default=4, metadata={"help": "Micro-batches per optimizer step (open-unlearning: 4)."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (open-unlearning: 0.01)."})
+    warmup_epochs: float | None = field(
+        default=1.0, metadata={"help": "Epochs of learning-rate warm-up (open-unlearning: 1)."}
+    )
+    lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "Learning-rate schedule after the warm-up (open-unlearning: linear)."}
+    )
+    loss_average: str = field(
+        default="micro_batch",
+        metadata={
+            "help": "micro_batch: the mean loss of each micro-batch (open-unlearning's); tokens: over all tokens of a step."
+        },
+    )
+    save_strategy: str = field(default="no", metadata={"help": "When to checkpoint: no, steps or epoch."})
+    logging_steps: float = field(default=5, metadata={"help": "Log the losses every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the forget and retain rows travel in extra columns."}
+    )
 
     RECIPE = (*SelectiveLossConfig.RECIPE, "method", "beta", "alpha", "gamma", "retain_loss_type")
 

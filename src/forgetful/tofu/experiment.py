@@ -55,7 +55,9 @@ class TofuExperimentConfig:
     data_dir: str | None = field(
         default=None, metadata={"help": "TOFU folder (e.g. ../shared/data/tofu), locuslab/TOFU, or unset for embedded."}
     )
-    forget_split: str = field(default="forget10")
+    forget_split: str = field(
+        default="forget10", metadata={"help": "The forget split: forget01, forget05 or forget10."}
+    )
     strategies: str = field(
         default="forget_answers,forget_facts,goldfish",
         metadata={"help": "Masking strategies for the forget split, comma separated (also: random)."},
@@ -69,20 +71,22 @@ class TofuExperimentConfig:
     template: str = field(default="auto", metadata={"help": "Prompt format: chat, plain or auto."})
     system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "Chat template: system prompt."})
     date_string: str | None = field(default=DEFAULT_DATE_STRING, metadata={"help": "Chat template: date_string."})
-    max_length: int = field(default=DEFAULT_MAX_LENGTH)
+    max_length: int = field(
+        default=DEFAULT_MAX_LENGTH, metadata={"help": "Longest encoded question + answer (tokens)."}
+    )
     p: float = field(default=0.5, metadata={"help": "random strategy: probability to forget an answer token."})
     k: int = field(default=4, metadata={"help": "goldfish: drop 1 in k."})
     h: int = field(default=13, metadata={"help": "goldfish: hashed context width."})
     spacy_model: str | None = field(default=None, metadata={"help": "forget_facts: a spaCy pipeline (default rules)."})
-    unlearn_learning_rate: float = field(default=1e-5)
-    unlearn_epochs: float = field(default=10.0)
-    unlearn_weight_decay: float = field(default=0.01)
-    unlearn_warmup_epochs: float = field(default=1.0)
+    unlearn_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of the unlearning runs."})
+    unlearn_epochs: float = field(default=10.0, metadata={"help": "Epochs of the unlearning runs."})
+    unlearn_weight_decay: float = field(default=0.01, metadata={"help": "Weight decay of the unlearning runs."})
+    unlearn_warmup_epochs: float = field(default=1.0, metadata={"help": "Warm-up epochs of the unlearning runs."})
     beta: float = field(default=0.1, metadata={"help": "NPO: inverse temperature."})
     alpha: float = field(default=1.0, metadata={"help": "grad_diff, npo: retain loss weight."})
     gamma: float = field(default=1.0, metadata={"help": "grad_diff, npo: forget loss weight."})
     retain_loss_type: str = field(default="NLL", metadata={"help": "grad_diff, npo: NLL or KL."})
-    max_new_tokens: int = field(default=200)
+    max_new_tokens: int = field(default=200, metadata={"help": "Longest generated answer in the evaluation (ROUGE)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size (scoring and generation)."})
     eval_dtype: str = field(
         default="auto",
@@ -91,7 +95,9 @@ class TofuExperimentConfig:
             "default), else float32. Training always keeps float32 weights (bf16 autocast on GPUs)."
         },
     )
-    max_eval_examples: int | None = field(default=None)
+    max_eval_examples: int | None = field(
+        default=None, metadata={"help": "At most this many rows per evaluation split."}
+    )
     num_authors: int = field(default=200, metadata={"help": "Authors in the embedded data."})
     only: str | None = field(
         default=None,
@@ -123,16 +129,35 @@ class TofuTrainingArguments(SelectiveLossConfig):
     warmup epoch, linear decay, AdamW, each micro-batch's mean loss. Each run writes its
     checkpoints under ``OUT/<run>/checkpoints``."""
 
-    num_train_epochs: float = field(default=5.0, metadata={"aliases": ["--epochs"]})
-    learning_rate: float = field(default=1e-5)
-    per_device_train_batch_size: int = field(default=8, metadata={"aliases": ["--batch_size", "--batch-size"]})
-    gradient_accumulation_steps: int = field(default=4)
-    lr_scheduler_type: str = field(default="linear")
-    warmup_epochs: float | None = field(default=1.0)
-    weight_decay: float = field(default=0.01)
-    loss_average: str = field(default="micro_batch")
-    logging_steps: float = field(default=25)
-    save_strategy: str = field(default="no")
+    num_train_epochs: float = field(
+        default=5.0, metadata={"help": "Epochs of finetuning (open-unlearning: 5).", "aliases": ["--epochs"]}
+    )
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (open-unlearning: 1e-5)."})
+    per_device_train_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Rows per process per micro-batch (open-unlearning: 8).",
+            "aliases": ["--batch_size", "--batch-size"],
+        },
+    )
+    gradient_accumulation_steps: int = field(
+        default=4, metadata={"help": "Micro-batches per optimizer step (open-unlearning: 4)."}
+    )
+    lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "Learning-rate schedule after the warm-up (open-unlearning: linear)."}
+    )
+    warmup_epochs: float | None = field(
+        default=1.0, metadata={"help": "Epochs of learning-rate warm-up (open-unlearning: 1)."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (open-unlearning: 0.01)."})
+    loss_average: str = field(
+        default="micro_batch",
+        metadata={
+            "help": "micro_batch: the mean loss of each micro-batch (open-unlearning's); tokens: over all tokens of a step."
+        },
+    )
+    logging_steps: float = field(default=25, metadata={"help": "Log the training loss every N steps."})
+    save_strategy: str = field(default="no", metadata={"help": "When to checkpoint: no, steps or epoch."})
     seed: int = field(default=0, metadata={"help": "Seed of the training order and of the embedded data."})
 
     def __post_init__(self):
@@ -419,7 +444,7 @@ def _report(a: TofuExperimentConfig, training: TofuTrainingArguments, recipes: d
         "",
         f"Finetuning: lr {ft['learning_rate']:g}, {ft['num_train_epochs']:g} epochs, "
         f"{ft['per_device_train_batch_size']} x {ft['gradient_accumulation_steps']} rows per step per device, "
-        f"weight decay {ft['weight_decay']:g}, warmup {ft['warmup_epochs']} epoch(s), {ft['lr_scheduler_type']} "
+        f"weight decay {ft['weight_decay']:g}, {_warmup(ft)}, {ft['lr_scheduler_type']} "
         f"schedule, {ft['optim']}, loss averaged per {ft['loss_average']}.",
     ]
     if "unlearn" in recipes:
@@ -427,7 +452,7 @@ def _report(a: TofuExperimentConfig, training: TofuTrainingArguments, recipes: d
         lines += [
             "",
             f"Unlearning from the full model: lr {un['learning_rate']:g}, {un['num_train_epochs']:g} epochs, "
-            f"weight decay {un['weight_decay']:g}, warmup {un['warmup_epochs']} epoch(s); NPO beta {un['beta']:g}, "
+            f"weight decay {un['weight_decay']:g}, {_warmup(un)}; NPO beta {un['beta']:g}, "
             f"alpha {un['alpha']:g}, gamma {un['gamma']:g}, retain loss {un['retain_loss_type']}.",
         ]
     lines += [
@@ -443,3 +468,14 @@ def _report(a: TofuExperimentConfig, training: TofuTrainingArguments, recipes: d
         lines += [f"Runs not done yet: {', '.join(missing)}.", ""]
     lines += ["![model utility vs forget quality](utility_vs_forget_quality.png)", ""]
     return "\n".join(lines)
+
+
+def _warmup(recipe: dict) -> str:
+    """How a recipe warms its learning rate up, in words."""
+    if recipe.get("warmup_epochs") is not None:
+        return f"{recipe['warmup_epochs']:g} warm-up epoch(s)"
+    if recipe.get("warmup_steps"):
+        return f"{recipe['warmup_steps']} warm-up steps"
+    if recipe.get("warmup_ratio"):
+        return f"warm-up over {recipe['warmup_ratio']:g} of the steps"
+    return "no warm-up"
