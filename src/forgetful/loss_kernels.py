@@ -17,8 +17,10 @@ positions ``h [N, d]``, the LM head and the targets ``[N]`` and returns the per-
   (``filter_eps=None``: CCE's default skips small gradient tiles).
 * ``liger``: Liger's fused linear cross-entropy (``liger_kernel`` 0.8.5, ``reduction="none"``,
   whose backward recomputes the logits and weighs every token's gradient): CUDA only.
-* ``auto``: ``cce`` on CUDA when it is installed and the head computes in bf16/fp16 without a
-  bias, else ``chunked``. It never fails because a GPU package is missing.
+* ``auto`` (the default everywhere, :data:`DEFAULT_LOSS_BACKEND`): ``dense`` when every row is
+  scored on its last few tokens only (REINFORCE's targets: the model's own ``logits_to_keep``, no
+  host synchronisation), else ``cce`` on CUDA when it is installed and the head computes in bf16/fp16
+  without a bias, else ``chunked``. It never fails because a GPU package is missing.
 
 The GPU kernels are the optional extra ``forgetful[gpu]``; they are imported only when asked for.
 """
@@ -42,6 +44,22 @@ IGNORE_INDEX = -100
 
 LossBackend = Literal["auto", "dense", "chunked", "cce", "liger"]
 LOSS_BACKENDS: tuple[str, ...] = ("auto", "dense", "chunked", "cce", "liger")
+DEFAULT_LOSS_BACKEND = "auto"
+LOSS_BACKEND_HELP = (
+    "How the LM head and cross-entropy are computed at scored positions: dense (all their logits at once), "
+    "chunked (pure PyTorch, a chunk of logits at a time, recomputed in backward), cce (Cut Cross-Entropy, CUDA, "
+    "bf16/fp16), liger (Liger fused linear CE, CUDA), auto (dense for short targets at the end of every row, else "
+    "cce on CUDA when installed, else chunked). cce and liger: pip install 'forgetful[gpu]'."
+)
+
+
+def loss_backend_field():
+    """The ``loss_backend`` option of every training config: one default, one help."""
+    from dataclasses import field
+
+    return field(default=DEFAULT_LOSS_BACKEND, metadata={"help": LOSS_BACKEND_HELP})
+
+
 GPU_PACKAGES = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}
 INSTALL_HINT = "pip install 'forgetful[gpu]'"
 
@@ -102,11 +120,17 @@ def compute_dtype(h: torch.Tensor, weight_dtype: torch.dtype | None) -> torch.dt
     return weight_dtype or h.dtype
 
 
-def resolve_loss_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None, head=None) -> str:
-    """``auto`` made concrete: ``cce`` on CUDA when installed and usable for this head and dtype
-    (bf16/fp16, no bias, one weight matrix), else ``chunked``; any other name unchanged."""
+def resolve_loss_backend(
+    name: str, device: torch.device | str, dtype: torch.dtype | None = None, head=None, targets_at_end: bool = False
+) -> str:
+    """``auto`` made concrete (the one place it is): ``dense`` for ``targets_at_end`` (the last few
+    tokens of every row scored, as REINFORCE's targets are), else ``cce`` on CUDA when installed and
+    usable for this head and dtype (bf16/fp16, no bias, one weight matrix), else ``chunked``; any
+    other name unchanged."""
     if name != "auto":
         return name
+    if targets_at_end:
+        return "dense"  # a few positions per row, selected by the model itself: nothing to save
     usable = cuda_usable(device) and kernel_available(GPU_PACKAGES["cce"])
     if dtype is not None:
         usable = usable and dtype in _LOW_PRECISION

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ForgetfulError
-from .loss_kernels import IGNORE_INDEX, check_loss_backend, head_spec, linear_nll
+from .loss_kernels import IGNORE_INDEX, check_loss_backend, head_spec, linear_nll, resolve_loss_backend
 
 # Rows without padding whose position ids have gaps (compressed inputs) are plain causal sequences.
 # transformers, given position ids with gaps and no attention mask, would read the gaps as
@@ -238,6 +238,8 @@ def token_nll(
     cross-entropy together without ``[N, vocab]`` logits; ``auto`` picks one. ``sparse_logits=False``
     (full logits) is a ``dense`` (or ``auto``) option."""
     check_loss_backend(loss_backend, input_ids.device)
+    if target_length is not None and sparse_logits:
+        loss_backend = resolve_loss_backend(loss_backend, input_ids.device, targets_at_end=True)
     if loss_backend == "dense" or not sparse_logits:
         if loss_backend not in ("dense", "auto"):
             raise ForgetfulError(

@@ -14,6 +14,7 @@ import torch
 from forgetful.data.tofu import encode_qa
 from forgetful.errors import ForgetfulError
 from forgetful.reporting import write_json
+from forgetful.rouge import rouge_scores
 from forgetful.tofu.evaluation import (
     TofuEvalConfig,
     answer_nll,
@@ -22,7 +23,6 @@ from forgetful.tofu.evaluation import (
     generate_answers,
     load_retain_reference,
     references,
-    rouge_scores,
     score_answers,
     summarize,
     to_open_unlearning,

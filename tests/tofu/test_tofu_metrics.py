@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
+from forgetful.rouge import rouge_l_recall
 from forgetful.tofu.metrics import (
     EPS,
     extraction_strength,
@@ -19,7 +20,6 @@ from forgetful.tofu.metrics import (
     privleak,
     probability,
     roc_auc,
-    rouge_l_recall,
     truth_ratio,
     truth_ratio_forget,
     truth_ratio_utility,

@@ -13,7 +13,7 @@ from ..errors import ForgetfulError
 from ..input.evaluation import BASELINES, add_speedups, evaluate_forgetting, write_report
 from ..input.examples import load_forget_examples
 from ..input.policies import LearnedForgetMask, mask_names
-from ..models import load_model
+from ..models import bf16_autocast, load_model
 
 
 def parse_keep_ratios(text: str | list) -> list[float]:
@@ -81,8 +81,9 @@ def run(a: EvalForgetArguments) -> list[dict]:
         max_examples=a.max_examples,
         seed=a.embedded_seed,
     )
-    bf16 = a.bf16 if a.bf16 is not None else (device == "cuda" and torch.cuda.is_bf16_supported())
-    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else None
+    autocast = bf16_autocast(device) if a.bf16 is not False else None
+    if a.bf16 and autocast is None:
+        raise ForgetfulError(f"--bf16 true needs a GPU that supports bf16; {device} does not")
     rows = evaluate_forgetting(
         model,
         policies,
@@ -98,7 +99,7 @@ def run(a: EvalForgetArguments) -> list[dict]:
     add_speedups(rows)
     notes = (
         f"Model `{a.model}`, data `{a.eval_file or 'embedded biographies'}`, {len(ds)} examples, device "
-        f"{device}{', bf16' if bf16 else ''}. NLL/perplexity are over target tokens. FLOP ratios count the "
+        f"{device}{', bf16' if autocast else ''}. NLL/perplexity are over target tokens. FLOP ratios count the "
         "policy's own cost; wall time and peak memory are for one forward of the first batch (policy + gather "
         "+ LM), median of repeats."
     )

@@ -37,7 +37,7 @@ from accelerate import PartialState
 
 from ..errors import ForgetfulError, check_choices
 from ..measure import run_environment
-from ..models import load_model
+from ..models import bf16_autocast, load_model
 from ..reporting import markdown_table, plot_panels, plot_ranked_bars, write_json, write_text
 from .evaluation import add_speedups, batches_of, evaluate_forgetting, evaluate_strategy, paired_bootstrap
 from .examples import load_forget_examples
@@ -278,7 +278,7 @@ def run_forget_experiment(config: ForgetExperimentConfig, training: ForgetTraini
     for p in base.parameters():  # the base LM is never trained here: scorers and policies read it
         p.requires_grad_(False)
     train, policy_train, val, held = _data(config, tok, training.seed)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+    autocast = bf16_autocast(device)
     for name, protocol, strategy, keep in config.runs():
         if name in done or (only is not None and name not in only):
             continue

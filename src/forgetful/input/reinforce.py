@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from ..errors import ForgetfulError, check_choices, check_probability
-from ..loss_kernels import check_loss_backend
+from ..loss_kernels import LossBackend, check_loss_backend, loss_backend_field
+from ..models.loading import bf16_native
 from ..nll import unwrap_model
 from ..tokens import pad_token_id
 from ..training.checkpoints import latest_checkpoint, mark_complete, rotate
@@ -139,14 +140,7 @@ class ForgetTrainingConfig:
         default=None, metadata={"help": "Default: bf16 on a GPU that has it, else no."}
     )
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is there."})
-    loss_backend: Literal["auto", "dense", "chunked", "cce", "liger"] = field(
-        default="dense",
-        metadata={
-            "help": "How the target NLL (the LM loss and the reward) is computed: dense (the model's head on the "
-            "targets through logits_to_keep: no host synchronisation, best for short targets), chunked, cce, "
-            "liger or auto (see SelectiveLossConfig.loss_backend)."
-        },
-    )
+    loss_backend: LossBackend = loss_backend_field()
     max_steps_per_epoch: int | None = field(
         default=None,
         metadata={"help": "At most this many optimizer steps per epoch (default: the whole training set)."},
@@ -332,7 +326,7 @@ class ForgetMaskTrainer:
         self.learned = isinstance(policy, LearnedForgetMask)
         mp = args.mixed_precision
         if mp is None:
-            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+            mp = "bf16" if not args.use_cpu and bf16_native() else "no"
         trackers = _trackers(args.report_to)
         project_dir = args.output_dir or "."
         # cpu=True on a machine without GPUs also makes a multi-process launch (torchrun) use gloo

@@ -14,7 +14,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -22,7 +21,8 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..errors import ForgetfulError
-from ..loss_kernels import LOSS_BACKENDS, check_loss_backend
+from ..loss_kernels import LOSS_BACKENDS, LossBackend, check_loss_backend, loss_backend_field
+from ..models.loading import bf16_native
 from ..nll import IGNORE_INDEX, token_nll
 from ..tokens import pad_sequences, pad_token_id
 from ..training.checkpoints import latest_trainer_checkpoint, mark_complete, rotate
@@ -39,15 +39,7 @@ class SelectiveLossConfig(TrainingArguments):
     sparse_logits: bool = field(
         default=True, metadata={"help": "Compute vocabulary logits only at trained positions (same loss, less memory)."}
     )
-    loss_backend: Literal["auto", "dense", "chunked", "cce", "liger"] = field(
-        default="auto",
-        metadata={
-            "help": "How the LM head and cross-entropy are computed at trained positions: dense (all their logits "
-            "at once), chunked (pure PyTorch, a chunk of logits at a time, recomputed in backward), cce (Cut "
-            "Cross-Entropy, CUDA, bf16/fp16), liger (Liger fused linear CE, CUDA), auto (cce on CUDA when installed, "
-            "else chunked). cce and liger: pip install 'forgetful[gpu]'."
-        },
-    )
+    loss_backend: LossBackend = loss_backend_field()
     validate_loss_mask: bool = field(
         default=True, metadata={"help": "Check every loss_mask (0/1, same length as input_ids) before training."}
     )
@@ -114,7 +106,7 @@ class SelectiveLossConfig(TrainingArguments):
         if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
             self.use_cpu = True
         if self.bf16 is None:
-            self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+            self.bf16 = not self.use_cpu and bf16_native()
         if self.use_cpu and self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.ddp_backend = "gloo"  # CPU processes under a launcher (NCCL needs GPUs)
         if self.loss_average not in LOSS_AVERAGES:

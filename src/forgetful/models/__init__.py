@@ -2,6 +2,14 @@
 (:mod:`~forgetful.models.loading`), and the built-in configs initialised locally
 (:mod:`~forgetful.models.builtin`)."""
 
-from .loading import build_model, check_vocab, count_parameters, load_model, load_tokenizer
+from .loading import bf16_autocast, bf16_native, build_model, check_vocab, count_parameters, load_model, load_tokenizer
 
-__all__ = ["build_model", "check_vocab", "count_parameters", "load_model", "load_tokenizer"]
+__all__ = [
+    "bf16_autocast",
+    "bf16_native",
+    "build_model",
+    "check_vocab",
+    "count_parameters",
+    "load_model",
+    "load_tokenizer",
+]

@@ -94,9 +94,25 @@ def load_model(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[Pre
     return model, tokenizer
 
 
+def bf16_native(device: torch.device | str | None = None) -> bool:
+    """The one bf16 rule: bf16 where it runs natively, a CUDA GPU that supports it (``device``, when
+    given, must be that GPU); never on the CPU, where it is slow and float32 costs nothing extra."""
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def bf16_autocast(device: torch.device | str):
+    """A factory of bf16 autocast contexts on ``device`` where :func:`bf16_native`, else None."""
+    if not bf16_native(device):
+        return None
+    kind = torch.device(device).type
+    return lambda: torch.autocast(kind, dtype=torch.bfloat16)
+
+
 def default_dtype() -> torch.dtype:
     """bf16 on a GPU that supports it, float32 otherwise."""
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if bf16_native() else torch.float32
 
 
 def _load_gguf(name_or_path: str, dtype: torch.dtype | None):

@@ -49,6 +49,7 @@ from ..data.tofu import (
 )
 from ..errors import ForgetfulError
 from ..nll import IGNORE_INDEX, lm_head_on, prediction_positions
+from ..rouge import rouge_scores
 from ..tokens import pad_sequences, pad_token_id
 from .metrics import (
     EVAL_SETS,
@@ -242,21 +243,6 @@ def references(
         refs.append(full.replace(prompt, "").strip())
         prompts.append(prompt)
     return (refs, prompts) if with_prompts else refs
-
-
-def rouge_scores(generations: Sequence[str], refs: Sequence[str]) -> dict[str, list[float]]:
-    """ROUGE-1 recall, ROUGE-L F1 and ROUGE-L recall of each generation against its reference
-    (``rouge-score`` with the Porter stemmer)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
-    out: dict[str, list[float]] = {"rouge1_recall": [], "rougeL_f1": [], "rouge": []}
-    for gen, ref in zip(generations, refs):
-        s = scorer.score(ref, gen)
-        out["rouge1_recall"].append(float(s["rouge1"].recall))
-        out["rougeL_f1"].append(float(s["rougeL"].fmeasure))
-        out["rouge"].append(float(s["rougeL"].recall))
-    return out
 
 
 # --------------------------------------------------------------------------------------------

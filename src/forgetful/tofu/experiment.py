@@ -37,7 +37,7 @@ from ..loss.tasks import TOFU_STRATEGIES
 from ..loss.trainer import SelectiveLossConfig
 from ..loss.training import train_selective
 from ..loss.unlearning import RETAIN_LOSS_TYPES, UNLEARNING_METHODS, UnlearningConfig
-from ..models import load_model
+from ..models import bf16_native, load_model
 from ..reporting import markdown_table, plot_scatter, write_json, write_text
 from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, reference_from_results, summarize
 from .unlearning import TofuUnlearnConfig, unlearn_tofu
@@ -117,8 +117,7 @@ class TofuExperimentConfig:
 
     def torch_eval_dtype(self) -> torch.dtype:
         if self.eval_dtype == "auto":
-            cuda = torch.cuda.is_available()
-            return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+            return torch.bfloat16 if bf16_native() else torch.float32
         return getattr(torch, self.eval_dtype)
 
 

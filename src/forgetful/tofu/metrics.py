@@ -29,14 +29,6 @@ EVAL_SETS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 
 
-def rouge_l_recall(generations: Sequence[str], references: Sequence[str]) -> list[float]:
-    """ROUGE-L recall of each generation against its reference (Porter stemming)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref, gen)["rougeL"].recall for gen, ref in zip(generations, references)]
-
-
 def probability(avg_nll: np.ndarray) -> np.ndarray:
     """Length-normalised probability ``exp(-NLL / tokens)`` from the per-token average NLL."""
     return np.exp(-np.asarray(avg_nll, dtype=np.float64))
