@@ -1,4 +1,4 @@
-"""TOFU data (forgetful.tofu, forgetful.data.embedded.tofu_splits): the embedded splits against the
+"""TOFU data (forgetful.tofu, forgetful.data.embedded_tofu.tofu_splits): the embedded splits against the
 schema and split relations of the real benchmark (../shared/data/tofu), loading the real folder,
 and the errors."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from forgetful.data.embedded import tofu_splits
+from forgetful.data.embedded_tofu import tofu_splits
 from forgetful.data.tofu import load_tofu_split, split_kind
 from forgetful.errors import ForgetfulError
 

@@ -156,12 +156,13 @@ def test_strategy_lists_spell_out_the_unit_and_refuse_learned_baselines():
 
 
 def test_the_report_ranks_strategies_per_keep_and_marks_the_learned(tmp_path, monkeypatch):
-    from forgetful.input import experiment
-    from forgetful.input.experiment import ForgetExperimentConfig, _report
+    from forgetful.input import experiment_results
+    from forgetful.input.experiment import ForgetExperimentConfig
+    from forgetful.input.experiment_results import _report
     from forgetful.input.reinforce import ForgetTrainingConfig
 
     drawn = []
-    monkeypatch.setattr(experiment, "plot_ranked_bars", lambda panels, path, **kw: drawn.append((panels, kw)))
+    monkeypatch.setattr(experiment_results, "plot_ranked_bars", lambda panels, path, **kw: drawn.append((panels, kw)))
 
     def row(strategy, keep, nll, protocol="zero_shot"):
         return {"strategy": strategy, "keep_ratio": keep, "nll": nll, "protocol": protocol, "kept_tokens": 5}

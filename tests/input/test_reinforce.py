@@ -274,7 +274,7 @@ def test_dataset_without_forgetting_columns_is_rejected(tiny_llama):
 def test_windows_of_one_length_train_the_same_with_and_without_reading_sizes_back(tiny_llama, tmp_path, monkeypatch):
     """Text windows all have one context and target length: the trainer then knows the kept length
     on the host. The run equals one whose batches do not say so (sizes read back from the device)."""
-    import forgetful.input.reinforce as reinforce_module
+    import forgetful.input.trainer as reinforce_module
     from forgetful.input.examples import ForgetCollator
 
     model, tok = tiny_llama

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from forgetful.errors import ForgetfulError
 from forgetful.input.compression import _eligible, budget_counts
 from forgetful.input.policies import ResidualForgetMask, build_mask, query_mask
-from forgetful.input.policies.learned import standardise
+from forgetful.input.policies.residual import standardise
 from forgetful.input.units import (
     check_unit,
     sentence_end_table,

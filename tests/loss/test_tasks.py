@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from forgetful.data.embedded import pretraining_segments, tofu_splits
+from forgetful.data.embedded import pretraining_segments
+from forgetful.data.embedded_tofu import tofu_splits
 from forgetful.errors import ForgetfulError
 from forgetful.loss.masks import completion_only, fact_spans, goldfish_mask, merge_spans, random_mask, span_mask
 from forgetful.loss.tasks import TASKS, prepare_dataset_for_training, register_task

@@ -15,19 +15,11 @@ from forgetful.data.tofu import encode_qa
 from forgetful.errors import ForgetfulError
 from forgetful.reporting import write_json
 from forgetful.rouge import rouge_scores
-from forgetful.tofu.evaluation import (
-    TofuEvalConfig,
-    answer_nll,
-    clean_up_tokenization,
-    evaluate_tofu,
-    generate_answers,
-    load_retain_reference,
-    references,
-    score_answers,
-    summarize,
-    to_open_unlearning,
-)
+from forgetful.tofu.evaluation import TofuEvalConfig, evaluate_tofu, summarize
 from forgetful.tofu.metrics import truth_ratio_forget, truth_ratio_utility
+from forgetful.tofu.open_unlearning import to_open_unlearning
+from forgetful.tofu.reference import load_retain_reference
+from forgetful.tofu.scoring import answer_nll, clean_up_tokenization, generate_answers, references, score_answers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

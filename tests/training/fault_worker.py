@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-import forgetful.input.reinforce as reinforce
+import forgetful.input.trainer as reinforce
+import forgetful.input.trainer_io as reinforce_io
 import forgetful.loss.trainer as selective
 from forgetful.cli import main
 
@@ -45,7 +46,7 @@ if delay:
     selective.SelectiveLossTrainer.training_step = _slow(selective.SelectiveLossTrainer.training_step)
     reinforce.ForgetMaskTrainer._step = _slow(reinforce.ForgetMaskTrainer._step)
 selective.mark_complete = _hanging_mark_complete(selective.mark_complete)
-reinforce.mark_complete = _hanging_mark_complete(reinforce.mark_complete)
+reinforce_io.mark_complete = _hanging_mark_complete(reinforce_io.mark_complete)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -12,7 +12,8 @@ import torch
 
 from ..models import load_model
 from ..reporting import write_json
-from ..tofu.evaluation import TofuEvalConfig, evaluate_tofu, to_open_unlearning
+from ..tofu.evaluation import TofuEvalConfig, evaluate_tofu
+from ..tofu.open_unlearning import to_open_unlearning
 
 
 @dataclass

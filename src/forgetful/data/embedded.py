@@ -6,10 +6,10 @@ award, two book titles, a language and a hobby). They are rendered with template
 * biography passages that mix fact sentences with filler sentences, followed by a question about
   one fact and its short answer: the input-forgetting task (context = passage + question, target =
   answer). A good forget policy keeps the facts and drops the filler;
-* TOFU-shaped rows with the schema of the real benchmark (``question``/``answer``, and for the
-  ``*_perturbed`` splits ``paraphrased_answer``, ``paraphrased_question`` and five
-  ``perturbed_answer`` made by swapping attribute values), plus small real-authors and world-facts
-  sets whose facts also appear in the pretraining corpus.
+* TOFU-shaped rows with the schema of the real benchmark (:mod:`.embedded_tofu`);
+* the pretraining corpus (a curriculum of copy documents, then biographies and real knowledge).
+
+The word pools are :mod:`.embedded_words`'.
 
 Everything is a pure function of the seed, so runs reproduce exactly.
 """
@@ -21,127 +21,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ForgetfulError
-
-# --------------------------------------------------------------------------------------------
-# Value pools. Fact values come from pools disjoint from the filler vocabulary, so a policy can
-# learn which tokens carry facts.
-# --------------------------------------------------------------------------------------------
-
-# fmt: off
-FIRST_NAMES = (
-    "Mira", "Tomas", "Elena", "Kofi", "Ayla", "Bruno", "Selin", "Dario", "Ingrid", "Rafael",
-    "Nadia", "Oskar", "Leila", "Viktor", "Amara", "Emil", "Sana", "Hugo", "Yara", "Felix",
-    "Irina", "Mateo", "Zofia", "Anton", "Lucia", "Jonas", "Farah", "Pavel", "Greta", "Idris",
-    "Maren", "Caspar", "Noor", "Lorenz", "Adele", "Tariq", "Vera", "Milan", "Esme", "Ruben",
-    "Hana", "Soren", "Dalia", "Aurel", "Ines", "Kenji", "Livia", "Bastian", "Nia", "Cyrus",
+from .embedded_words import (
+    AWARDS,
+    CITIES,
+    FILLER_ADJ,
+    FILLER_NOUNS,
+    FILLER_PLACES,
+    FILLER_TEMPLATES,
+    FILLER_TIMES,
+    FILLER_VERBS,
+    FIRST_NAMES,
+    GENRES,
+    HOBBIES,
+    LANGUAGES,
+    MONTHS,
+    OCCUPATIONS,
+    REAL_AUTHORS,
+    SURNAME_HEADS,
+    SURNAME_TAILS,
+    TITLE_ADJECTIVES,
+    TITLE_NOUNS,
+    WORLD_CAPITALS,
 )
-SURNAME_HEADS = (
-    "Vel", "Tor", "Mar", "Kas", "Bren", "Dal", "Fen", "Gor", "Hal", "Iv", "Jor", "Kel", "Lun",
-    "Mor", "Nal", "Or", "Pel", "Quen", "Ros", "Sav", "Tal", "Ul", "Var", "Wen", "Zel",
-)
-SURNAME_TAILS = (
-    "sen", "ova", "ami", "dottir", "enko", "ard", "ello", "ström", "ak", "ine", "opoulos",
-    "ezz", "mont", "ucci", "berg", "aro", "ski", "ley", "ani", "wick",
-)
-CITIES = (
-    "Lisbon", "Eldoret", "Osaka", "Porto", "Krakow", "Seville", "Bergen", "Valparaiso",
-    "Mombasa", "Tbilisi", "Cusco", "Dresden", "Gdansk", "Izmir", "Kyoto", "Lyon", "Marseille",
-    "Medellin", "Munich", "Naples", "Odessa", "Salvador", "Tangier", "Trieste", "Turin",
-    "Zanzibar", "Adelaide", "Bilbao", "Cork", "Durban", "Geneva", "Granada", "Hamburg",
-    "Kolkata", "Leipzig", "Malmo", "Mendoza", "Palermo", "Riga", "Tallinn",
-)
-MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
-)
-GENRES = (
-    "science fiction", "mystery", "historical fiction", "poetry", "fantasy", "horror",
-    "romance", "crime", "satire", "travel writing", "children's literature", "drama",
-    "magical realism", "thriller", "biography", "philosophy",
-)
-OCCUPATIONS = (
-    "carpenter", "surgeon", "pilot", "baker", "architect", "fisherman", "librarian", "chemist",
-    "tailor", "nurse", "astronomer", "blacksmith", "pharmacist", "sailor", "veterinarian",
-    "photographer", "locksmith", "geologist", "translator", "watchmaker", "beekeeper",
-    "electrician", "potter", "diplomat",
-)
-AWARDS = (
-    "Silver Quill Award", "Golden Lantern Prize", "Meridian Book Award", "Crimson Ink Medal",
-    "Northern Star Prize", "Azure Pen Award", "Evergreen Literary Prize", "Obsidian Tower Award",
-    "Saffron Leaf Prize", "Harbor Light Medal", "Ivory Scroll Award", "Amber Compass Prize",
-)
-TITLE_ADJECTIVES = (
-    "Silent", "Hidden", "Broken", "Burning", "Frozen", "Wandering", "Forgotten", "Crimson",
-    "Hollow", "Distant", "Golden", "Restless", "Shattered", "Endless", "Sleeping", "Last",
-)
-TITLE_NOUNS = (
-    "River", "Harbor", "Lantern", "Orchard", "Mirror", "Compass", "Garden", "Tower", "Bridge",
-    "Archive", "Island", "Clockwork", "Meadow", "Citadel", "Voyage", "Canvas", "Horizon", "Echo",
-)
-LANGUAGES = (
-    "Portuguese", "Swahili", "Japanese", "Polish", "Spanish", "Norwegian", "Georgian",
-    "Quechua", "German", "Turkish", "Italian", "Estonian", "Latvian", "Bengali", "Swedish",
-)
-HOBBIES = (
-    "chess", "gardening", "sailing", "pottery", "birdwatching", "fencing", "calligraphy",
-    "rowing", "astronomy", "beekeeping", "cycling", "origami", "archery", "baking",
-)
-
-# Filler vocabulary: everyday scene-setting that carries no fact about the author.
-FILLER_TIMES = (
-    "In the early morning", "Later that evening", "On most afternoons", "During the long winter",
-    "Every so often", "Near the end of summer", "After the rain", "Before dawn",
-)
-FILLER_ADJ = (
-    "quiet", "narrow", "pale", "crowded", "dusty", "gentle", "bright", "old", "cold", "soft",
-    "empty", "noisy", "warm", "grey", "tall", "small",
-)
-FILLER_NOUNS = (
-    "street", "window", "market", "wind", "kitchen", "road", "courtyard", "station", "hill",
-    "tram", "bakery", "square", "staircase", "balcony", "ferry", "hallway",
-)
-FILLER_VERBS = (
-    "drifted", "rattled", "glowed", "waited", "hummed", "shivered", "settled", "wandered",
-    "creaked", "flickered",
-)
-FILLER_PLACES = (
-    "past the corner", "along the wall", "under the clouds", "beside the fountain",
-    "across the bay", "behind the houses", "over the rooftops", "near the gate",
-)
-FILLER_TEMPLATES = (
-    "{time}, the {adj} {noun} {verb} {place}.",
-    "The {noun} {verb} {place} while the {noun2} stayed {adj}.",
-    "{time}, a {adj} light {verb} {place}.",
-    "Nobody remembered why the {noun} seemed so {adj} {place}.",
-    "The {adj} {noun} and the {adj2} {noun2} {verb} together.",
-    "{time}, people said the {noun} looked {adj}.",
-)
-
-# Real knowledge for the real-authors and world-facts sets (also written into the pretraining
-# corpus, so a model trained on it knows them).
-REAL_AUTHORS = (
-    ("Pride and Prejudice", "Jane Austen"), ("Nineteen Eighty-Four", "George Orwell"),
-    ("War and Peace", "Leo Tolstoy"), ("Moby-Dick", "Herman Melville"),
-    ("Don Quixote", "Miguel de Cervantes"), ("Hamlet", "William Shakespeare"),
-    ("The Odyssey", "Homer"), ("One Hundred Years of Solitude", "Gabriel Garcia Marquez"),
-    ("Crime and Punishment", "Fyodor Dostoevsky"), ("Ulysses", "James Joyce"),
-    ("The Great Gatsby", "F. Scott Fitzgerald"), ("Frankenstein", "Mary Shelley"),
-    ("Dracula", "Bram Stoker"), ("Les Miserables", "Victor Hugo"),
-    ("The Divine Comedy", "Dante Alighieri"), ("Beloved", "Toni Morrison"),
-    ("Things Fall Apart", "Chinua Achebe"), ("The Trial", "Franz Kafka"),
-    ("Mrs Dalloway", "Virginia Woolf"), ("Great Expectations", "Charles Dickens"),
-)
-WORLD_CAPITALS = (
-    ("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
-    ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Norway", "Oslo"), ("Chile", "Santiago"),
-    ("India", "New Delhi"), ("Greece", "Athens"), ("Mexico", "Mexico City"),
-    ("Australia", "Canberra"), ("Spain", "Madrid"), ("Poland", "Warsaw"), ("Brazil", "Brasilia"),
-    ("Ireland", "Dublin"), ("Morocco", "Rabat"), ("Vietnam", "Hanoi"), ("Austria", "Vienna"),
-    ("Argentina", "Buenos Aires"),
-)
-
-
-# fmt: on
 
 
 @dataclass(frozen=True)
@@ -274,14 +175,14 @@ def _value_pool(attribute: str) -> Sequence[str] | None:
     }.get(attribute)
 
 
-def _with_article(text: str) -> str:
+def with_article(text: str) -> str:
     """Fix "a" before a vowel ("a astronomer" -> "an astronomer")."""
     for vowel in "aeiouAEIOU":
         text = text.replace(f" a {vowel}", f" an {vowel}")
     return text
 
 
-def _random_value(attribute: str, rng: random.Random) -> str:
+def random_value(attribute: str, rng: random.Random) -> str:
     pool = _value_pool(attribute)
     if pool is not None:
         return rng.choice(pool)
@@ -305,7 +206,7 @@ def make_authors(n: int, seed: int = 0, exclude: set[str] | None = None) -> list
         if name in taken:
             continue
         taken.add(name)
-        values = {a: _random_value(a, rng) for a in ATTRIBUTE_NAMES}
+        values = {a: random_value(a, rng) for a in ATTRIBUTE_NAMES}
         while values["second_book"] == values["first_book"]:
             values["second_book"] = _book_title(rng)
         authors.append(Author(name, rng.choice(("She", "He", "They")), values))
@@ -323,7 +224,7 @@ def _fact_sentence(author: Author, attribute: str, rng: random.Random, use_name:
         P=(author.name + "'s") if use_name else author.possessive.capitalize(),
         v=author.values[attribute],
     )
-    text = _with_article(text)
+    text = with_article(text)
     if verb_fix:  # "They writes" -> "They write"
         for a, b in (
             (" writes", " write"),
@@ -499,79 +400,3 @@ def real_knowledge_questions() -> list[str]:
 def pretraining_documents(n_docs: int, seed: int = 0, **kw) -> list[str]:
     """The embedded pretraining corpus as plain texts (see :func:`pretraining_segments`)."""
     return ["".join(text for text, _ in doc) for doc in pretraining_segments(n_docs, seed, **kw)]
-
-
-# --------------------------------------------------------------------------------------------
-# TOFU-shaped splits
-# --------------------------------------------------------------------------------------------
-
-TOFU_FORGET_PERCENTS = (1, 5, 10)
-
-
-def _tofu_rows(author: Author, rng: random.Random, perturbed: bool) -> list[dict]:
-    rows = []
-    for spec in ATTRIBUTES:
-        v = author.values[spec.name]
-        for q_template in spec.questions:
-            row = {
-                "question": q_template.format(name=author.name),
-                "answer": _with_article(spec.answer.format(name=author.name, v=v)),
-            }
-            if perturbed:
-                wrong = set()
-                while len(wrong) < 5:
-                    w = _random_value(spec.name, rng)
-                    if w != v:
-                        wrong.add(w)
-                row["paraphrased_answer"] = _with_article(spec.paraphrase.format(name=author.name, v=v))
-                row["paraphrased_question"] = spec.paraphrased_question.format(name=author.name)
-                row["perturbed_answer"] = [
-                    _with_article(spec.paraphrase.format(name=author.name, v=w)) for w in sorted(wrong)
-                ]
-            rows.append(row)
-    return rows
-
-
-def _options_rows(pairs: Sequence[tuple[str, str]], question: str, rng: random.Random) -> tuple[list, list]:
-    plain, perturbed = [], []
-    answers = [a for _, a in pairs]
-    for key, answer in pairs:
-        wrong = rng.sample([a for a in answers if a != answer], 3)
-        options = wrong + [answer]
-        rng.shuffle(options)
-        q = question.format(key)
-        plain.append({"question": q, **{f"option{i + 1}": o for i, o in enumerate(options)}, "answer": answer})
-        perturbed.append({"question": q, "answer": answer, "perturbed_answer": wrong})
-    return plain, perturbed
-
-
-def tofu_splits(num_authors: int = 200, seed: int = 0) -> dict[str, list[dict]]:
-    """Every TOFU split, with the real benchmark's schema and split relations:
-    ``full`` = authors x 20 QA in author order; ``forgetXX`` the last XX% of authors (at least
-    one); ``retainYY`` the rest; ``*_perturbed`` with paraphrases and 5 perturbed answers;
-    ``retain_perturbed`` = the first 10% of ``full``; ``holdoutXX`` authors not in ``full``."""
-    if num_authors < 2:
-        raise ForgetfulError(f"TOFU needs at least 2 authors (one to forget, one to retain), got {num_authors}")
-    authors = make_authors(num_authors, seed=10_000 + seed)
-    rng = random.Random(f"tofu-{seed}")
-    per_author = [_tofu_rows(a, rng, perturbed=True) for a in authors]
-    full_p = [r for rows in per_author for r in rows]
-    plain = lambda rows: [{"question": r["question"], "answer": r["answer"]} for r in rows]  # noqa: E731
-    splits = {"full": plain(full_p)}
-    n_per = len(per_author[0])
-    holdout_authors = make_authors(num_authors, seed=20_000 + seed, exclude={a.name for a in authors})
-    for pct in TOFU_FORGET_PERCENTS:
-        k = max(1, round(num_authors * pct / 100))
-        k = min(k, num_authors - 1)
-        cut = (num_authors - k) * n_per
-        splits[f"forget{pct:02d}"] = plain(full_p[cut:])
-        splits[f"forget{pct:02d}_perturbed"] = full_p[cut:]
-        splits[f"retain{100 - pct}"] = plain(full_p[:cut])
-        splits[f"holdout{pct:02d}"] = plain([r for a in holdout_authors[:k] for r in _tofu_rows(a, rng, False)])
-    n_retain_eval = max(n_per, len(full_p) // 10)
-    splits["retain_perturbed"] = full_p[:n_retain_eval]
-    splits["real_authors"], splits["real_authors_perturbed"] = _options_rows(REAL_AUTHORS, "Who wrote {}?", rng)
-    splits["world_facts"], splits["world_facts_perturbed"] = _options_rows(
-        WORLD_CAPITALS, "What is the capital of {}?", rng
-    )
-    return splits

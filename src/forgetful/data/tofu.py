@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..errors import ForgetfulError
 from ..tokens import PromptAnswer, eos_ids, pad_token_id
-from .embedded import tofu_splits
+from .embedded_tofu import tofu_splits
 from .sources import load_hub_dataset, load_rows, write_jsonl
 
 TOFU_HUB_NAME = "locuslab/TOFU"

@@ -84,3 +84,31 @@ def listwise_loss(
     per_row = -(target * logp).masked_fill(~present, 0.0).sum(-1)
     used = present.sum(-1) >= 2
     return (per_row * used.float()).sum() / used.sum().clamp(min=1)
+
+
+def advantages(
+    reward: torch.Tensor,
+    own: torch.Tensor,
+    baseline: str,
+    running: float | None,
+    momentum: float,
+    normalize: bool,
+    reduce: Reduce | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """``(advantage, baseline, running)`` for rewards ``[K, B]`` of the policy's ``own`` rows
+    ``[B]``: ``rloo`` compares each sample with the other samples of its context; ``moving_average``
+    with ``running`` (the running mean of the reward, updated with ``momentum`` and returned);
+    ``normalize`` makes the advantages mean 0, std 1 over the (global) batch."""
+    reduce = reduce or _identity
+    weight = own.view(1, -1)
+    if baseline == "rloo":
+        base = rloo_baseline(reward)
+    else:
+        mean_r = float(weighted_mean(reward, weight, reduce))
+        previous = running if running is not None else mean_r
+        base = torch.full_like(reward, previous)
+        running = momentum * previous + (1 - momentum) * mean_r
+    adv = reward - base
+    if normalize:
+        adv = normalise(adv, weight, reduce)
+    return adv, base, running

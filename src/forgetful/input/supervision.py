@@ -21,7 +21,7 @@ from ..errors import ForgetfulError
 from .compression import _eligible, compress_examples, compressed_nll
 from .examples import ForgetBatch
 from .policies import ForgetMask
-from .policies.learned import standardise
+from .policies.residual import standardise
 from .reinforce_core import listwise_loss
 from .units import unit_scores, unit_sizes
 

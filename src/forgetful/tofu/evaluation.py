@@ -18,8 +18,10 @@ read with the attention mask ``token != pad`` and position ids ``0..L-1``. Per e
 * forget and holdout: the Min-K% score; forget: the extraction strength.
 
 Per-example values go to ``tofu_eval.json`` (so forget quality and privleak can be computed later
-against any retain run), aggregates to ``tofu_summary.json``; :func:`to_open_unlearning` gives
-both in open-unlearning's ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` layout.
+against any retain run, :mod:`.reference`), aggregates to ``tofu_summary.json``;
+:func:`~forgetful.tofu.open_unlearning.to_open_unlearning` gives both in open-unlearning's
+``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` layout. The batched scorers and generation are
+:mod:`.scoring`'s.
 """
 
 from __future__ import annotations
@@ -31,10 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from ..data.tofu import (
     DEFAULT_DATE_STRING,
@@ -44,20 +42,14 @@ from ..data.tofu import (
     TEMPLATE_KINDS,
     TofuTemplate,
     encode_qa,
-    encode_question,
     load_tofu_split,
 )
 from ..errors import ForgetfulError
-from ..nll import IGNORE_INDEX, lm_head_on, prediction_positions
 from ..rouge import rouge_scores
-from ..tokens import pad_sequences, pad_token_id
 from .metrics import (
     EVAL_SETS,
-    MIN_K,
-    extraction_strength,
     forget_quality,
     mia_auc,
-    min_k_score,
     model_utility,
     normalised_probability,
     privleak,
@@ -66,184 +58,8 @@ from .metrics import (
     truth_ratio_forget,
     truth_ratio_utility,
 )
-
-# --------------------------------------------------------------------------------------------
-# Batched scoring and generation
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AnswerScores:
-    """Per example: mean NLL of the scored tokens, Min-K% score and extraction strength (both
-    over the scored tokens but the last)."""
-
-    nll: np.ndarray
-    min_k: np.ndarray
-    extraction: np.ndarray
-
-
-@torch.no_grad()
-def score_answers(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    questions: Sequence[str],
-    answers: Sequence[str],
-    *,
-    template: TofuTemplate | None = None,
-    batch_size: int = 32,
-    max_length: int | None = DEFAULT_MAX_LENGTH,
-    k: float = MIN_K,
-) -> AnswerScores:
-    """Score every answer given its question in one forward pass per batch (right padding, in
-    input order): the vocabulary logits are computed only at the positions that predict a scored
-    token."""
-    device = next(model.parameters()).device
-    pad = pad_token_id(tokenizer, model)
-    encoded = [encode_qa(tokenizer, q, a, max_length, template) for q, a in zip(questions, answers)]
-    n = len(encoded)
-    nll, mink, es = np.zeros(n), np.zeros(n), np.zeros(n)
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, n, batch_size):
-            batch = encoded[i : i + batch_size]
-            ids, real = pad_sequences([e.ids for e in batch], pad)
-            attn, _ = pad_sequences([e.attention_mask for e in batch], 0)
-            starts = torch.tensor([e.prompt_length for e in batch])
-            labels = ids.masked_fill(~real, IGNORE_INDEX)
-            labels = labels.masked_fill(torch.arange(ids.shape[1])[None] < starts[:, None], IGNORE_INDEX)
-            ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
-            positions = prediction_positions(labels)
-            with lm_head_on(model, positions):
-                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-            logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
-            targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-            token_lp = logp.gather(1, targets[:, None])[:, 0].cpu().numpy()
-            preds = logp.argmax(-1).cpu().numpy()
-            targets = targets.cpu().numpy()
-            rows = positions.nonzero()[:, 0].cpu().numpy()
-            for r in range(len(batch)):
-                sel = rows == r
-                lp, pr, tg = token_lp[sel], preds[sel], targets[sel]
-                nll[i + r] = -lp.astype(np.float64).sum() / len(lp) if len(lp) else float("nan")
-                mink[i + r] = min_k_score(lp[:-1], k)
-                es[i + r] = extraction_strength(pr[:-1], tg[:-1])
-    finally:
-        model.train(was_training)
-    return AnswerScores(nll, mink, es)
-
-
-def answer_nll(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    questions: Sequence[str],
-    answers: Sequence[str],
-    batch_size: int = 32,
-    max_length: int | None = DEFAULT_MAX_LENGTH,
-    template: TofuTemplate | None = None,
-) -> np.ndarray:
-    """Mean NLL of the scored tokens of each answer (:func:`~forgetful.data.tofu.encode_qa`)."""
-    return score_answers(
-        model, tokenizer, questions, answers, template=template, batch_size=batch_size, max_length=max_length
-    ).nll
-
-
-def clean_up_tokenization(text: str) -> str:
-    """transformers 4's ``clean_up_tokenization_spaces`` (transformers 5 no longer applies it to
-    BPE tokenizers; open-unlearning decodes with it)."""
-    return (
-        text.replace(" .", ".")
-        .replace(" ?", "?")
-        .replace(" !", "!")
-        .replace(" ,", ",")
-        .replace(" ' ", "'")
-        .replace(" n't", "n't")
-        .replace(" 'm", "'m")
-        .replace(" 's", "'s")
-        .replace(" 've", "'ve")
-        .replace(" 're", "'re")
-    )
-
-
-def decode(tokenizer, ids) -> str:
-    """Text of ``ids`` without special tokens, cleaned up as open-unlearning decodes."""
-    return clean_up_tokenization(tokenizer.decode(list(ids), skip_special_tokens=True))
-
-
-def _eos_for_generation(model, tokenizer):
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return eos if eos is not None else tokenizer.eos_token_id
-
-
-@torch.no_grad()
-def generate_answers(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    questions: Sequence[str],
-    max_new_tokens: int = 200,
-    batch_size: int = 32,
-    *,
-    template: TofuTemplate | None = None,
-    max_length: int | None = DEFAULT_MAX_LENGTH,
-) -> list[str]:
-    """Greedy answers to the prompts of :func:`~forgetful.data.tofu.encode_question`, batched in
-    input order with left padding and the attention mask ``token != pad`` (generation positions
-    count only attended tokens), stopped at the model's EOS; decoded without special tokens,
-    cleaned up, cut at the EOS text and stripped."""
-    device = next(model.parameters()).device
-    pad = pad_token_id(tokenizer, model)
-    prompts = [encode_question(tokenizer, q, max_length, template) for q in questions]
-    eos_text = tokenizer.decode([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else ""
-    out: list[str] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(prompts), batch_size):
-            batch = prompts[i : i + batch_size]
-            # left padding, so every prompt ends where generation starts: right-pad the reversed prompts
-            ids, _ = pad_sequences([p[::-1] for p in batch], pad)
-            ids = ids.flip(1)
-            width = ids.shape[1]
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=ids.ne(pad).long().to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                top_p=None,
-                temperature=None,
-                use_cache=True,
-                pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad,
-                eos_token_id=_eos_for_generation(model, tokenizer),
-            )
-            for row in gen[:, width:].cpu().tolist():
-                text = decode(tokenizer, row)
-                if eos_text and eos_text in text:
-                    text = text.split(eos_text)[0]
-                out.append(text.strip())
-    finally:
-        model.train(was_training)
-    return out
-
-
-def references(
-    tokenizer,
-    questions: Sequence[str],
-    answers: Sequence[str],
-    *,
-    template: TofuTemplate | None = None,
-    max_length: int | None = DEFAULT_MAX_LENGTH,
-    with_prompts: bool = False,
-):
-    """The ROUGE reference of each answer: the decoded full sequence with the decoded prompt
-    removed (every occurrence), stripped; with ``with_prompts``, also the decoded prompts."""
-    refs, prompts = [], []
-    for q, a in zip(questions, answers):
-        full = decode(tokenizer, encode_qa(tokenizer, q, a, max_length, template).ids)
-        prompt = decode(tokenizer, encode_question(tokenizer, q, max_length, template))
-        refs.append(full.replace(prompt, "").strip())
-        prompts.append(prompt)
-    return (refs, prompts) if with_prompts else refs
-
+from .reference import RetainReference, load_retain_reference
+from .scoring import answer_nll, generate_answers, references, score_answers
 
 # --------------------------------------------------------------------------------------------
 # The suite
@@ -415,78 +231,6 @@ def summarize(per_example: dict, reference: RetainReference | None = None) -> di
     return summary
 
 
-@dataclass(frozen=True)
-class RetainReference:
-    """What a retain model's evaluation contributes: its raw per-example forget truth ratios
-    (forget quality) and its Min-K% AUC (privleak; None when its results have none)."""
-
-    forget_truth_ratio: list[float]
-    mia_auc: float | None
-
-
-def load_retain_reference(
-    path: str | Path,
-    forget_split: str,
-    forget_questions: Sequence[str],
-    fingerprint: str | None = None,
-    template: str | None = None,
-) -> RetainReference:
-    """The retain model's per-example results, checked to match this evaluation: forgetful's
-    ``tofu_eval.json``, or open-unlearning's ``TOFU_EVAL.json`` (only the row count can be
-    checked then)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ForgetfulError(f"retain results not found: {p} (give the retain model's tofu_eval.json)")
-    try:
-        ref = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        raise ForgetfulError(f"{p} is not a tofu_eval.json written by forgetful eval-tofu") from None
-    if isinstance(ref, dict) and "forget_truth_ratio" in ref and "meta" not in ref:
-        return _open_unlearning_reference(p, ref, len(forget_questions))
-    try:
-        ref_split = ref["meta"]["forget_split"]
-        ref_r = ref["forget"]["truth_ratio"]
-        ref_q = ref["forget"]["question"]
-    except (KeyError, TypeError):
-        raise ForgetfulError(f"{p} is not a tofu_eval.json written by forgetful eval-tofu") from None
-    if ref_split != forget_split:
-        raise ForgetfulError(
-            f"the retain results in {p} are for {ref_split}, but this evaluation is for {forget_split}"
-        )
-    if len(ref_r) != len(forget_questions):
-        raise ForgetfulError(
-            f"row counts do not match: the retain results have {len(ref_r)} forget examples, this evaluation "
-            f"has {len(forget_questions)}"
-        )
-    if list(ref_q) != list(forget_questions):
-        raise ForgetfulError(f"the retain results in {p} were computed on other forget questions")
-    ref_fp = ref["meta"].get("encoding")
-    if fingerprint is not None and ref_fp is not None and ref_fp != fingerprint:
-        theirs = ref["meta"].get("template", "?")
-        raise ForgetfulError(
-            f"the retain results in {p} were computed with another tokenizer or prompt template "
-            f"(template {theirs}, this evaluation {template or '?'}): their truth ratios are not comparable"
-        )
-    auc = None
-    if "holdout" in ref and "min_k" in ref["forget"]:
-        auc = mia_auc(ref["forget"]["min_k"], ref["holdout"]["min_k"])
-    return RetainReference([float(x) for x in ref_r], auc)
-
-
-def _open_unlearning_reference(p: Path, ref: dict, n: int) -> RetainReference:
-    try:
-        by_index = ref["forget_truth_ratio"]["value_by_index"]
-        r = [float(by_index[k]["score"]) for k in sorted(by_index, key=int)]
-        auc = ref.get("mia_min_k", {}).get("agg_value")
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise ForgetfulError(f"{p} is not a tofu_eval.json written by forgetful eval-tofu") from None
-    if len(r) != n:
-        raise ForgetfulError(
-            f"row counts do not match: the retain results have {len(r)} forget examples, this evaluation has {n}"
-        )
-    return RetainReference(r, None if auc is None else float(auc))
-
-
 def load_eval_sets(config: TofuEvalConfig) -> dict[str, list[dict]]:
     """The rows of every evaluation set (``max_examples`` each); a missing or malformed split
     fails with one line naming it."""
@@ -562,91 +306,3 @@ def evaluate_tofu(
             max_length=c.max_length,
         )
     return per_example, summarize(per_example, reference)
-
-
-def reference_from_results(per_example: dict) -> RetainReference:
-    """A retain model's reference from its per-example results in memory."""
-    auc = None
-    if "holdout" in per_example and "min_k" in per_example["forget"]:
-        auc = mia_auc(per_example["forget"]["min_k"], per_example["holdout"]["min_k"])
-    return RetainReference([float(x) for x in per_example["forget"]["truth_ratio"]], auc)
-
-
-# --------------------------------------------------------------------------------------------
-# open-unlearning's file layout
-# --------------------------------------------------------------------------------------------
-
-_OU_SETS = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
-
-
-def _by_index(values, key: str) -> dict:
-    return {str(i): {key: v} for i, v in enumerate(values)}
-
-
-def to_open_unlearning(per_example: dict, summary: dict) -> tuple[dict, dict]:
-    """(``TOFU_EVAL.json``, ``TOFU_SUMMARY.json``) in open-unlearning's layout: per metric an
-    ``agg_value`` and ``value_by_index`` keyed by the row number as a string."""
-    ev: dict = {}
-    for name, pre in _OU_SETS.items():
-        s, agg = per_example[name], summary[name]
-        n = len(s["question"])
-        ev[f"{pre}_Q_A_Prob"] = {
-            "agg_value": float(np.mean(probability(s["answer_nll"]))),
-            "value_by_index": {
-                str(i): {"prob": float(np.exp(-s["answer_nll"][i])), "avg_loss": s["answer_nll"][i]} for i in range(n)
-            },
-        }
-        pert = np.asarray(s["perturbed_nll"], dtype=np.float64)
-        ev[f"{pre}_Q_A_PERT_Prob"] = {
-            "agg_value": float(np.mean(np.exp(-pert))),
-            "value_by_index": {
-                str(i): {"prob": np.exp(-pert[i]).tolist(), "avg_loss": pert[i].tolist()} for i in range(n)
-            },
-        }
-        ev[f"{pre}_Q_A_ROUGE"] = {
-            "agg_value": agg["rouge"],
-            "value_by_index": {
-                str(i): {
-                    "rouge1_recall": s["rouge1_recall"][i],
-                    "rougeL_f1": s["rougeL_f1"][i],
-                    "rougeL_recall": s["rouge"][i],
-                    "input": s["prompt"][i],
-                    "ground_truth": s["reference"][i],
-                    "generation": s["generation"][i],
-                }
-                for i in range(n)
-            },
-        }
-        tr_name = "forget_truth_ratio" if name == "forget" else f"{pre}_Truth_Ratio"
-        ev[tr_name] = {"agg_value": agg["truth_ratio"], "value_by_index": _by_index(s["truth_ratio"], "score")}
-        if name in ("forget", "retain"):
-            para = s["paraphrased_nll"]
-            ev[f"{pre}_Q_A_PARA_Prob"] = {
-                "agg_value": float(np.mean(probability(para))),
-                "value_by_index": {str(i): {"prob": float(np.exp(-para[i])), "avg_loss": para[i]} for i in range(n)},
-            }
-        else:
-            ev[f"{pre}_Q_A_Prob_normalised"] = {
-                "agg_value": agg["prob"],
-                "value_by_index": _by_index(s["prob"], "prob"),
-            }
-    if "privleak" in summary:
-        f, h = per_example["forget"], per_example["holdout"]
-        ev["mia_min_k"] = {
-            "forget": {"agg_value": float(np.mean(f["min_k"])), "value_by_index": _by_index(f["min_k"], "score")},
-            "holdout": {"agg_value": float(np.mean(h["min_k"])), "value_by_index": _by_index(h["min_k"], "score")},
-            "auc": summary["mia_auc"],
-            "agg_value": summary["mia_auc"],
-        }
-        ev["privleak"] = {"agg_value": summary["privleak"]}
-        ev["extraction_strength"] = {
-            "agg_value": summary["extraction_strength"],
-            "value_by_index": _by_index(f["extraction_strength"], "score"),
-        }
-    ev["forget_quality"] = {"agg_value": summary["forget_quality"]}
-    ev["model_utility"] = {"agg_value": summary["model_utility"]}
-    ev = dict(sorted(ev.items()))
-    names = ("extraction_strength", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_quality")
-    names += ("forget_truth_ratio", "model_utility", "privleak")
-    short = {k: ev[k]["agg_value"] for k in names if k in ev and ev[k]["agg_value"] is not None}
-    return ev, short

@@ -39,7 +39,8 @@ from ..loss.training import train_selective
 from ..loss.unlearning import RETAIN_LOSS_TYPES, UNLEARNING_METHODS, UnlearningConfig
 from ..models import bf16_native, load_model
 from ..reporting import markdown_table, plot_scatter, write_json, write_text
-from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, reference_from_results, summarize
+from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, summarize
+from .reference import reference_from_results
 from .unlearning import TofuUnlearnConfig, unlearn_tofu
 
 EVAL_DTYPES = ("auto", "bfloat16", "float32")

@@ -1,6 +1,7 @@
 """Forget-mask policies: which context tokens to keep. The interface and the registry by name
 (:mod:`.base`), the baselines that are not learned (:mod:`.baselines`, and the attention-score
-selection of SnapKV / H2O in :mod:`.attention`) and the learned policies (:mod:`.learned`)."""
+selection of SnapKV / H2O in :mod:`.attention`) and the learned policies (:mod:`.learned`; the
+residual policy over a prior in :mod:`.residual`)."""
 
 from .attention import AttentionScoreMask, attention_scores
 from .base import MASKS, ForgetMask, build_mask, mask_names, parse_strategy, query_mask, register_mask
@@ -18,10 +19,10 @@ from .learned import (
     HiddenStateForgetMask,
     LearnedForgetMask,
     MLPForgetMask,
-    ResidualForgetMask,
     RNNForgetMask,
     distance_buckets,
 )
+from .residual import ResidualForgetMask
 
 __all__ = [
     "MASKS",
