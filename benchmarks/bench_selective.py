@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from common import build_lm, environment, spread, write
 
 from forgetful.errors import ForgetfulError
-from forgetful.loss_kernels import CHUNK_ELEMENTS, check_loss_backend, chunk_rows, kernel_available
 from forgetful.measure import peak_memory_mb, timings_ms
 from forgetful.nll import token_nll
+from forgetful.nll_backends import CHUNK_ELEMENTS, check_loss_backend, chunk_rows, kernel_available
 
 METHODS = (
     "hf_plain",

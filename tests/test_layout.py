@@ -22,7 +22,7 @@ LAYERS = {
     "measure": 0,
     "hub": 0,
     "nll": 0,
-    "loss_kernels": 0,
+    "nll_backends": 0,
     "training": 0,
     "models": 1,
     "data": 1,

@@ -8,7 +8,7 @@ model's own forward (and anything it applies after the head, such as logit soft-
 ``[1, N, d]`` instead of ``[B, L, d]``. The call still goes through the outermost wrapper (DDP,
 FSDP, PEFT), so gradient synchronisation is untouched.
 
-The other loss backends (``chunked``, ``cce``, ``liger``; :mod:`forgetful.loss_kernels`) replace the
+The other loss backends (``chunked``, ``cce``, ``liger``; :mod:`forgetful.nll_backends`) replace the
 head's forward while the model runs (:func:`head_loss_on`): the head, called by the model as usual,
 gathers the scored hidden states and returns their NLL instead of logits. The head weight is so
 used inside the wrapped module's forward (FSDP has it unsharded there and reduces its gradient) and
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ForgetfulError
-from .loss_kernels import IGNORE_INDEX, check_loss_backend, head_spec, linear_nll, resolve_loss_backend
+from .nll_backends import IGNORE_INDEX, check_loss_backend, head_spec, linear_nll, resolve_loss_backend
 
 # Rows without padding whose position ids have gaps (compressed inputs) are plain causal sequences.
 # transformers, given position ids with gaps and no attention mask, would read the gaps as
@@ -233,7 +233,7 @@ def token_nll(
     ``logits_to_keep`` then does the selection, with no data-dependent indexing (no host
     synchronisation).
 
-    ``loss_backend`` (:mod:`forgetful.loss_kernels`): ``dense`` computes the scored logits at once
+    ``loss_backend`` (:mod:`forgetful.nll_backends`): ``dense`` computes the scored logits at once
     through the model's own head; ``chunked``, ``cce`` and ``liger`` compute the head and the
     cross-entropy together without ``[N, vocab]`` logits; ``auto`` picks one. ``sparse_logits=False``
     (full logits) is a ``dense`` (or ``auto``) option."""

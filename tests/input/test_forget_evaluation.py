@@ -200,8 +200,17 @@ def test_the_report_shows_the_full_and_no_context_once(tmp_path):
     from forgetful.input.evaluation import write_report
 
     def row(strategy, keep, nll):
-        return {"strategy": strategy, "keep_ratio": keep, "nll": nll, "ppl": 1.0, "kept_tokens": 1, "fact_recall": None,
-                "flops_ratio": 1.0, "attn_flops_ratio": 1.0, "speedup": None}
+        return {
+            "strategy": strategy,
+            "keep_ratio": keep,
+            "nll": nll,
+            "ppl": 1.0,
+            "kept_tokens": 1,
+            "fact_recall": None,
+            "flops_ratio": 1.0,
+            "attn_flops_ratio": 1.0,
+            "speedup": None,
+        }
 
     rows = [row(s, k, n) for k in (0.5, 0.25) for s, n in (("identity", 1.0), ("none", 3.0), ("recency", 2.0 + k))]
     md = write_report(rows, tmp_path)

@@ -71,7 +71,7 @@ def test_joint_training_returns_model_policy_history(tiny_llama, data):
 
 def test_chunked_loss_backend_trains_as_dense(tiny_llama, data, monkeypatch):
     """The target NLL (LM loss and reward) through the chunked backend: the same run as dense."""
-    import forgetful.loss_kernels as lk
+    import forgetful.nll_backends as lk
 
     monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 3 * 400)  # 3 rows of logits per chunk
     model, tok = tiny_llama

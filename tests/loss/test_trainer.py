@@ -85,7 +85,7 @@ def test_collator_pads_right_and_counts_trained_tokens(tiny_llama):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """The chunked backend's chunks hold 3 rows of logits: every batch spans many chunks."""
-    import forgetful.loss_kernels as lk
+    import forgetful.nll_backends as lk
 
     monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 3 * 400)
 
@@ -198,7 +198,7 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradients(tiny_llama, tmp_pat
 
 
 def test_auto_backend_is_chunked_on_the_cpu(tiny_llama, tmp_path, monkeypatch):
-    import forgetful.loss_kernels as lk
+    import forgetful.nll_backends as lk
 
     model, tok = tiny_llama
     ds = _dataset(len(tok), n=2)
@@ -256,7 +256,7 @@ def test_use_liger_kernel_is_honoured_through_the_liger_backend(tiny_llama, tmp_
 
     import transformers.trainer
 
-    import forgetful.loss_kernels as lk
+    import forgetful.nll_backends as lk
 
     calls = []
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ForgetfulError, check_choices
-from ..loss_kernels import LossBackend, loss_backend_field
+from ..nll_backends import LossBackend, loss_backend_field
 from .policies import ForgetMask, LearnedForgetMask
 
 # what Accelerate's schedulers are called here (transformers.get_scheduler's names)

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..errors import ForgetfulError, check_probability
-from ..loss_kernels import check_loss_backend
 from ..models.loading import bf16_native
 from ..nll import unwrap_model
+from ..nll_backends import check_loss_backend
 from ..tokens import pad_token_id
 from ..training.interrupts import StopOnSignal, TrainingInterrupted
 from . import reinforce_core as core

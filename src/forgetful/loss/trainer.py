@@ -21,9 +21,9 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..errors import ForgetfulError
-from ..loss_kernels import LOSS_BACKENDS, LossBackend, check_loss_backend, loss_backend_field
 from ..models.loading import bf16_native
 from ..nll import IGNORE_INDEX, token_nll
+from ..nll_backends import LOSS_BACKENDS, LossBackend, check_loss_backend, loss_backend_field
 from ..tokens import pad_sequences, pad_token_id
 from ..training.checkpoints import latest_trainer_checkpoint, mark_complete, rotate
 from ..training.interrupts import StopOnSignal, TrainingInterrupted

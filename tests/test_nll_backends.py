@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import forgetful.loss_kernels as lk
+import forgetful.nll_backends as lk
 from forgetful.errors import ForgetfulError
-from forgetful.loss_kernels import (
+from forgetful.nll import token_nll
+from forgetful.nll_backends import (
     ChunkedLinearNLL,
     HeadSpec,
     check_loss_backend,
@@ -24,7 +25,6 @@ from forgetful.loss_kernels import (
     linear_nll,
     resolve_loss_backend,
 )
-from forgetful.nll import token_nll
 
 VOCAB = 300
 
