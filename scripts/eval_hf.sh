@@ -3,7 +3,7 @@
 #
 #   scripts/eval_hf.sh MODEL_DIR [RETAIN_EVAL_JSON [eval-tofu options ...]]
 #
-# Environment: DATA [../shared/data/tofu], FORGET [forget10], OUT [MODEL_DIR/eval],
+# Environment: DATA [tofu: $FORGETFUL_DATA/tofu, else the Hub], FORGET [forget10], OUT [MODEL_DIR/eval],
 #              MAX_NEW_TOKENS [200], BATCH [64]
 # Example: scripts/eval_hf.sh models/tofu_retain90_answer_only
 #          scripts/eval_hf.sh models/tofu_full_forget_facts models/tofu_retain90_answer_only/eval/tofu_eval.json
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:?usage: scripts/eval_hf.sh MODEL_DIR [RETAIN_EVAL_JSON]}
 RETAIN=${2:-}
-DATA=${DATA:-../shared/data/tofu}
+DATA=${DATA:-tofu}
 FORGET=${FORGET:-forget10}
 OUT=${OUT:-$MODEL/eval}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

@@ -7,7 +7,7 @@
 # SPLIT:    full (default) or retain90/95/99 (the retain model)
 # Environment (defaults in brackets):
 #   MODEL   initialisation, a folder or Hub name [models/base; pretrained here on the embedded corpus if missing]
-#   DATA    TOFU folder of <split>.json files, or locuslab/TOFU [../shared/data/tofu]
+#   DATA    tofu ($FORGETFUL_DATA/tofu, else locuslab/TOFU from the Hub), a folder of <split>.json files [tofu]
 #   FORGET  forget split [forget10]    EPOCHS [5]    LR [1e-4]    BATCH [16]
 #   OUT     output folder [models/tofu_<SPLIT>_<STRATEGY>]
 #   LAUNCH  launcher prefix for several GPUs, e.g. "accelerate launch --num_processes 2" [none]
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 STRATEGY=${1:-answer_only}
 SPLIT=${2:-full}
 MODEL=${MODEL:-models/base}
-DATA=${DATA:-../shared/data/tofu}
+DATA=${DATA:-tofu}
 FORGET=${FORGET:-forget10}
 EPOCHS=${EPOCHS:-5}
 LR=${LR:-1e-4}

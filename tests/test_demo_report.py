@@ -23,3 +23,15 @@ def test_no_part_zero_everywhere_still_explains():
 def test_nothing_to_explain():
     assert _zero_utility_note([_row(0.0), _row(0.3)]) == []
     assert _zero_utility_note([]) == []
+
+
+def test_the_real_model_part_reads_the_data_folder_when_there_is_one(monkeypatch, tmp_path):
+    from forgetful.data.locations import DATA_ENV
+    from forgetful.demo import DemoConfig, _real_text
+
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    source, name = _real_text(DemoConfig())
+    assert source is None and "embedded corpus" in name  # offline and no data folder: the embedded corpus
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert _real_text(DemoConfig())[0] == "wikitext2:test"
+    assert _real_text(DemoConfig(wikitext="my.txt")) == ("my.txt", "my.txt")

@@ -25,6 +25,7 @@ def test_the_readme_api_example_runs(tiny_model_dir, shared_data, tmp_path, monk
     (tmp_path / "shared").mkdir()
     os.symlink(shared_data, tmp_path / "shared" / "data")
     monkeypatch.chdir(work)
+    monkeypatch.setenv("FORGETFUL_DATA", str(shared_data))  # the README's data names read the data folder
     scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)
     assert scope["short"].input_ids.shape[1] < scope["ids"].shape[1]

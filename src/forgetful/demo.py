@@ -8,8 +8,9 @@
 3. Loss forgetting: the TOFU experiment on embedded TOFU-shaped data: train on ``full``, on the
    retain split, and on ``full`` with the forget split masked by each strategy; unlearn the
    forget split from the full model with NPO; score them all with the TOFU metrics.
-4. The real model (SmolLM2-135M-Instruct), zero-shot: target NLL of WikiText-2 test windows when
-   each strategy keeps half of the context.
+4. The real model (SmolLM2-135M-Instruct), zero-shot: target NLL of text windows (WikiText-2 test
+   from ``$FORGETFUL_DATA`` when it is set, else the embedded corpus) when each strategy keeps half
+   of the context. Skipped with a note when the model's package is not installed.
 
 Speed is not measured here: on a 2-core CPU the timings of a tiny model are noise. The GPU
 benchmarks (``benchmarks/``) measure it.
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .data.locations import data_root
+from .data.sources import load_text_corpus, text_windows, tokenize_stream
 from .errors import ForgetfulError, check_probability
 from .input.evaluation import add_speedups, evaluate_forgetting, write_report
 from .input.examples import load_forget_examples
@@ -59,8 +62,12 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "Seed of every stage."})
     skip_tofu: bool = field(default=False, metadata={"help": "Leave out the TOFU part."})
     real_model: str = field(default="smollm2-135m", metadata={"help": "The real model of part 4 (a name or folder)."})
-    wikitext: str = field(
-        default="../shared/data/wikitext2/test.txt", metadata={"help": "WikiText-2 test file for part 4."}
+    wikitext: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text of part 4: a file, or wikitext2:test (FORGETFUL_DATA or the Hub). Default: WikiText-2 test "
+            "from $FORGETFUL_DATA when it is set, else the embedded corpus (the demo stays offline)."
+        },
     )
     real_windows: int = field(default=16, metadata={"help": "Part 4: WikiText-2 windows scored."})
     real_context: int = field(default=128, metadata={"help": "Part 4: context tokens per window."})
@@ -222,7 +229,7 @@ def run_demo(a: DemoConfig) -> dict:
 
     # 4. The real model, zero-shot ----------------------------------------------------------------
     if not a.skip_real:
-        t = _stage(f"4/4 the real model ({a.real_model}), zero-shot on WikiText-2 at keep {1 - a.forget_p:g}")
+        t = _stage(f"4/4 the real model ({a.real_model}), zero-shot at keep {1 - a.forget_p:g}: {_real_text(a)[1]}")
         results["real_model"] = _real_model_section(a, out / "real_model")
         timings["real_model"] = time.perf_counter() - t
 
@@ -234,17 +241,34 @@ def run_demo(a: DemoConfig) -> dict:
     return results
 
 
+def _real_text(a: DemoConfig) -> tuple[str | None, str]:
+    """(source for load_forget_examples, its name in the report) of part 4: the text asked for, else
+    WikiText-2 test from ``$FORGETFUL_DATA``, else the embedded corpus (None)."""
+    if a.wikitext is not None:
+        return a.wikitext, "WikiText-2 test" if "wikitext" in a.wikitext.lower() else a.wikitext
+    if data_root() is not None:
+        return "wikitext2:test", "WikiText-2 test ($FORGETFUL_DATA)"
+    return None, "the embedded corpus (no data folder given: set FORGETFUL_DATA for WikiText-2)"
+
+
 def _real_model_section(a: DemoConfig, out: Path) -> dict:
-    """Every baseline at the demo's budget on WikiText-2 test windows, read by the real model as it
-    comes (no finetuning). Missing WikiText-2 is a note in the report, not a failure."""
-    if not Path(a.wikitext).is_file():
-        print(f"skipping the real-model part: {a.wikitext} is not there (pass --wikitext FILE)")
-        return {"skipped": f"{a.wikitext} not found"}
-    model, tok = load_model(a.real_model)
+    """Every baseline at the demo's budget on text windows, read by the real model as it comes (no
+    finetuning): WikiText-2 when a data folder is given, else windows of the embedded corpus. The
+    model package missing is a note in the report, not a failure."""
+    try:
+        model, tok = load_model(a.real_model)
+    except ForgetfulError as exc:
+        print(f"skipping the real-model part: {exc}")
+        return {"skipped": str(exc)}
     model.eval()
-    windows = load_forget_examples(
-        a.wikitext, tok, context_length=a.real_context, target_length=a.real_target, max_examples=a.real_windows
-    )
+    source, text_name = _real_text(a)
+    if source is None:
+        corpus = load_text_corpus(None, embedded_docs=400, seed=a.seed + 7)
+        windows = text_windows(tokenize_stream(corpus, tok), a.real_context, a.real_target, max_windows=a.real_windows)
+    else:
+        windows = load_forget_examples(
+            source, tok, context_length=a.real_context, target_length=a.real_target, max_examples=a.real_windows
+        )
     keep = 1 - a.forget_p
     rows = evaluate_forgetting(
         model,
@@ -259,7 +283,7 @@ def _real_model_section(a: DemoConfig, out: Path) -> dict:
     write_report(
         rows,
         out,
-        title=f"{a.real_model}, zero-shot, WikiText-2 test",
+        title=f"{a.real_model}, zero-shot, {text_name}",
         notes=f"{len(windows)} windows of {a.real_context} context + {a.real_target} target tokens; every strategy "
         f"keeps {keep:g} of the context (identity keeps it all; none keeps only token 0).",
     )
@@ -267,11 +291,12 @@ def _real_model_section(a: DemoConfig, out: Path) -> dict:
         {r["strategy"]: r["nll"] for r in rows if r["strategy"] not in ("identity", "none")},
         out / "nll_at_keep.png",
         ylabel="target NLL (nats per token)",
-        title=f"{a.real_model} zero-shot: WikiText-2 target NLL at keep {keep:g}",
+        title=f"{a.real_model} zero-shot: target NLL at keep {keep:g}",
         levels={"full context": _fmt_row(rows, "identity", keep)["nll"]},
     )
     return {
         "model": a.real_model,
+        "text": text_name,
         "windows": len(windows),
         "context": a.real_context,
         "target": a.real_target,
@@ -369,7 +394,7 @@ def _report(results: dict, rows: list[dict], a: DemoConfig) -> str:
         lines += [
             f"## 4. The real model, zero-shot: {real['model']}",
             "",
-            f"SmolLM2-135M-Instruct as it comes (no finetuning) on {real['windows']} WikiText-2 test windows of "
+            f"SmolLM2-135M-Instruct as it comes (no finetuning) on {real['windows']} windows of {real['text']}, "
             f"{real['context']} context + {real['target']} target tokens; each strategy keeps {keep:g} of the "
             f"context (token 0 always). Full context: target NLL {ident['nll']:.3f}.",
             "",

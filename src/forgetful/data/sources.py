@@ -1,7 +1,8 @@
 """Data sources, all through ``datasets``: local text files (one row per non-empty line), local
-JSON / JSON-lines files, folders of those, the embedded generator (``None`` or ``"embedded"``), and
-Hub names (``wikitext`` with ``wikitext-103-raw-v1``, ...) through the real Hub code path, which
-fails offline with one line saying how to point at a local copy. Plus the token stream of a corpus
+JSON / JSON-lines files, folders of those, the embedded generator (``None`` or ``"embedded"``),
+known datasets by name (``wikitext2:test``: ``$FORGETFUL_DATA`` or the Hub, see
+:mod:`.locations`), and Hub names (``wikitext`` with ``wikitext-103-raw-v1``, ...) through the real
+Hub code path, which fails offline with one line saying how to point at a local copy. Plus the token stream of a corpus
 and fixed windows cut from it (context ``n`` tokens, target the next ``m``).
 """
 
@@ -18,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from ..errors import ForgetfulError, require_file
 from ..hub import cache_only_when_offline, hub_error
 from ..tokens import encode_text, with_special_tokens
+from .locations import resolve
 
 EMBEDDED = "embedded"
 TEXT_SUFFIXES = (".txt", ".text", ".raw", ".tokens")
@@ -50,7 +52,9 @@ def _load_local(path: Path) -> Dataset:
         raise ForgetfulError(f"cannot read {builder} data from {path}: {reason}") from None
 
 
-def load_hub_dataset(name: str, config_name: str | None = None, split: str = "train") -> Dataset:
+def load_hub_dataset(
+    name: str, config_name: str | None = None, split: str = "train", local_hint: str | None = None
+) -> Dataset:
     """A dataset from the Hub through ``datasets.load_dataset`` (offline: the local cache only)."""
     from datasets import load_dataset
 
@@ -62,13 +66,18 @@ def load_hub_dataset(name: str, config_name: str | None = None, split: str = "tr
             "dataset",
             name + (f" (config {config_name})" if config_name else ""),
             exc,
-            "to work offline, download it elsewhere and pass a local copy (a .txt, .json/.jsonl file or a folder)",
+            local_hint
+            or "to work offline, download it elsewhere and pass a local copy (a .txt, .json/.jsonl file or a folder)",
         ) from None
 
 
 def load_rows(source: str | Path, *, config_name: str | None = None, split: str = "train") -> Dataset:
-    """Rows from a local file/folder or a Hub dataset name."""
-    source = str(source)
+    """Rows from a local file/folder, a known dataset's name (``wikitext2:test``, ...:
+    :mod:`~forgetful.data.locations`) or a Hub dataset name."""
+    found = resolve(source)
+    if found.on_hub:
+        return load_hub_dataset(found.source, found.config, found.split, found.offline_hint())
+    source = found.source
     if _is_local(source):
         return _load_local(Path(source).expanduser())
     return load_hub_dataset(source, config_name, split)

@@ -33,6 +33,7 @@ from pathlib import Path
 from ..errors import ForgetfulError
 from ..tokens import PromptAnswer, eos_ids, pad_token_id
 from .embedded_tofu import tofu_splits
+from .locations import NAMED, resolve
 from .sources import load_hub_dataset, load_rows, write_jsonl
 
 TOFU_HUB_NAME = "locuslab/TOFU"
@@ -168,15 +169,22 @@ def is_embedded(source: str | Path | None) -> bool:
 def load_tofu_split(source: str | Path | None, split: str, *, num_authors: int = 200, seed: int = 0) -> list[dict]:
     """Rows of one TOFU split, checked for the fields the split must have.
 
-    ``source``: ``None``/``"embedded"`` (generator with ``num_authors``), a local folder of
-    ``<split>.json`` files, or a Hub dataset name such as ``locuslab/TOFU``.
+    ``source``: ``None``/``"embedded"`` (generator with ``num_authors``), ``tofu`` (the real data:
+    ``$FORGETFUL_DATA/tofu``, else ``locuslab/TOFU`` from the Hub), a local folder of ``<split>.json``
+    files, or a Hub dataset name.
     """
+    if str(source) in NAMED and str(source) != "tofu":
+        raise ForgetfulError(f"{source} is not TOFU: pass tofu, embedded, a folder of <split>.json or a Hub name")
+    found = resolve(source) if source is not None else None
     if is_embedded(source):
         splits = _embedded(num_authors, seed)
         if split not in splits:
             raise ForgetfulError(f"unknown TOFU split '{split}'; the splits are {', '.join(sorted(splits))}")
         rows = [dict(r) for r in splits[split]]  # copies: the cached splits stay untouched
-    elif Path(str(source)).expanduser().exists() or str(source).startswith((".", "/", "~")):
+    elif found.on_hub:
+        rows = load_hub_dataset(found.source, split, split="train", local_hint=found.offline_hint()).to_list()
+    elif Path(found.source).expanduser().exists() or found.source.startswith((".", "/", "~")):
+        source = found.source
         folder = Path(str(source)).expanduser()
         if not folder.exists():
             raise ForgetfulError(f"TOFU data folder not found: {folder} does not exist")
