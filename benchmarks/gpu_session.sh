@@ -78,7 +78,7 @@ case "$phase" in
         ft=""; [ $first = 1 ] || ft="--finetuned ${FT_NO_IDENTITY:-random,recency,lexical,attention_score,self_information,random@unit,recency@unit,lexical@unit,attention_score@unit,self_information@unit}"
         first=0
         (timeout -k 30 "$budget" python3 -m forgetful forget-experiment $common ${task_args[$task]} \
-           --out "$R/runs/forget_$task" --keeps "$keep" $ft ${FORGET_EXTRA:-} \
+           --out "$R/runs/forget_$task" --keep "$keep" $ft ${FORGET_EXTRA:-} \
            > "$out/forget_${task}_$keep.log" 2>&1; true) &
       done
     done

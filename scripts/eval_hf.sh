@@ -16,7 +16,7 @@ FORGET=${FORGET:-forget10}
 OUT=${OUT:-$MODEL/eval}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 ARGS=(--model "$MODEL" --data-dir "$DATA" --forget-split "$FORGET" --out "$OUT"
-      --max-new-tokens "${MAX_NEW_TOKENS:-200}" --batch-size "${BATCH:-64}")
+      --max-new-tokens "${MAX_NEW_TOKENS:-200}" --eval-batch-size "${BATCH:-64}")
 [ -n "$RETAIN" ] && ARGS+=(--retain-eval "$RETAIN")
 $PY -m forgetful eval-tofu "${ARGS[@]}" "${@:3}"  # extra eval-tofu options pass through
 echo "== $OUT/tofu_summary.json =="

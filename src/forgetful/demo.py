@@ -3,7 +3,7 @@
 1. Pretrain a tiny Llama-style LM on the embedded corpus (a curriculum that teaches it to read
    facts back out of biography passages) and evaluate it.
 2. Input forgetting: train an MLP forget policy jointly with the LM by REINFORCE at
-   forget_p = 0.5, then an RNN policy on the same LM (frozen), and evaluate every strategy at
+   keep 0.5, then an RNN policy on the same LM (frozen), and evaluate every strategy at
    keep 1, 0.75, 0.5, 0.25 (quality, FLOPs, time, memory).
 3. Loss forgetting: the TOFU experiment on embedded TOFU-shaped data: train on ``full``, on the
    retain split, and on ``full`` with the forget split masked by each strategy; unlearn the
@@ -28,9 +28,10 @@ import torch
 
 from .data.locations import data_root
 from .data.sources import load_text_corpus, text_windows, tokenize_stream
-from .errors import ForgetfulError, check_probability
+from .errors import ForgetfulError
 from .input.evaluation import add_speedups, evaluate_forgetting, write_report
 from .input.examples import load_forget_examples
+from .input.options import parse_keep
 from .input.policies import MLPForgetMask, RNNForgetMask
 from .input.reinforce import ForgetTrainingConfig, reinforce_model
 from .loss.pretrain import PretrainConfig, PretrainTrainingArguments, run_pretrain
@@ -46,7 +47,7 @@ class DemoConfig:
     pretrain_copy_docs: int = field(default=14000, metadata={"help": "Of which copy documents (first)."})
     forget_examples: int = field(default=3000, metadata={"help": "Input-forgetting training examples."})
     eval_examples: int = field(default=192, metadata={"help": "Held-out examples for the evaluations."})
-    forget_p: float = field(default=0.5, metadata={"help": "Share of the context the policies forget."})
+    keep: float = field(default=0.5, metadata={"help": "Share of the context the policies keep, in (0, 1)."})
     steps_per_epoch: int = field(default=40, metadata={"help": "REINFORCE steps per epoch (4 epochs)."})
     tofu_authors: int = field(default=20, metadata={"help": "Authors in the embedded TOFU data."})
     tofu_epochs: float = field(default=20.0, metadata={"help": "Epochs of the TOFU finetuning runs."})
@@ -75,7 +76,7 @@ class DemoConfig:
     skip_real: bool = field(default=False, metadata={"help": "Leave out the real-model part."})
 
     def __post_init__(self):
-        check_probability("forget_p", self.forget_p)
+        (self.keep,) = parse_keep(self.keep, allow_one=False)
         for name in (
             "pretrain_docs",
             "forget_examples",
@@ -121,7 +122,7 @@ def run_demo(a: DemoConfig) -> dict:
     }
 
     # 2. Input forgetting --------------------------------------------------------------------
-    t = _stage(f"2/4 input forgetting: REINFORCE policies at forget_p={a.forget_p}")
+    t = _stage(f"2/4 input forgetting: REINFORCE policies at keep {a.keep:g}")
     model, tok = load_model(str(out / "base"))
     train = load_forget_examples(None, tok, embedded_examples=a.forget_examples, seed=a.seed)
     held_out = load_forget_examples(None, tok, embedded_examples=a.eval_examples, seed=a.seed + 1234)
@@ -137,7 +138,7 @@ def run_demo(a: DemoConfig) -> dict:
     joint = reinforce_model(
         model,
         mlp,
-        forget_p=a.forget_p,
+        forget_p=1 - a.keep,
         exploration_epochs=[0.75, 0.5, 0.25, 0],
         train_dataset=train,
         eval_dataset=held_out,
@@ -155,7 +156,7 @@ def run_demo(a: DemoConfig) -> dict:
     frozen = reinforce_model(
         model,
         rnn,
-        forget_p=a.forget_p,
+        forget_p=1 - a.keep,
         exploration_epochs=[0.5, 0.25, 0],
         train_dataset=train,
         eval_dataset=held_out,
@@ -229,7 +230,7 @@ def run_demo(a: DemoConfig) -> dict:
 
     # 4. The real model, zero-shot ----------------------------------------------------------------
     if not a.skip_real:
-        t = _stage(f"4/4 the real model ({a.real_model}), zero-shot at keep {1 - a.forget_p:g}: {_real_text(a)[1]}")
+        t = _stage(f"4/4 the real model ({a.real_model}), zero-shot at keep {a.keep:g}: {_real_text(a)[1]}")
         results["real_model"] = _real_model_section(a, out / "real_model")
         timings["real_model"] = time.perf_counter() - t
 
@@ -269,7 +270,7 @@ def _real_model_section(a: DemoConfig, out: Path) -> dict:
         windows = load_forget_examples(
             source, tok, context_length=a.real_context, target_length=a.real_target, max_examples=a.real_windows
         )
-    keep = 1 - a.forget_p
+    keep = a.keep
     rows = evaluate_forgetting(
         model,
         {},
@@ -330,7 +331,7 @@ def _fmt_row(rows, strategy, keep):
 
 def _report(results: dict, rows: list[dict], a: DemoConfig) -> str:
     pre = results["pretrain"]
-    keep = 1 - a.forget_p
+    keep = a.keep
     ident = _fmt_row(rows, "identity", 1.0)
     at = [r for r in rows if abs(r["keep_ratio"] - keep) < 1e-9 and r["strategy"] != "identity"]
     for r in at:
@@ -386,7 +387,7 @@ def _report(results: dict, rows: list[dict], a: DemoConfig) -> str:
         lines += _zero_utility_note(results["tofu"])
     real = results.get("real_model")
     if real and "rows" in real:
-        keep = 1 - a.forget_p
+        keep = a.keep
         ident = _fmt_row(real["rows"], "identity", keep)
         at = [r for r in real["rows"] if r["strategy"] != "identity"]
         for r in at:

@@ -132,8 +132,8 @@ def _cases(d: Path, model: str):
         (pre + ["--max-steps", "many"], "invalid int value"),
         (pre + ["--block-size", "0"], "block_size must be at least 1"),
         (pre + ["--bogus-flag", "1"], "not used by the HfArgumentParser"),
-        (fg + ["--forget-p", "1.5"], "forget_p must lie in [0, 1)"),
-        (fg + ["--forget-p", "-0.2"], "forget_p must lie in [0, 1)"),
+        (fg + ["--keep", "1.5"], "keep ratios must lie in (0, 1]"),
+        (fg + ["--keep", "0"], "keep ratios must lie in (0, 1]"),
         (fg + ["--exploration", "a,b"], "exploration entries are numbers"),
         (fg + ["--exploration", ","], "exploration is empty"),
         (fg + ["--method", "two_step", "--exploration", "0.5"], "true (LM epoch) or false"),
@@ -168,7 +168,7 @@ def _cases(d: Path, model: str):
         (unl + ["--data-dir", str(d / "tofu_no_perturbed"), "--evaluate"], "needs its perturbed answers"),
         (exp + ["--unlearning", "npo,rmu"], "unknown unlearning method 'rmu'"),
         (exp + ["--data-dir", str(d / "tofu_no_perturbed")], "forget10_perturbed' is missing"),
-        (["demo", "--out", str(d / "out_demo"), "--forget-p", "1.0"], "forget_p"),
+        (["demo", "--out", str(d / "out_demo"), "--keep", "1.0"], "keep ratios must lie in (0, 1)"),
     ]
 
 

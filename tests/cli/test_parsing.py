@@ -34,8 +34,8 @@ def test_train_forget_flags_fill_the_training_config():
             "bernoulli",
             "--num_samples",
             "5",
-            "--forget-p",
-            "0.25",
+            "--keep",
+            "0.75",
         ],
     )
     assert isinstance(config, ForgetTrainingConfig)
@@ -45,7 +45,7 @@ def test_train_forget_flags_fill_the_training_config():
         "bernoulli",
         5,
     )
-    assert args.forget_p == 0.25 and args.model == "m"
+    assert args.keep == 0.75 and args.forget_p == 0.25 and args.model == "m"
     # the long names work too
     _, config = _parse("train-forget", ["--model", "m", "--output_dir", "o2", "--per_device_batch_size", "7"])
     assert (config.output_dir, config.per_device_batch_size) == ("o2", 7)

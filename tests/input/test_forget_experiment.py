@@ -45,7 +45,7 @@ def test_the_fair_protocol_experiment_end_to_end(tiny_model_dir, tmp_path):
         "tofu_qa",
         "--num-authors",
         "24",
-        "--keeps",
+        "--keep",
         "0.5",
         "--zero-shot",
         "identity,none,recency,lexical@unit,attention_score",
@@ -130,7 +130,7 @@ def test_strategy_lists_spell_out_the_unit_and_refuse_learned_baselines():
     t = ForgetExperimentConfig(model="m", task="text", train_file="a", eval_file="b", finetuned="recency@unit")
     assert t.unit == "sentence" and t.prior == "recency" and t.strategies("finetuned") == ["recency@sentence"]
     runs = [
-        name for name, *_ in ForgetExperimentConfig(model="m", keeps="0.5,0.25", finetuned="identity,recency").runs()
+        name for name, *_ in ForgetExperimentConfig(model="m", keep="0.5,0.25", finetuned="identity,recency").runs()
     ]
     assert runs == [
         "policy_residual_0.5",
@@ -149,7 +149,7 @@ def test_strategy_lists_spell_out_the_unit_and_refuse_learned_baselines():
         (dict(zero_shot="recency@page"), "unknown unit 'page'"),
         (dict(zero_shot="transformer"), "zero_shot: unknown strategy transformer"),
         (dict(finetune_epochs=0), "finetune_epochs must be at least 1"),
-        (dict(keeps="1.5"), "keep ratios must lie in (0, 1)"),
+        (dict(keep="1.5"), "keep ratios must lie in (0, 1)"),
     ):
         with pytest.raises(ForgetfulError, match=re.escape(msg)):
             ForgetExperimentConfig(model="m", **bad)
@@ -169,7 +169,7 @@ def test_the_report_ranks_strategies_per_keep_and_marks_the_learned(tmp_path, mo
 
     rows = [row("identity", 0.5, 1.0), row("none", 0.5, 3.0), row("recency", 0.5, 2.0), row("residual@task", 0.5, 1.5)]
     rows += [row("identity", 0.25, 1.0), row("recency", 0.25, 2.2), row("residual@task", 0.25, 1.9)]
-    _report(rows, ForgetExperimentConfig(model="m", keeps="0.5,0.25"), ForgetTrainingConfig(), tmp_path)
+    _report(rows, ForgetExperimentConfig(model="m", keep="0.5,0.25"), ForgetTrainingConfig(), tmp_path)
     panels, kw = drawn.pop()
     assert list(panels) == ["keep 0.5", "keep 0.25"]
     assert {b["label"]: b["highlight"] for b in panels["keep 0.5"]} == {"recency": False, "residual@task": True}

@@ -257,7 +257,7 @@ def _all_finite(xs) -> bool:
 
 def test_evaluate_tofu_embedded_shapes_and_summary(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    kw = {"data_dir": None, "num_authors": 4, "max_examples": 3, "max_new_tokens": 5}
+    kw = {"data_dir": None, "num_authors": 4, "max_eval_examples": 3, "max_new_tokens": 5}
     per, summary = evaluate_tofu(model, tok, TofuEvalConfig(**kw), progress=False)
     assert per["meta"]["forget_split"] == "forget10" and per["meta"]["holdout_split"] == "holdout10"
     assert per["meta"]["source"] == "embedded" and per["meta"]["template"] == "plain"
@@ -325,7 +325,7 @@ def test_evaluate_tofu_embedded_shapes_and_summary(tiny_llama, tmp_path):
 def test_evaluate_tofu_bad_forget_split(tiny_llama):
     model, tok = tiny_llama
     with pytest.raises(ForgetfulError, match="forget split must be one of forget01, forget05, forget10"):
-        TofuEvalConfig(forget_split="forget20", num_authors=4, max_examples=2)
+        TofuEvalConfig(forget_split="forget20", num_authors=4, max_eval_examples=2)
 
 
 def test_cli_eval_tofu(tiny_model_dir, tmp_path):
@@ -398,5 +398,5 @@ def test_cli_eval_tofu_user_error_exits_2(tiny_model_dir, tmp_path, capsys):
     )
     assert rc == 2
     err = capsys.readouterr().err
-    assert "max_new_tokens and batch_size must be positive" in err
+    assert "max_new_tokens and eval_batch_size must be positive" in err
     assert len(err.strip().splitlines()) == 1

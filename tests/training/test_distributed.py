@@ -101,7 +101,7 @@ def test_cli_under_torchrun_writes_once(tiny_model_dir, tmp_path):
         str(out),
         "--mask",
         "mlp",
-        "--forget_p",
+        "--keep",
         "0.5",
         "--exploration",
         "0.5",

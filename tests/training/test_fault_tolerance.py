@@ -67,7 +67,7 @@ def _argv(trainer: str, model_dir: Path, out: Path) -> list[str]:
         str(out),
         "--mask",
         "mlp",
-        "--forget_p",
+        "--keep",
         "0.5",
         "--exploration",
         "0.5,0",

@@ -12,23 +12,13 @@ import torch
 from ..errors import ForgetfulError
 from ..input.evaluation import BASELINES, add_speedups, evaluate_forgetting, write_report
 from ..input.examples import load_forget_examples
+from ..input.options import TextWindowOptions, parse_keep
 from ..input.policies import LearnedForgetMask, mask_names
 from ..models import bf16_autocast, load_model
 
 
-def parse_keep_ratios(text: str | list) -> list[float]:
-    parts = text if isinstance(text, list) else [p for p in str(text).split(",") if p.strip()]
-    try:
-        ratios = [float(p) for p in parts]
-    except ValueError:
-        raise ForgetfulError(f"keep ratios must be numbers like 1,0.75,0.5,0.25, got {text!r}") from None
-    if not ratios or any(not 0 < r <= 1 for r in ratios):
-        raise ForgetfulError(f"keep ratios must lie in (0, 1], got {text!r}")
-    return sorted(set(ratios), reverse=True)
-
-
-@dataclass
-class EvalForgetArguments:
+@dataclass(kw_only=True)
+class EvalForgetArguments(TextWindowOptions):
     model: str = field(metadata={"help": "The LM folder (save_pretrained), e.g. a train-forget OUT/lm."})
     out: str = field(metadata={"help": "Output folder for results.json, report.md and plots."})
     mask_dir: list[str] = field(
@@ -39,8 +29,6 @@ class EvalForgetArguments:
     )
     keep: str = field(default="1,0.75,0.5,0.25", metadata={"help": "Keep ratios, comma separated."})
     strategies: str = field(default=",".join(BASELINES), metadata={"help": "Baselines to include."})
-    context_length: int = field(default=256, metadata={"help": "Text files: context tokens per window (n)."})
-    target_length: int = field(default=32, metadata={"help": "Text files: target tokens per window (m)."})
     max_examples: int = field(default=256, metadata={"help": "At most this many held-out examples."})
     batch_size: int = field(default=16, metadata={"help": "Rows per evaluation batch."})
     timing_repeats: int = field(
@@ -51,7 +39,7 @@ class EvalForgetArguments:
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on a GPU that supports it)."})
 
     def __post_init__(self):
-        self.keep_ratios = parse_keep_ratios(self.keep)
+        self.keep_ratios = parse_keep(self.keep)
         self.strategy_names = [s.strip() for s in self.strategies.split(",") if s.strip()]
         baselines = mask_names(learned=False)
         unknown = [s for s in self.strategy_names if s not in baselines]
@@ -74,12 +62,7 @@ def run(a: EvalForgetArguments) -> list[dict]:
         name = Path(d).name if Path(d).name not in ("policy",) else Path(d).parent.name
         policies[name] = policy
     ds = load_forget_examples(
-        a.eval_file,
-        tokenizer,
-        context_length=a.context_length,
-        target_length=a.target_length,
-        max_examples=a.max_examples,
-        seed=a.embedded_seed,
+        a.eval_file, tokenizer, **a.window_options(), max_examples=a.max_examples, seed=a.embedded_seed
     )
     autocast = bf16_autocast(device) if a.bf16 is not False else None
     if a.bf16 and autocast is None:

@@ -11,23 +11,24 @@ from typing import Literal
 
 import torch
 
-from ..errors import ForgetfulError, check_probability
+from ..errors import ForgetfulError
 from ..input.evaluation import baseline_masks, batches_of, evaluate_strategy
 from ..input.examples import load_forget_examples
+from ..input.options import TextWindowOptions, parse_keep
 from ..input.policies import build_mask, mask_names
 from ..input.reinforce import ForgetMaskTrainer, ForgetTrainingConfig
 from ..models import load_model
 from ..reporting import plot_lines, write_json
 
 
-@dataclass
-class TrainForgetArguments:
+@dataclass(kw_only=True)
+class TrainForgetArguments(TextWindowOptions):
     model: str = field(metadata={"help": "The base LM: a folder (save_pretrained) or a Hub name."})
     mask: str = field(default="mlp", metadata={"help": "Learned policy: mlp, cnn_mlp, rnn or birnn."})
     method: Literal["reinforce", "two_step"] = field(
         default="reinforce", metadata={"help": "reinforce (joint) or two_step (alternating)."}
     )
-    forget_p: float = field(default=0.1, metadata={"help": "Share of the context to forget, in [0, 1)."})
+    keep: float = field(default=0.9, metadata={"help": "Share of the context kept, in (0, 1] (forget_p = 1 - keep)."})
     exploration: str = field(
         default="0.75,0.5,0.25,0",
         metadata={
@@ -41,9 +42,6 @@ class TrainForgetArguments:
     eval_file: str | None = field(
         default=None, metadata={"help": "Held-out data; default: embedded biographies (other seed)."}
     )
-    context_length: int = field(default=256, metadata={"help": "Text files: context tokens per window (n)."})
-    target_length: int = field(default=32, metadata={"help": "Text files: target tokens per window (m)."})
-    stride: int | None = field(default=None, metadata={"help": "Text files: window stride (default n + m)."})
     max_examples: int | None = field(default=None, metadata={"help": "At most this many training examples."})
     embedded_examples: int = field(
         default=2000, metadata={"help": "Training examples generated when no --train-file is given."}
@@ -54,7 +52,8 @@ class TrainForgetArguments:
     cell: Literal["gru", "lstm"] = field(default="gru", metadata={"help": "rnn/birnn: gru or lstm."})
 
     def __post_init__(self):
-        check_probability("forget_p", self.forget_p)
+        (self.keep,) = parse_keep(self.keep)
+        self.forget_p = 1.0 - self.keep
         if self.mask not in mask_names(learned=True):
             raise ForgetfulError(f"unknown mask '{self.mask}'; choose from {', '.join(mask_names(learned=True))}")
 
@@ -95,7 +94,7 @@ def run(a: TrainForgetArguments, config: ForgetTrainingConfig) -> dict:
     if config.run_name == ForgetTrainingConfig.run_name:
         config.run_name = f"forget-{a.mask}"
     model, tok = load_model(a.model)
-    data_kw = dict(context_length=a.context_length, target_length=a.target_length, stride=a.stride, seed=config.seed)
+    data_kw = dict(**a.window_options(), seed=config.seed)
     train = load_forget_examples(
         a.train_file, tok, max_examples=a.max_examples, embedded_examples=a.embedded_examples, **data_kw
     )
@@ -139,6 +138,7 @@ def run(a: TrainForgetArguments, config: ForgetTrainingConfig) -> dict:
     final: dict = {
         "mask": a.mask,
         "method": a.method,
+        "keep": a.keep,
         "forget_p": a.forget_p,
         "exploration": exploration,
         "train_examples": len(train),

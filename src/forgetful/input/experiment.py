@@ -37,6 +37,7 @@ from ..models import bf16_autocast, load_model
 from .evaluation import add_speedups, evaluate_forgetting
 from .examples import load_forget_examples
 from .experiment_results import read_results, record_run
+from .options import TextWindowOptions, parse_keep
 from .policies import build_mask, mask_names, parse_strategy
 from .policy_training import load_policy, train_policy
 from .reinforce import ForgetMaskTrainer, ForgetTrainingConfig
@@ -51,8 +52,8 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-@dataclass
-class ForgetExperimentConfig:
+@dataclass(kw_only=True)
+class ForgetExperimentConfig(TextWindowOptions):
     """What the experiment compares; the training options are :class:`ForgetTrainingConfig`'s
     (``--out`` is the experiment's folder; the LM finetuning of every strategy uses its LM options,
     the policy training its policy options)."""
@@ -62,10 +63,7 @@ class ForgetExperimentConfig:
     data: str | None = field(default=None, metadata={"help": "tofu_qa: the TOFU folder (default: embedded data)."})
     train_file: str | None = field(default=None, metadata={"help": "text: the training text file."})
     eval_file: str | None = field(default=None, metadata={"help": "text: the held-out text file."})
-    context_length: int = field(default=1024, metadata={"help": "text: context tokens per window."})
-    target_length: int = field(default=32, metadata={"help": "text: target tokens per window."})
-    stride: int | None = field(default=None, metadata={"help": "text: tokens between window starts (default n + m)."})
-    keeps: str = field(default="0.5", metadata={"help": "Keep ratios, comma separated."})
+    keep: str = field(default="0.5", metadata={"help": "Keep ratios, comma separated."})
     unit: str | None = field(
         default=None,
         metadata={
@@ -119,13 +117,7 @@ class ForgetExperimentConfig:
         check_choices(self)
         from .units import check_unit
 
-        try:
-            ratios = [float(k) for k in _names(self.keeps)]
-        except ValueError:
-            raise ForgetfulError(f"keeps must be numbers like 0.5,0.25, got {self.keeps!r}") from None
-        if not ratios or any(not 0 < r < 1 for r in ratios):
-            raise ForgetfulError(f"keep ratios must lie in (0, 1), got {self.keeps!r}")
-        self.keep_ratios = ratios
+        self.keep_ratios = parse_keep(self.keep, allow_one=False)
         self.unit = check_unit(self.unit or TASK_UNIT[self.task])
         self.prior = self.prior or TASK_PRIOR[self.task]
         for name in ("finetune_epochs", "policy_steps", "policy_eval_steps", "bootstrap"):

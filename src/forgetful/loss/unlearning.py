@@ -42,23 +42,21 @@ RETAIN_LOSS_TYPES = ("NLL", "KL")
 
 
 @dataclass
-class UnlearningConfig(SelectiveLossConfig):
-    """:class:`SelectiveLossConfig` plus the unlearning method and its weights, with
-    open-unlearning's TOFU unlearning recipe as defaults."""
+class OpenUnlearningRecipe(SelectiveLossConfig):
+    """open-unlearning's TOFU training recipe as option defaults, declared once for finetuning
+    (``tofu-experiment``) and unlearning (``unlearn``): lr 1e-5, 8 rows per device x 4 accumulation
+    steps (effective 32 on one GPU), weight decay 0.01, one warm-up epoch, linear decay, AdamW, the
+    mean loss of each micro-batch, 5 epochs (unlearning: 10)."""
 
-    method: str = field(default="npo", metadata={"help": f"Unlearning method: {', '.join(UNLEARNING_METHODS)}."})
-    beta: float = field(default=0.1, metadata={"help": "NPO: inverse temperature."})
-    alpha: float = field(default=1.0, metadata={"help": "grad_diff, npo: weight of the retain loss."})
-    gamma: float = field(default=1.0, metadata={"help": "grad_diff, npo: weight of the forget loss."})
-    retain_loss_type: str = field(default="NLL", metadata={"help": "grad_diff, npo: NLL or KL (to the reference)."})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (open-unlearning: 1e-5)."})
     num_train_epochs: float = field(
-        default=10.0, metadata={"help": "Epochs over the forget set (open-unlearning: 10).", "aliases": ["--epochs"]}
+        default=5.0,
+        metadata={"help": "Epochs (open-unlearning: 5 to finetune, 10 to unlearn).", "aliases": ["--epochs"]},
     )
     per_device_train_batch_size: int = field(
         default=8,
         metadata={
-            "help": "Forget rows per process per micro-batch (open-unlearning: 8).",
+            "help": "Rows per process per micro-batch (open-unlearning: 8).",
             "aliases": ["--batch_size", "--batch-size"],
         },
     )
@@ -79,6 +77,36 @@ class UnlearningConfig(SelectiveLossConfig):
         },
     )
     save_strategy: str = field(default="no", metadata={"help": "When to checkpoint: no, steps or epoch."})
+    logging_steps: float = field(default=25, metadata={"help": "Log the losses every N steps."})
+
+
+@dataclass
+class UnlearningLossOptions:
+    """The weights of GradDiff's and NPO's losses (open-unlearning's defaults), declared once for
+    ``unlearn`` and ``tofu-experiment``."""
+
+    beta: float = field(default=0.1, metadata={"help": "NPO: inverse temperature."})
+    alpha: float = field(default=1.0, metadata={"help": "grad_diff, npo: weight of the retain loss."})
+    gamma: float = field(default=1.0, metadata={"help": "grad_diff, npo: weight of the forget loss."})
+    retain_loss_type: str = field(default="NLL", metadata={"help": "grad_diff, npo: NLL or KL (to the reference)."})
+
+    def check_loss_options(self) -> None:
+        if self.retain_loss_type not in RETAIN_LOSS_TYPES:
+            raise ForgetfulError(
+                f"retain_loss_type must be one of {', '.join(RETAIN_LOSS_TYPES)}, got '{self.retain_loss_type}'"
+            )
+        if self.beta <= 0:
+            raise ForgetfulError(f"beta must be positive, got {self.beta}")
+
+
+@dataclass
+class UnlearningConfig(OpenUnlearningRecipe, UnlearningLossOptions):
+    """The unlearning method and its weights on open-unlearning's TOFU unlearning recipe."""
+
+    method: str = field(default="npo", metadata={"help": f"Unlearning method: {', '.join(UNLEARNING_METHODS)}."})
+    num_train_epochs: float = field(
+        default=10.0, metadata={"help": "Epochs over the forget set (open-unlearning: 10).", "aliases": ["--epochs"]}
+    )
     logging_steps: float = field(default=5, metadata={"help": "Log the losses every N steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the forget and retain rows travel in extra columns."}
@@ -91,12 +119,7 @@ class UnlearningConfig(SelectiveLossConfig):
             raise ForgetfulError(
                 f"unknown unlearning method '{self.method}'; choose from {', '.join(UNLEARNING_METHODS)}"
             )
-        if self.retain_loss_type not in RETAIN_LOSS_TYPES:
-            raise ForgetfulError(
-                f"retain_loss_type must be one of {', '.join(RETAIN_LOSS_TYPES)}, got '{self.retain_loss_type}'"
-            )
-        if self.beta <= 0:
-            raise ForgetfulError(f"beta must be positive, got {self.beta}")
+        self.check_loss_options()
         super().__post_init__()
 
     @property

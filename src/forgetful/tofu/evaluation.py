@@ -34,16 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.tofu import (
-    DEFAULT_DATE_STRING,
-    DEFAULT_MAX_LENGTH,
-    DEFAULT_SYSTEM_PROMPT,
-    FORGET_SPLITS,
-    TEMPLATE_KINDS,
-    TofuTemplate,
-    encode_qa,
-    load_tofu_split,
-)
+from ..data.tofu import DEFAULT_MAX_LENGTH, TofuTemplate, encode_qa, load_tofu_split
 from ..errors import ForgetfulError
 from ..rouge import rouge_scores
 from .metrics import (
@@ -58,6 +49,7 @@ from .metrics import (
     truth_ratio_forget,
     truth_ratio_utility,
 )
+from .options import TofuDataOptions, TofuEvalOptions, copy_options
 from .reference import RetainReference, load_retain_reference
 from .scoring import answer_nll, generate_answers, references, score_answers
 
@@ -80,61 +72,22 @@ def holdout_split(forget_split: str) -> str:
     return "holdout" + forget_split.removeprefix("forget")
 
 
-@dataclass
-class TofuEvalConfig:
+@dataclass(kw_only=True)
+class TofuEvalConfig(TofuDataOptions, TofuEvalOptions):
     """What the TOFU suite evaluates on, and how (the options of ``forgetful eval-tofu``); the
     defaults are open-unlearning's."""
 
-    data_dir: str | None = field(
-        default=None, metadata={"help": "TOFU folder of <split>.json, 'locuslab/TOFU', or unset for the embedded data."}
-    )
-    forget_split: str = field(default="forget10", metadata={"help": "forget01, forget05 or forget10."})
-    max_new_tokens: int = field(default=200, metadata={"help": "Longest greedy answer generated (for ROUGE)."})
-    batch_size: int = field(default=32, metadata={"help": "Evaluation batch size (scoring and generation)."})
-    max_examples: int | None = field(default=None, metadata={"help": "Evaluate at most this many examples per set."})
-    num_authors: int = field(default=200, metadata={"help": "Authors in the embedded data."})
     seed: int = field(default=0, metadata={"help": "Seed of the embedded data."})
-    template: str = field(
-        default="auto",
-        metadata={"help": "Prompt format: chat (the tokenizer's chat template), plain (Question/Answer), auto."},
-    )
-    system_prompt: str | None = field(
-        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "Chat template: the system prompt ('' for none)."}
-    )
-    date_string: str | None = field(
-        default=DEFAULT_DATE_STRING, metadata={"help": "Chat template: the date_string variable ('' for none)."}
-    )
-    max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Plain template: truncate to this length."})
 
     def __post_init__(self):
-        if self.forget_split not in FORGET_SPLITS:
-            raise ForgetfulError(f"forget split must be one of {', '.join(FORGET_SPLITS)}, got '{self.forget_split}'")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ForgetfulError("max_new_tokens and batch_size must be positive")
-        if self.template not in TEMPLATE_KINDS:
-            raise ForgetfulError(f"template must be one of {', '.join(TEMPLATE_KINDS)}, got '{self.template}'")
-
-    def tofu_template(self) -> TofuTemplate:
-        return TofuTemplate(kind=self.template, system_prompt=self.system_prompt, date_string=self.date_string)
+        self.check_data_options()
+        self.check_eval_options()
 
     @classmethod
     def for_run(cls, options, seed: int) -> TofuEvalConfig:
-        """The evaluation of a training or unlearning run, from that run's options (the unlearn and
-        tofu-experiment configs name these fields alike; ``eval_batch_size`` and
-        ``max_eval_examples`` are theirs for ``batch_size`` and ``max_examples``)."""
-        return cls(
-            data_dir=options.data_dir,
-            forget_split=options.forget_split,
-            max_new_tokens=options.max_new_tokens,
-            batch_size=options.eval_batch_size,
-            max_examples=options.max_eval_examples,
-            num_authors=options.num_authors,
-            seed=seed,
-            template=options.template,
-            system_prompt=options.system_prompt,
-            date_string=options.date_string,
-            max_length=options.max_length,
-        )
+        """The evaluation of a training or unlearning run, from that run's options (the same option
+        groups)."""
+        return copy_options(cls, options, seed=seed)
 
 
 def encoding_fingerprint(tokenizer, template: TofuTemplate, rows: Sequence[dict], max_length=DEFAULT_MAX_LENGTH):
@@ -247,8 +200,8 @@ def load_eval_sets(config: TofuEvalConfig) -> dict[str, list[dict]]:
                     f"({split}: paraphrased and perturbed answers for the truth ratio)"
                 ) from None
             raise
-    if config.max_examples:
-        sets = {k: v[: config.max_examples] for k, v in sets.items()}
+    if config.max_eval_examples:
+        sets = {k: v[: config.max_eval_examples] for k, v in sets.items()}
     return sets
 
 
@@ -301,7 +254,7 @@ def evaluate_tofu(
             sets[name],
             name,
             max_new_tokens=c.max_new_tokens,
-            batch_size=c.batch_size,
+            batch_size=c.eval_batch_size,
             template=template,
             max_length=c.max_length,
         )

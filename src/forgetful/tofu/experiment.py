@@ -20,45 +20,34 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from ..data.tofu import (
-    DEFAULT_DATE_STRING,
-    DEFAULT_MAX_LENGTH,
-    DEFAULT_SYSTEM_PROMPT,
-    RETAIN_FOR_FORGET,
-    TEMPLATE_KINDS,
-)
+from ..data.tofu import RETAIN_FOR_FORGET
 from ..errors import ForgetfulError
 from ..loss.tasks import TOFU_STRATEGIES
-from ..loss.trainer import SelectiveLossConfig
 from ..loss.training import train_selective
-from ..loss.unlearning import RETAIN_LOSS_TYPES, UNLEARNING_METHODS, UnlearningConfig
+from ..loss.unlearning import UNLEARNING_METHODS, OpenUnlearningRecipe, UnlearningConfig, UnlearningLossOptions
 from ..models import bf16_native, load_model
 from ..reporting import markdown_table, plot_scatter, write_json, write_text
 from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, summarize
+from .options import TofuDataOptions, TofuEvalOptions, copy_options
 from .reference import reference_from_results
 from .unlearning import TofuUnlearnConfig, unlearn_tofu
 
 EVAL_DTYPES = ("auto", "bfloat16", "float32")
 
 
-@dataclass
-class TofuExperimentConfig:
-    """Which runs, on what data, evaluated how; the finetuning options are
-    :class:`TofuTrainingArguments`, the unlearning ones the ``unlearn_*`` fields here."""
+@dataclass(kw_only=True)
+class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptions):
+    """Which runs, on what data, evaluated how (the data, prompt and evaluation options are the
+    shared groups of :mod:`.options`); the finetuning options are :class:`TofuTrainingArguments`,
+    the unlearning ones the ``unlearn_*`` fields here."""
 
     model: str = field(metadata={"help": "The initialisation: a model folder, Hub name or smollm2-135m."})
     out: str = field(metadata={"help": "Output folder."})
-    data_dir: str | None = field(
-        default=None, metadata={"help": "TOFU folder (e.g. ../shared/data/tofu), locuslab/TOFU, or unset for embedded."}
-    )
-    forget_split: str = field(
-        default="forget10", metadata={"help": "The forget split: forget01, forget05 or forget10."}
-    )
     strategies: str = field(
         default="forget_answers,forget_facts,goldfish",
         metadata={"help": "Masking strategies for the forget split, comma separated (also: random)."},
@@ -69,12 +58,6 @@ class TofuExperimentConfig:
             "help": f"Unlearning methods run from the full model, comma separated ({', '.join(UNLEARNING_METHODS)})."
         },
     )
-    template: str = field(default="auto", metadata={"help": "Prompt format: chat, plain or auto."})
-    system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "Chat template: system prompt."})
-    date_string: str | None = field(default=DEFAULT_DATE_STRING, metadata={"help": "Chat template: date_string."})
-    max_length: int = field(
-        default=DEFAULT_MAX_LENGTH, metadata={"help": "Longest encoded question + answer (tokens)."}
-    )
     p: float = field(default=0.5, metadata={"help": "random strategy: probability to forget an answer token."})
     k: int = field(default=4, metadata={"help": "goldfish: drop 1 in k."})
     h: int = field(default=13, metadata={"help": "goldfish: hashed context width."})
@@ -83,12 +66,6 @@ class TofuExperimentConfig:
     unlearn_epochs: float = field(default=10.0, metadata={"help": "Epochs of the unlearning runs."})
     unlearn_weight_decay: float = field(default=0.01, metadata={"help": "Weight decay of the unlearning runs."})
     unlearn_warmup_epochs: float = field(default=1.0, metadata={"help": "Warm-up epochs of the unlearning runs."})
-    beta: float = field(default=0.1, metadata={"help": "NPO: inverse temperature."})
-    alpha: float = field(default=1.0, metadata={"help": "grad_diff, npo: retain loss weight."})
-    gamma: float = field(default=1.0, metadata={"help": "grad_diff, npo: forget loss weight."})
-    retain_loss_type: str = field(default="NLL", metadata={"help": "grad_diff, npo: NLL or KL."})
-    max_new_tokens: int = field(default=200, metadata={"help": "Longest generated answer in the evaluation (ROUGE)."})
-    eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size (scoring and generation)."})
     eval_dtype: str = field(
         default="auto",
         metadata={
@@ -96,10 +73,6 @@ class TofuExperimentConfig:
             "default), else float32. Training always keeps float32 weights (bf16 autocast on GPUs)."
         },
     )
-    max_eval_examples: int | None = field(
-        default=None, metadata={"help": "At most this many rows per evaluation split."}
-    )
-    num_authors: int = field(default=200, metadata={"help": "Authors in the embedded data."})
     only: str | None = field(
         default=None,
         metadata={
@@ -109,10 +82,9 @@ class TofuExperimentConfig:
     )
 
     def __post_init__(self):
-        if self.template not in TEMPLATE_KINDS:
-            raise ForgetfulError(f"template must be one of {', '.join(TEMPLATE_KINDS)}, got '{self.template}'")
-        if self.retain_loss_type not in RETAIN_LOSS_TYPES:
-            raise ForgetfulError(f"retain_loss_type must be one of {', '.join(RETAIN_LOSS_TYPES)}")
+        self.check_data_options()
+        self.check_eval_options()
+        self.check_loss_options()
         if self.eval_dtype not in EVAL_DTYPES:
             raise ForgetfulError(f"eval_dtype must be one of {', '.join(EVAL_DTYPES)}, got '{self.eval_dtype}'")
 
@@ -123,41 +95,11 @@ class TofuExperimentConfig:
 
 
 @dataclass
-class TofuTrainingArguments(SelectiveLossConfig):
-    """The finetuning recipe of every run, open-unlearning's for TOFU by default: lr 1e-5, 5 epochs,
-    8 rows per device x 4 accumulation steps (effective 32 on one GPU), weight decay 0.01, one
-    warmup epoch, linear decay, AdamW, each micro-batch's mean loss. Each run writes its
-    checkpoints under ``OUT/<run>/checkpoints``."""
+class TofuTrainingArguments(OpenUnlearningRecipe):
+    """The finetuning recipe of every run, open-unlearning's for TOFU by default (see
+    :class:`~forgetful.loss.unlearning.OpenUnlearningRecipe`). Each run writes its checkpoints under
+    ``OUT/<run>/checkpoints``."""
 
-    num_train_epochs: float = field(
-        default=5.0, metadata={"help": "Epochs of finetuning (open-unlearning: 5).", "aliases": ["--epochs"]}
-    )
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (open-unlearning: 1e-5)."})
-    per_device_train_batch_size: int = field(
-        default=8,
-        metadata={
-            "help": "Rows per process per micro-batch (open-unlearning: 8).",
-            "aliases": ["--batch_size", "--batch-size"],
-        },
-    )
-    gradient_accumulation_steps: int = field(
-        default=4, metadata={"help": "Micro-batches per optimizer step (open-unlearning: 4)."}
-    )
-    lr_scheduler_type: str = field(
-        default="linear", metadata={"help": "Learning-rate schedule after the warm-up (open-unlearning: linear)."}
-    )
-    warmup_epochs: float | None = field(
-        default=1.0, metadata={"help": "Epochs of learning-rate warm-up (open-unlearning: 1)."}
-    )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (open-unlearning: 0.01)."})
-    loss_average: str = field(
-        default="micro_batch",
-        metadata={
-            "help": "micro_batch: the mean loss of each micro-batch (open-unlearning's); tokens: over all tokens of a step."
-        },
-    )
-    logging_steps: float = field(default=25, metadata={"help": "Log the training loss every N steps."})
-    save_strategy: str = field(default="no", metadata={"help": "When to checkpoint: no, steps or epoch."})
     seed: int = field(default=0, metadata={"help": "Seed of the training order and of the embedded data."})
 
     def __post_init__(self):
@@ -237,10 +179,7 @@ def unlearning_args(a: TofuExperimentConfig, training: TofuTrainingArguments, me
         num_train_epochs=a.unlearn_epochs,
         weight_decay=a.unlearn_weight_decay,
         warmup_epochs=a.unlearn_warmup_epochs,
-        beta=a.beta,
-        alpha=a.alpha,
-        gamma=a.gamma,
-        retain_loss_type=a.retain_loss_type,
+        **{f.name: getattr(a, f.name) for f in fields(UnlearningLossOptions)},
         **shared,
     )
 
@@ -342,17 +281,7 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
             recipes["unlearn"] = {**args.recipe(), "effective_batch_size": args.effective_batch_size()}
             recipes["unlearn"].pop("method")
             print(f"[{run.name}] unlearning {a.forget_split} from the full model ({run.strategy})")
-            c = TofuUnlearnConfig(
-                model=str(full_model),
-                out=str(run_dir / "model"),
-                forget_split=a.forget_split,
-                data_dir=a.data_dir,
-                num_authors=a.num_authors,
-                template=a.template,
-                system_prompt=a.system_prompt,
-                date_string=a.date_string,
-                max_length=a.max_length,
-            )
+            c = copy_options(TofuUnlearnConfig, a, model=str(full_model), out=str(run_dir / "model"))
             res = unlearn_tofu(model, tokenizer, c, args, run_dir / "model")
             trained = {
                 "train_loss": res["train_loss"],

@@ -14,55 +14,35 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.tofu import (
-    DEFAULT_DATE_STRING,
-    DEFAULT_MAX_LENGTH,
-    DEFAULT_SYSTEM_PROMPT,
-    FORGET_SPLITS,
-    RETAIN_FOR_FORGET,
-    TEMPLATE_KINDS,
-)
-from ..errors import ForgetfulError
+from ..data.tofu import RETAIN_FOR_FORGET
 from ..loss.tasks import prepare_dataset_for_training
 from ..loss.unlearning import UnlearningConfig, UnlearningTrainer, forget_probability
 from ..reporting import write_json
 from ..tokens import pad_token_id
+from .options import TofuDataOptions, TofuEvalOptions
 
 
-@dataclass
-class TofuUnlearnConfig:
+@dataclass(kw_only=True)
+class TofuUnlearnConfig(TofuDataOptions, TofuEvalOptions):
     """What to unlearn and where from (the options of ``forgetful unlearn`` besides the training
-    recipe, :class:`~forgetful.loss.unlearning.UnlearningConfig`)."""
+    recipe, :class:`~forgetful.loss.unlearning.UnlearningConfig`); the evaluation options apply with
+    ``--evaluate``."""
 
     model: str = field(metadata={"help": "The model to unlearn from (e.g. the TOFU 'full' run's model folder)."})
     out: str = field(metadata={"help": "Output folder: the unlearned model, results.json (and the evaluation)."})
-    forget_split: str = field(default="forget10", metadata={"help": "forget01, forget05 or forget10."})
     retain_split: str | None = field(
         default=None, metadata={"help": "Retain rows (default: the retain split of the forget split, e.g. retain90)."}
     )
-    data_dir: str | None = field(
-        default=None, metadata={"help": "TOFU folder (e.g. ../shared/data/tofu), locuslab/TOFU, or unset for embedded."}
-    )
-    num_authors: int = field(default=200, metadata={"help": "Authors in the embedded data."})
-    template: str = field(default="auto", metadata={"help": "Prompt format: chat, plain or auto."})
-    system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "Chat template: system prompt."})
-    date_string: str | None = field(default=DEFAULT_DATE_STRING, metadata={"help": "Chat template: date_string."})
-    max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Plain template: truncate to this length."})
     evaluate: bool = field(default=False, metadata={"help": "Evaluate the unlearned model with the TOFU suite."})
     retain_eval: str | None = field(
         default=None, metadata={"help": "With --evaluate: the retain model's tofu_eval.json (forget quality)."}
     )
-    max_new_tokens: int = field(default=200, metadata={"help": "With --evaluate: longest generated answer."})
-    eval_batch_size: int = field(default=32, metadata={"help": "With --evaluate: evaluation batch size."})
-    max_eval_examples: int | None = field(default=None, metadata={"help": "With --evaluate: examples per set."})
 
     def __post_init__(self):
-        if self.forget_split not in FORGET_SPLITS:
-            raise ForgetfulError(f"forget split must be one of {', '.join(FORGET_SPLITS)}, got '{self.forget_split}'")
+        self.check_data_options()
+        self.check_eval_options()
         if self.retain_split is None:
             self.retain_split = RETAIN_FOR_FORGET[self.forget_split]
-        if self.template not in TEMPLATE_KINDS:
-            raise ForgetfulError(f"template must be one of {', '.join(TEMPLATE_KINDS)}, got '{self.template}'")
 
     def task_options(self, seed: int = 0) -> dict:
         return dict(
