@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from forgetful.cli import main
-from forgetful.cli.eval_forget import parse_keep_ratios
 from forgetful.errors import ForgetfulError
 from forgetful.input.evaluation import flops_ratios
 from forgetful.input.flops import decoder_dims, forward_flops
+from forgetful.input.options import parse_keep
 from forgetful.input.policies import MLPForgetMask
 
 
@@ -56,8 +56,14 @@ def test_flops_ratio_counts_kept_tokens_and_policy_cost(tiny_gpt2):
 
 @pytest.mark.parametrize("text", ["", "0", "1.5", "a,b", "-0.5"])
 def test_bad_keep_ratios(text):
-    with pytest.raises(ForgetfulError, match="keep ratios"):
-        parse_keep_ratios(text)
+    with pytest.raises(ForgetfulError, match="keep"):
+        parse_keep(text)
+
+
+def test_keep_ratios_parse_to_a_sorted_set():
+    assert parse_keep("0.25,1,0.5,0.5") == [1.0, 0.5, 0.25] and parse_keep(0.9) == [0.9]
+    with pytest.raises(ForgetfulError, match=r"must lie in \(0, 1\)"):
+        parse_keep("1", allow_one=False)
 
 
 def test_eval_forget_writes_complete_finite_results(tiny_model_dir, tiny_llama, tmp_path):
