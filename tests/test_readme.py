@@ -33,3 +33,46 @@ def test_the_readme_api_example_runs(tiny_model_dir, shared_data, tmp_path, monk
     assert (work / "runs" / "mine" / "policy" / "policy.safetensors").is_file()
     assert scope["trainer"].state.global_step == 2
     assert len(scope["history"]) > 0
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `forgetful <command> ...` of the README's bash blocks, continuation lines joined."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("forgetful ") and "..." not in line:
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_the_readme_commands_parse_as_written():
+    """Each command line of the README names a command and only options it has, with values of the
+    right type (run for real, they take a GPU and hours; here they are parsed)."""
+    import importlib
+
+    from forgetful.cli import COMMANDS
+    from forgetful.cli.parsing import parse_options
+
+    commands = _readme_commands()
+    assert len(commands) >= 10
+    for argv in commands:
+        command, options = argv[0], argv[1:]
+        assert command in COMMANDS, command
+        module = importlib.import_module(f"forgetful.cli.{COMMANDS[command][0]}")
+        parse_options(command, module.ARGUMENTS, options)
+
+
+def test_the_readme_data_names_load_from_the_data_folder(shared_data, monkeypatch):
+    """With FORGETFUL_DATA set, the data the README's commands name loads without a network."""
+    from forgetful.data.sources import load_rows
+    from forgetful.data.tofu import load_tofu_split
+
+    monkeypatch.setenv("FORGETFUL_DATA", str(shared_data))
+    named = {a for argv in _readme_commands() for a in argv if a in ("tofu", "wikitext2:valid", "wikitext2:test")}
+    assert named == {"tofu", "wikitext2:valid", "wikitext2:test"}
+    assert len(load_tofu_split("tofu", "full")) == 4000
+    for name in named - {"tofu"}:
+        assert len(load_rows(name)) > 1000
