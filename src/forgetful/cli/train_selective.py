@@ -7,34 +7,21 @@ PEFT LoRA adapter.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..loss.trainer import SelectiveLossConfig
 from ..loss.training import LoraOptions, train_selective
 from ..models import load_model
+from ..tofu.options import TofuPromptOptions, TofuSplitOptions
 
-TASK_OPTIONS = (
-    "source",
-    "split",
-    "forget_split",
-    "strategy",
-    "mask",
-    "p",
-    "k",
-    "h",
-    "block_size",
-    "max_length",
-    "spacy_model",
-    "num_authors",
-    "template",
-    "system_prompt",
-    "date_string",
-)
+TASK_OPTIONS = ("source", "split", "strategy", "mask", "p", "k", "h", "block_size", "spacy_model")
+TOFU_SPLIT_OPTIONS = tuple(f.name for f in fields(TofuSplitOptions))
+TOFU_PROMPT_OPTIONS = tuple(f.name for f in fields(TofuPromptOptions))
 
 
-@dataclass
-class TrainSelectiveArguments:
+@dataclass(kw_only=True)
+class TrainSelectiveArguments(TofuSplitOptions, TofuPromptOptions):
     task: str = field(metadata={"help": "Registered task: text, completion, tofu."})
     model: str = field(metadata={"help": "Model folder or Hub name (the initialisation)."})
     out: str = field(metadata={"help": "Output folder: the trained model, results.json."})
@@ -44,7 +31,6 @@ class TrainSelectiveArguments:
     split: str | None = field(
         default=None, metadata={"help": "tofu: training split (full, retain90, ..., or a forget split)."}
     )
-    forget_split: str | None = field(default=None, metadata={"help": "tofu: the forget split (forget01/05/10)."})
     strategy: str | None = field(
         default=None, metadata={"help": "tofu: answer_only, forget_answers, forget_facts, goldfish, random."}
     )
@@ -53,19 +39,8 @@ class TrainSelectiveArguments:
     k: int | None = field(default=None, metadata={"help": "goldfish: drop 1 token in k."})
     h: int | None = field(default=None, metadata={"help": "goldfish: hashed context width."})
     block_size: int | None = field(default=None, metadata={"help": "text: tokens per row."})
-    max_length: int | None = field(default=None, metadata={"help": "tofu/completion: truncate rows to this length."})
     spacy_model: str | None = field(
         default=None, metadata={"help": "forget_facts: an installed spaCy pipeline (default: rule-based)."}
-    )
-    num_authors: int | None = field(default=None, metadata={"help": "tofu, embedded data: number of authors."})
-    template: str | None = field(
-        default=None, metadata={"help": "tofu: prompt format, chat, plain or auto (chat when the tokenizer has one)."}
-    )
-    system_prompt: str | None = field(
-        default=None, metadata={"help": "tofu, chat template: system prompt (default 'You are a helpful assistant.')."}
-    )
-    date_string: str | None = field(
-        default=None, metadata={"help": "tofu, chat template: the date_string variable (default '10 Apr 2025')."}
     )
     lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (with --lora)."})
@@ -75,8 +50,15 @@ class TrainSelectiveArguments:
     )
 
     def task_options(self) -> dict:
-        """The options given for the task (unset ones take the task's defaults)."""
-        return {k: getattr(self, k) for k in TASK_OPTIONS if getattr(self, k) is not None}
+        """The options given for the task (unset ones take the task's defaults); the TOFU split and
+        prompt options (shared with the TOFU commands) go to the tofu task, max_length to tofu and
+        completion."""
+        given = {k: getattr(self, k) for k in TASK_OPTIONS if getattr(self, k) is not None}
+        if self.task == "tofu":
+            given.update({k: getattr(self, k) for k in (*TOFU_SPLIT_OPTIONS, *TOFU_PROMPT_OPTIONS)})
+        elif self.task == "completion":
+            given["max_length"] = self.max_length
+        return given
 
 
 @dataclass

@@ -19,20 +19,19 @@ from ..errors import ForgetfulError
 
 
 @dataclass(kw_only=True)
-class TofuDataOptions:
-    """Which TOFU data, and how a question and its answer are put to the model."""
+class TofuSplitOptions:
+    """Which TOFU forget split, and how many authors the embedded data has."""
 
-    data_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "TOFU data: tofu ($FORGETFUL_DATA/tofu, else locuslab/TOFU from the Hub), a folder of "
-            "<split>.json files, a Hub name, or unset for the embedded data."
-        },
-    )
     forget_split: str = field(
         default="forget10", metadata={"help": "The forget split: forget01, forget05 or forget10."}
     )
     num_authors: int = field(default=200, metadata={"help": "Authors in the embedded data."})
+
+
+@dataclass(kw_only=True)
+class TofuPromptOptions:
+    """How a TOFU question and its answer are put to the model."""
+
     template: str = field(
         default="auto",
         metadata={"help": "Prompt format: chat (the tokenizer's chat template), plain (Question/Answer), auto."},
@@ -45,6 +44,19 @@ class TofuDataOptions:
     )
     max_length: int = field(
         default=DEFAULT_MAX_LENGTH, metadata={"help": "Longest encoded question + answer (tokens)."}
+    )
+
+
+@dataclass(kw_only=True)
+class TofuDataOptions(TofuSplitOptions, TofuPromptOptions):
+    """Which TOFU data, and how a question and its answer are put to the model."""
+
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "TOFU data: tofu ($FORGETFUL_DATA/tofu, else locuslab/TOFU from the Hub), a folder of "
+            "<split>.json files, a Hub name, or unset for the embedded data."
+        },
     )
 
     def check_data_options(self) -> None:
