@@ -64,8 +64,11 @@ case "$phase" in
     ;;
   forget)
     budget=${BUDGET:-520}
+    # POLICY_LR / ENTROPY: the policy's REINFORCE learning rate and entropy bonus (2026-12-04: 1e-3 and 0.01; the
+    # validation NLL peaked at step 100 of 500 while the entropy collapsed, see forget_real/2026-12-04)
     common="--model $MODEL --eval-batch-size 50 --batch-size 8 --num-samples ${SAMPLES:-8} --lm-learning-rate 2e-5 \
-      --policy-learning-rate 1e-3 --train-examples ${TRAIN:-1600} --warm-rows ${WARM_ROWS:-256} --disable-tqdm true"
+      --policy-learning-rate ${POLICY_LR:-1e-3} --entropy-coef ${ENTROPY:-0.01} --train-examples ${TRAIN:-1600} \
+      --warm-rows ${WARM_ROWS:-256} --disable-tqdm true"
     declare -A task_args=(
       [tofu_qa]="--task tofu_qa --data $DATA/tofu --max-new-tokens 32"
       [text]="--task text --train-file $DATA/wikitext2/valid.txt --eval-file $DATA/wikitext2/test.txt \
