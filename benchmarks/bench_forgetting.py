@@ -33,7 +33,7 @@ import statistics
 import torch
 from common import ARCHS, build_lm, compile_lm, environment, peak_mb, spread, write
 
-from forgetful.input.compression import compress_examples
+from forgetful.input.compression import compress_examples, compressed_nll
 from forgetful.input.policies import build_mask
 from forgetful.measure import timings_ms
 from forgetful.nll import token_nll
@@ -121,14 +121,7 @@ def measure(mode: str, n: int, model, lm, policy, a, device, profile_it: bool) -
                         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
                 else:
                     inputs = compress_examples(ctx, ctx_mask, chosen, tgt, tgt_mask, kept_length=kept)
-                out = token_nll(
-                    lm,
-                    inputs["input_ids"],
-                    inputs["labels"],
-                    attention_mask=inputs["attention_mask"],
-                    position_ids=inputs["position_ids"],
-                    target_length=inputs["target_length"],
-                )
+                out = compressed_nll(lm, inputs)
                 per_row = out.sum_per_row() / m
                 if train:
                     reward = -per_row.detach()

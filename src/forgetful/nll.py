@@ -191,6 +191,10 @@ class TokenNLL:
     def count_per_row(self) -> torch.Tensor:
         return torch.bincount(self.rows, minlength=self.batch_size)
 
+    def mean_per_row(self) -> torch.Tensor:
+        """Each row's mean NLL over its scored tokens (0 for a row with none)."""
+        return self.sum_per_row() / self.count_per_row().clamp(min=1)
+
 
 def prediction_positions(labels: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` bool: position ``t`` predicts ``labels[t + 1]`` (HF convention: labels unshifted)."""

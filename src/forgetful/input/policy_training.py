@@ -34,8 +34,10 @@ def load_policy(out: Path, strategy: str, keep: float, base) -> LearnedForgetMas
 
 
 def train_policy(config, training, base, tok, train, val, strategy, keep, out, autocast) -> dict:
-    """``config``: the experiment's :class:`~.experiment.ForgetExperimentConfig`. Train one learned policy on the frozen base LM at ``keep``: warm start, REINFORCE, keep the
-    best on the validation rows. Writes the policy, its history and a plot; returns a summary row."""
+    """Train one learned policy on the frozen base LM at ``keep``: warm start, REINFORCE, keep the
+    best on the validation rows (``config``: the experiment's
+    :class:`~.experiment.ForgetExperimentConfig`). Writes the policy, its history and a plot;
+    returns a summary row."""
     device = next(base.parameters()).device
     torch.manual_seed(training.seed)  # the policy's initial weights are a function of the seed alone
     policy = build_mask(strategy, base, learned=True, unit=config.unit, **_policy_options(strategy, config)).to(device)
@@ -47,7 +49,7 @@ def train_policy(config, training, base, tok, train, val, strategy, keep, out, a
         )["nll"]
 
     history: list[dict] = []
-    candidates = {"prior": (val_nll(), {k: v.detach().clone() for k, v in policy.state_dict().items()})}
+    prior_nll, prior_state = val_nll(), {k: v.detach().clone() for k, v in policy.state_dict().items()}
     warm = None
     if config.warm_rows and policy.unit != "token":
         rows = train.shuffle(seed=training.seed).select(range(min(config.warm_rows, len(train))))
@@ -96,9 +98,9 @@ def train_policy(config, training, base, tok, train, val, strategy, keep, out, a
     seconds_rl = time.perf_counter() - t0
     best, best_step = trainer.state.best_nll, trainer.state.best_step
     chosen = f"reinforce step {best_step}" if best_step else ("warm start" if warm is not None else "prior")
-    if best is None or candidates["prior"][0] <= best:  # training did not beat the untrained prior
-        policy.load_state_dict(candidates["prior"][1])
-        chosen, best = "prior", candidates["prior"][0]
+    if best is None or prior_nll <= best:  # training did not beat the untrained prior
+        policy.load_state_dict(prior_state)
+        chosen, best = "prior", prior_nll
     for p in policy.parameters():
         p.requires_grad_(False)
     folder = _policy_dir(out, strategy, keep)
@@ -112,7 +114,7 @@ def train_policy(config, training, base, tok, train, val, strategy, keep, out, a
         "keep_ratio": keep,
         "unit": policy.unit,
         "prior": getattr(policy, "prior", None),
-        "val_nll_prior": candidates["prior"][0],
+        "val_nll_prior": prior_nll,
         "val_nll_warm_start": evals[0]["eval_policy_nll"] if evals and warm is not None else None,
         "val_nll_best": best,
         "chosen": chosen,

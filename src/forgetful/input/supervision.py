@@ -28,8 +28,7 @@ from .units import unit_scores, unit_sizes
 
 def _row_nll(model: nn.Module, ctx_ids, ctx_mask, keep, tgt_ids, tgt_mask, pad: int) -> torch.Tensor:
     """Mean target NLL per row of the compressed inputs ``c[keep] ++ y``."""
-    out = compressed_nll(model, compress_examples(ctx_ids, ctx_mask, keep, tgt_ids, tgt_mask, pad))
-    return out.sum_per_row().float() / out.count_per_row().clamp(min=1)
+    return compressed_nll(model, compress_examples(ctx_ids, ctx_mask, keep, tgt_ids, tgt_mask, pad)).mean_per_row()
 
 
 @torch.no_grad()

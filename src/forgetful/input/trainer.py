@@ -240,7 +240,7 @@ class ForgetMaskTrainer(TrainerIO):
             with torch.set_grad_enabled(train_lm):
                 out = compressed_nll(self.model, inputs, args.loss_backend)
         # per (sample, row) mean target NLL -> reward
-        per_row = out.sum_per_row() / out.count_per_row().clamp(min=1)
+        per_row = out.mean_per_row()
         reward = -per_row.detach().view(K, -1)
         result = {
             "reward_sum": reward.sum().detach(),

@@ -97,12 +97,10 @@ class ResidualForgetMask(LearnedForgetMask):
 
         object.__setattr__(self, "_base", base_llm_model)  # not a submodule: not trained, not saved
         scorer = None
-        if base_llm_model is not None or self.prior in ("recency", "lexical"):
-            scorer = (
-                build_mask(self.prior, base_llm_model, learned=False, window=self.window)
-                if self.prior in ("lexical", "attention_score")
-                else build_mask(self.prior, base_llm_model, learned=False)
-            )
+        if base_llm_model is not None or self.prior in ("recency", "lexical"):  # these two need no model
+            question_aware = self.prior in ("lexical", "attention_score")  # they read the same query
+            options = {"window": self.window} if question_aware else {}
+            scorer = build_mask(self.prior, base_llm_model, learned=False, **options)
         object.__setattr__(self, "_prior", scorer)
 
     def _extra_config(self):
