@@ -307,3 +307,68 @@ def test_lexical_overlap_marks_every_id_of_the_query_wherever_else_it_occurs():
     matched = scores[0, [4, 6]]
     others = scores[0, [0, 2, 3, 5, 7]]
     assert float(matched.min()) > float(others.max()) + 0.1
+
+
+def test_bad_unit_and_residual_options_are_one_clear_error(tiny_llama, tmp_path):
+    """Each new way to misuse units, the residual policy, the trainer's new options or the
+    experiment's policy stage fails at once with one line that names the fix."""
+    from forgetful.input.experiment import _validation
+    from forgetful.input.policies import AttentionScoreMask, LexicalOverlapMask
+    from forgetful.input.policy_training import load_policy
+    from forgetful.input.reinforce import ForgetTrainingConfig
+    from forgetful.input.reinforce_config import phases
+
+    model, _ = tiny_llama
+    ids, attn, protect, units = _qa_batch()
+    chunks = build_mask("recency@chunk:4")
+    with pytest.raises(
+        ForgetfulError, match="bernoulli mode keeps tokens one by one; a chunk:4 policy needs mode exact"
+    ):
+        chunks.sample(ids, attn, forget_p=0.5, mode="bernoulli")
+    with pytest.raises(ForgetfulError, match=r"units have shape \(2, 3\) but input_ids has \(2, 24\)"):
+        chunks.with_unit("task").greedy(ids, attn, forget_p=0.5, units=units[:, :3])
+    for kwargs, message in (
+        ({"layer": 9}, "layer 9 is past the model's 2 layers"),
+        ({"layer": -1}, "layer must be >= 0"),
+        ({"prior_scale": 0.0}, "prior_scale must be positive"),
+        ({"unit": "page"}, "unknown unit 'page'"),
+    ):
+        with pytest.raises(ForgetfulError, match=message):
+            ResidualForgetMask(model, **kwargs)
+    with pytest.raises(ForgetfulError, match="pooling must be avg or max"):
+        AttentionScoreMask(model, pooling="median")
+    with pytest.raises(ForgetfulError, match="window and doc_tokens must be at least 1"):
+        LexicalOverlapMask(window=0)
+    with pytest.raises(ForgetfulError, match="freeze_lm and freeze_policy together train nothing"):
+        ForgetTrainingConfig(freeze_lm=True, freeze_policy=True)
+    with pytest.raises(ForgetfulError, match="freeze_policy leaves no epoch that trains the LM"):
+        phases("two_step", ResidualForgetMask(model, layer=1), [False], False, freeze_policy=True)
+    with pytest.raises(
+        ForgetfulError, match="no trained residual policy for keep 0.5 .* run policy_residual_0.5 first"
+    ):
+        load_policy(tmp_path, "residual", 0.5, model)
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"context_ids": [[1, 2]] * 4, "target_ids": [[3]] * 4})
+    with pytest.raises(ForgetfulError, match=r"val_examples \(4\) must leave training rows \(4 in all\)"):
+        _validation(rows, 4, seed=0)
+    with pytest.raises(ForgetfulError, match="val_examples must be at least 1"):
+        _validation(rows, 0, seed=0)
+
+
+def test_keep_best_needs_held_out_rows(tiny_llama):
+    from forgetful.input.examples import load_forget_examples
+    from forgetful.input.reinforce import ForgetTrainingConfig, reinforce_model
+
+    model, tok = tiny_llama
+    train = load_forget_examples(None, tok, embedded_examples=8, seed=0)
+    with pytest.raises(ForgetfulError, match="keep_best needs an eval_dataset"):
+        reinforce_model(
+            copy.deepcopy(model),
+            ResidualForgetMask(model, layer=1, hidden_size=8),
+            forget_p=0.5,
+            exploration_epochs=[0.0],
+            train_dataset=train,
+            tokenizer=tok,
+            args=ForgetTrainingConfig(keep_best=True, per_device_batch_size=4, disable_tqdm=True),
+        )
