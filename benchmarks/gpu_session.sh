@@ -78,7 +78,7 @@ case "$phase" in
       first=1
       for keep in ${KEEPS:-0.5 0.25}; do
         # ft_identity does not depend on the keep ratio: the first process of a task runs it
-        ft=""; [ $first = 1 ] || ft="--finetuned ${FT_NO_IDENTITY:-random,recency,lexical,attention_score,self_information,random@unit,recency@unit,lexical@unit,attention_score@unit,self_information@unit}"
+        ft=""; [ $first = 1 ] || ft="--finetuned ${FT_NO_IDENTITY:-lexical@unit,attention_score@unit,recency@unit,random@unit,self_information@unit,random,recency,lexical,attention_score,self_information}"
         first=0
         (timeout -k 30 "$budget" python3 -m forgetful forget-experiment $common ${task_args[$task]} \
            --out "$R/runs/forget_$task" --keep "$keep" $ft ${FORGET_EXTRA:-} \

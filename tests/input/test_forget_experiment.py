@@ -138,10 +138,10 @@ def test_strategy_lists_spell_out_the_unit_and_refuse_learned_baselines():
         "policy_residual_0.25",
         "zero_shot_0.25",
         "ft_identity",
-        "ft_recency_0.5",
         "ft_residual_0.5",
-        "ft_recency_0.25",
+        "ft_recency_0.5",
         "ft_residual_0.25",
+        "ft_recency_0.25",
     ]
     for bad, msg in (
         (dict(zero_shot="residual"), "zero_shot and finetuned take strategies that are not learned"),
