@@ -141,8 +141,9 @@ def test_cli_unlearn_with_evaluation(tiny_model_dir, tmp_path):
     assert (out / "config.json").is_file() and (out / "tofu_eval.json").is_file()
 
 
-def test_cli_recipe_with_a_flag_over_it(tiny_model_dir, tmp_path):
-    """Through the command: the named recipe sets the batch, the learning-rate flag wins over it."""
+def test_cli_recipe_with_a_flag_over_it(tiny_model_dir, tmp_path, capsys):
+    """Through the command: the named recipe sets the batch, the learning-rate flag wins over it; a
+    later call of another recipe reuses the run and says it was trained otherwise."""
     from forgetful.cli import main
 
     out = tmp_path / "exp"
@@ -152,3 +153,5 @@ def test_cli_recipe_with_a_flag_over_it(tiny_model_dir, tmp_path):
     assert main(argv) == 0
     row = json.loads((out / "retain" / "run.json").read_text())
     assert (row["lr"], row["effective_batch_size"], row["steps"]) == (1e-5, 32, 1)
+    assert main([a for a in argv if a not in ("--learning-rate", "1e-5")]) == 0
+    assert f"[retain] note: trained at lr 1e-05, not 0.0001; delete {out / 'retain'}" in capsys.readouterr().out

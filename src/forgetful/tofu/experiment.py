@@ -280,6 +280,9 @@ def run_tofu_experiment(
             evals[run.name] = json.loads((run_dir / "tofu_eval.json").read_text())
             rows.append(row)
             print(f"[{run.name}] reusing the results in {run_dir}")
+            lr = a.unlearn_learning_rate if run.kind == "unlearn" else training.learning_rate
+            if row.get("lr", lr) != lr:  # a run of another recipe: its row says so, and so do we
+                print(f"[{run.name}] note: trained at lr {row['lr']:g}, not {lr:g}; delete {run_dir} to train it again")
             continue
         if only is not None and run.name not in only:
             continue
