@@ -173,15 +173,25 @@ def plot_scatter(
     ylabel: str,
     title: str = "",
     logx: bool = False,
-) -> None:
+    references: dict[str, tuple[float | None, float | None]] | None = None,
+):
     """Points named in a legend (a marker and colour each, with their values), so names never
     overprint however close the points lie; the y axis is zoomed to the points (padded when they
-    are all equal, e.g. a model utility of 0 everywhere)."""
+    are all equal, e.g. a model utility of 0 everywhere). ``logx``: a log x axis, on which x values
+    of 0 (or below) are drawn at a floor a decade under the smallest positive one, the x label
+    saying so. ``references``: labelled dashed lines at a point's x and/or y (None: no line), e.g.
+    the target a method should reach. Returns the figure (closed, for inspection)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    floor = None
+    if logx:
+        positive = [x for x, _ in points.values() if x > 0]
+        floor = min(positive) / 10 if positive else 1e-20
+        if any(x <= 0 for x, _ in points.values()):
+            xlabel = f"{xlabel}; 0 drawn at {floor:.0e}"
     markers = "osD^vP*Xh<>"
     for i, (name, (x, y)) in enumerate(points.items()):
         ax.scatter(
-            [x],
+            [x if floor is None else max(x, floor)],
             [y],
             s=70,
             marker=markers[i % len(markers)],
@@ -190,6 +200,14 @@ def plot_scatter(
             label=f"{name} ({fmt(x)}, {fmt(y)})",
         )
     ys = [y for _, y in points.values() if math.isfinite(y)]
+    for i, (label, (x, y)) in enumerate((references or {}).items()):
+        style = dict(color="0.35", linestyle=("--", ":", "-.")[i % 3], linewidth=1)
+        name = f"{label} ({fmt(x) if x is not None else '-'}, {fmt(y) if y is not None else '-'})"
+        if x is not None:
+            ax.axvline(x, label=name, **style)
+        if y is not None:
+            ax.axhline(y, label="_nolegend_" if x is not None else name, **style)
+            ys.append(y)
     if ys:
         lo, hi = min(ys), max(ys)
         pad = max(0.1 * (hi - lo), 0.02 * max(abs(hi), 1e-3), 0.01)
@@ -199,6 +217,7 @@ def plot_scatter(
     if points:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="run (x, y)", title_fontsize=7)
     _finish(fig, ax, path, xlabel, ylabel, title)
+    return fig
 
 
 def plot_ranked_bars(

@@ -168,11 +168,12 @@ def _cases(d: Path, model: str):
         (unl + ["--data-dir", str(d / "tofu_no_perturbed"), "--evaluate"], "needs its perturbed answers"),
         (exp + ["--unlearning", "npo,rmu"], "unknown unlearning method 'rmu'"),
         (exp + ["--data-dir", str(d / "tofu_no_perturbed")], "forget10_perturbed' is missing"),
+        (exp + ["--recipe", "open-unlearning"], "recipe must be one of auto, open_unlearning, smollm2, got 'open-unl"),
         (["demo", "--out", str(d / "out_demo"), "--keep", "1.0"], "keep ratios must lie in (0, 1)"),
     ]
 
 
-N_CASES = 53  # the parametrisation below runs each case by index
+N_CASES = 54  # the parametrisation below runs each case by index
 
 
 def test_there_are_at_least_twenty_cases(files, tiny_model_dir):

@@ -8,16 +8,19 @@ import importlib
 import pytest
 
 from forgetful.cli import COMMANDS
-from forgetful.cli.parsing import parse_options
+from forgetful.cli.parsing import parse_command_line, parse_options
 from forgetful.errors import ForgetfulError
 from forgetful.input.reinforce import ForgetTrainingConfig
 from forgetful.loss.pretrain import PretrainTrainingArguments
 from forgetful.tofu.experiment import TofuTrainingArguments
 
 
+def _arguments(command: str) -> tuple[type, ...]:
+    return importlib.import_module(f"forgetful.cli.{COMMANDS[command][0]}").ARGUMENTS
+
+
 def _parse(command: str, argv: list[str]):
-    module = importlib.import_module(f"forgetful.cli.{COMMANDS[command][0]}")
-    return parse_options(command, module.ARGUMENTS, argv)
+    return parse_options(command, _arguments(command), argv)
 
 
 def test_train_forget_flags_fill_the_training_config():
@@ -111,6 +114,57 @@ def test_tofu_experiment_recipe_defaults():
     assert (t.lr_scheduler_type.value, t.weight_decay, t.save_strategy.value) == ("linear", 0.01, "no")
     _, t = _parse("tofu-experiment", ["--model", "m", "--out", "o"])
     assert (t.num_train_epochs, t.per_device_train_batch_size * t.gradient_accumulation_steps) == (5.0, 32)
+
+
+def _tofu_recipe(argv: list[str]):
+    """tofu-experiment's training options after its recipe, as the command resolves them, and the record."""
+    from forgetful.tofu.recipes import apply_recipe
+
+    (config, training), given = parse_command_line("tofu-experiment", _arguments("tofu-experiment"), argv)
+    record = apply_recipe(training, config.recipe, config.model, given)
+    steps = (training.per_device_train_batch_size, training.gradient_accumulation_steps)
+    return (training.learning_rate, training.num_train_epochs, steps, training.weight_decay), record
+
+
+def test_tofu_experiment_recipe_auto_picks_by_model():
+    values, record = _tofu_recipe(["--model", "smollm2-135m", "--out", "o"])
+    assert values == (1e-4, 5.0, (32, 1), 0.01)
+    assert (record["asked"], record["name"], record["overridden"]) == ("auto", "smollm2", {})
+    values, record = _tofu_recipe(["--model", "HuggingFaceTB/SmolLM2-360M", "--out", "o"])
+    assert values == (1e-5, 5.0, (8, 4), 0.01) and record["name"] == "open_unlearning"
+    # named, a recipe holds for any model
+    values, record = _tofu_recipe(["--model", "smollm2-135m", "--out", "o", "--recipe", "open_unlearning"])
+    assert values == (1e-5, 5.0, (8, 4), 0.01) and (record["asked"], record["name"]) == ("open_unlearning",) * 2
+    values, _ = _tofu_recipe(["--model", "gpt2", "--out", "o", "--recipe", "smollm2"])
+    assert values == (1e-4, 5.0, (32, 1), 0.01)
+
+
+def test_tofu_experiment_options_set_by_the_user_win_over_the_recipe(tmp_path):
+    # 1e-5 is open-unlearning's default: set on the command line it still wins over smollm2's 1e-4
+    values, record = _tofu_recipe(["--model", "smollm2-135m", "--out", "o", "--learning-rate", "1e-5"])
+    assert values == (1e-5, 5.0, (32, 1), 0.01) and record["overridden"] == {"learning_rate": 1e-5}
+    # any spelling of a flag: aliases, underscores, --flag=value
+    values, record = _tofu_recipe(["--model", "smollm2-135m", "--out", "o", "--epochs=3", "--batch_size", "16"])
+    assert values == (1e-4, 3.0, (16, 1), 0.01)
+    assert record["overridden"] == {"num_train_epochs": 3.0, "per_device_train_batch_size": 16}
+    # a config key is the user's too, and a flag over it as well
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: smollm2-135m\nout: o\nlearning_rate: 1.0e-4\ngradient-accumulation-steps: 4\n")
+    values, record = _tofu_recipe(["--config", str(cfg), "--recipe", "open_unlearning"])
+    assert values == (1e-4, 5.0, (8, 4), 0.01) and record["overridden"] == {"learning_rate": 1e-4}
+    values, _ = _tofu_recipe(["--config", str(cfg), "--learning_rate", "2e-5"])
+    assert values == (2e-5, 5.0, (32, 4), 0.01)
+
+
+def test_the_parser_reports_the_options_given():
+    argv = ["--model", "m", "--out", "o", "--batch-size", "4", "--no_sparse_logits", "--bf16", "false"]
+    _, given = parse_command_line("tofu-experiment", _arguments("tofu-experiment"), argv)
+    assert given == {"model", "out", "per_device_train_batch_size", "sparse_logits", "bf16"}
+
+
+def test_an_unknown_tofu_recipe_names_the_choices():
+    with pytest.raises(ForgetfulError, match="recipe must be one of auto, open_unlearning, smollm2, got 'fast'"):
+        _tofu_recipe(["--model", "m", "--out", "o", "--recipe", "fast"])
 
 
 def test_every_command_parses_its_help(capsys):

@@ -57,7 +57,8 @@ def test_plan_runs_and_its_errors(tmp_path):
         plan_runs(_config("m", tmp_path, strategies="forget_all"))
 
 
-def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path):
+def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGETFUL_COMMIT", "c0ffee1")
     out = tmp_path / "exp"
     # unlearning needs the full model first
     with pytest.raises(ForgetfulError, match="run full_npo unlearns from the full run's model.*--only full"):
@@ -102,6 +103,21 @@ def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path):
             "optim",
         } <= set(recipe)
     assert (ft["learning_rate"], ft["effective_batch_size"], ft["warmup_epochs"]) == (1e-5, 8, 1.0)
+    # the tiny model is no built-in small model: auto picks open-unlearning's recipe; the batch is the caller's
+    assert (ft["name"], ft["asked"]) == ("open_unlearning", "auto")
+    assert ft["overridden"] == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+    # where it ran, for the results and for each run
+    import torch
+
+    env = results["env"]
+    assert (env["device"], env["torch"], env["git_commit"]) == ("cpu", torch.__version__, "c0ffee1")
+    assert {"transformers", "accelerate", "cpu"} <= set(env)
+    for name, row in rows.items():
+        assert row["env"]["git_commit"] == "c0ffee1" and row["env"]["device"] == "cpu", name
+        assert row["lr"] == (1e-3 if row["kind"] == "unlearn" else 1e-5), name
+        assert row["steps"] > 0 and 0 < row["epochs"] <= 1.0 and row["effective_batch_size"] == 8, name
+        assert row["seconds"] == pytest.approx(row["train_seconds"] + row["eval_seconds"], abs=0.15), name
+    assert rows["full"]["steps"] == 2 and rows["full_npo"]["epochs"] == 1.0
     assert (un["learning_rate"], un["num_train_epochs"], un["beta"]) == (1e-3, 1.0, 0.1)
     report = (out / "report.md").read_text()
     assert "| full_npo | unlearn | npo |" in report and "NPO beta 0.1" in report
@@ -123,3 +139,19 @@ def test_cli_unlearn_with_evaluation(tiny_model_dir, tmp_path):
     summary = json.loads((out / "tofu_summary.json").read_text())
     assert {"model_utility", "privleak", "extraction_strength"} <= set(summary)
     assert (out / "config.json").is_file() and (out / "tofu_eval.json").is_file()
+
+
+def test_cli_recipe_with_a_flag_over_it(tiny_model_dir, tmp_path, capsys):
+    """Through the command: the named recipe sets the batch, the learning-rate flag wins over it; a
+    later call of another recipe reuses the run and says it was trained otherwise."""
+    from forgetful.cli import main
+
+    out = tmp_path / "exp"
+    argv = ["tofu-experiment", "--model", str(tiny_model_dir), "--out", str(out), "--num-authors", "5"]
+    argv += ["--recipe", "smollm2", "--learning-rate", "1e-5", "--max_steps", "1", "--only", "retain"]
+    argv += ["--max-eval-examples", "2", "--max-new-tokens", "2", "--eval-batch-size", "4", "--disable-tqdm", "true"]
+    assert main(argv) == 0
+    row = json.loads((out / "retain" / "run.json").read_text())
+    assert (row["lr"], row["effective_batch_size"], row["steps"]) == (1e-5, 32, 1)
+    assert main([a for a in argv if a not in ("--learning-rate", "1e-5")]) == 0
+    assert f"[retain] note: trained at lr 1e-05, not 0.0001; delete {out / 'retain'}" in capsys.readouterr().out

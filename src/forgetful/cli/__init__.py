@@ -9,11 +9,12 @@ can fix prints one line on stderr and exits with code 2. Library code never impo
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 
 from ..errors import ForgetfulError, TrainingInterrupted
-from .parsing import parse_options
+from .parsing import parse_command_line
 
 # command -> (module under forgetful.cli with ARGUMENTS and run(), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         module_name, help_text = COMMANDS[command]
         module = importlib.import_module(f"{__name__}.{module_name}")
-        module.run(*parse_options(command, module.ARGUMENTS, rest, help_text))
+        options, given = parse_command_line(command, module.ARGUMENTS, rest, help_text)
+        # a command whose defaults depend on other options (tofu-experiment's recipe) takes the options the user set
+        takes_given = "given" in inspect.signature(module.run).parameters
+        module.run(*options, **({"given": given} if takes_given else {}))
     except ForgetfulError as exc:
         msg = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"forgetful: error: {msg}", file=sys.stderr)

@@ -121,13 +121,18 @@ def load_config(path: str, classes: tuple[type, ...]) -> dict:
     return out
 
 
-def parse_options(command: str, classes: tuple[type, ...], argv: list[str], help_text: str = "") -> list:
-    """Instances of ``classes`` from the command line ``argv`` (and its ``--config`` YAML)."""
+def parse_command_line(
+    command: str, classes: tuple[type, ...], argv: list[str], help_text: str = ""
+) -> tuple[list, frozenset[str]]:
+    """Instances of ``classes`` from the command line ``argv`` (and its ``--config`` YAML), and the
+    names of the fields the user set there (a flag, under any of its spellings, or a config key):
+    a command whose defaults depend on other options (``tofu-experiment``'s recipe) leaves those alone."""
     parser = _hf_parser(classes if len(classes) > 1 else classes[0], f"forgetful {command}", help_text)
     parser.add_argument("--config", default=None, help="YAML file of option: value defaults (flags override).")
     pre = _Parser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
+    values = {}
     if known.config:
         values = load_config(known.config, classes)
         parser.set_defaults(**values)
@@ -140,4 +145,21 @@ def parse_options(command: str, classes: tuple[type, ...], argv: list[str], help
         if isinstance(exc, ForgetfulError):
             raise
         raise ForgetfulError(f"forgetful {command}: {str(exc).splitlines()[0]}") from None
-    return [a for a in parsed if not isinstance(a, argparse.Namespace)]
+    return [a for a in parsed if not isinstance(a, argparse.Namespace)], _flags_given(parser, argv) | set(values)
+
+
+def parse_options(command: str, classes: tuple[type, ...], argv: list[str], help_text: str = "") -> list:
+    """Instances of ``classes`` from the command line ``argv`` (and its ``--config`` YAML)."""
+    return parse_command_line(command, classes, argv, help_text)[0]
+
+
+def _flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
+    """The fields named by flags in ``argv``, as argparse itself reads them (aliases, both spellings,
+    ``--flag=value``, ``--no_flag``): ``argv`` parsed again with every default suppressed, so only
+    what it sets is there. Call it after the real parse: it changes the parser's defaults."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    parser._defaults.clear()
+    namespace, _ = parser.parse_known_args(argv)
+    return frozenset(vars(namespace)) - {"config"}

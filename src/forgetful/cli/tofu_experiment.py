@@ -8,5 +8,6 @@ from ..tofu.experiment import TofuExperimentConfig, TofuTrainingArguments, run_t
 ARGUMENTS = (TofuExperimentConfig, TofuTrainingArguments)
 
 
-def run(config: TofuExperimentConfig, training: TofuTrainingArguments) -> dict:
-    return run_tofu_experiment(config, training)
+def run(config: TofuExperimentConfig, training: TofuTrainingArguments, given: frozenset[str] = frozenset()) -> dict:
+    """``given``: the options set on the command line or in the config file, which the recipe leaves alone."""
+    return run_tofu_experiment(config, training, given)

@@ -81,6 +81,7 @@ def train_selective(
         "trained_tokens": int(n_trained),
         "trained_share": n_trained / max(total, 1),
         "train_loss": float(result.training_loss),
+        "epochs": float(trainer.state.epoch or 0.0),
         "steps": trainer.state.global_step,
         "train_runtime_s": float(result.metrics.get("train_runtime", math.nan)),
         "lora": lora is not None,

@@ -6,8 +6,9 @@ model", run ``retain``), (c) on ``full`` with the forget split's tokens masked o
 each strategy (``full_forget_answers``, ``full_forget_facts``, ``full_goldfish``, ...); then (d)
 unlearn the forget split from (a)'s model by each method (``full_grad_diff``, ``full_npo``, ...).
 Every run is evaluated with the whole TOFU suite; forget quality and privleak of every run are
-measured against the retain run. The defaults are open-unlearning's TOFU recipes
-(``configs/experiment/finetune/tofu/default.yaml``, ``configs/experiment/unlearn/tofu/default.yaml``).
+measured against the retain run. The finetuning recipe is named by ``recipe`` (:mod:`.recipes`:
+open-unlearning's, ``configs/experiment/finetune/tofu/default.yaml``, or the built-in small
+model's); the unlearning defaults are open-unlearning's (``configs/experiment/unlearn/tofu/default.yaml``).
 
 Each run writes ``OUT/<run>/`` (``model/``, ``run.json``, ``tofu_eval.json``,
 ``forget_per_example.json``) as soon as it finishes, so ``--only`` can split the experiment over
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -30,11 +32,14 @@ from ..errors import ForgetfulError
 from ..loss.tasks import TOFU_STRATEGIES
 from ..loss.training import train_selective
 from ..loss.unlearning import UNLEARNING_METHODS, OpenUnlearningRecipe, UnlearningConfig, UnlearningLossOptions
+from ..measure import run_environment
 from ..models import bf16_native, load_model
-from ..reporting import markdown_table, plot_scatter, write_json, write_text
+from ..reporting import markdown_table, write_json
 from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, summarize
 from .options import TofuDataOptions, TofuEvalOptions, copy_options
+from .recipes import apply_recipe, check_recipe
 from .reference import reference_from_results
+from .report import write_report
 from .unlearning import TofuUnlearnConfig, unlearn_tofu
 
 EVAL_DTYPES = ("auto", "bfloat16", "float32")
@@ -48,6 +53,15 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
 
     model: str = field(metadata={"help": "The initialisation: a model folder, Hub name or smollm2-135m."})
     out: str = field(metadata={"help": "Output folder."})
+    recipe: str = field(
+        default="auto",
+        metadata={
+            "help": "Finetuning recipe: open_unlearning (lr 1e-5, 8 x 4 rows per step), smollm2 (lr 1e-4, "
+            "32 x 1 rows per step: the built-in small model memorises TOFU with it); both 5 epochs, weight decay "
+            "0.01, a warm-up epoch. auto: smollm2 for --model smollm2-135m, else open_unlearning. Options "
+            "you set (--learning-rate, --batch-size, ...) win over the recipe."
+        },
+    )
     strategies: str = field(
         default="forget_answers,forget_facts,goldfish",
         metadata={"help": "Masking strategies for the forget split, comma separated (also: random)."},
@@ -85,6 +99,7 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
         self.check_data_options()
         self.check_eval_options()
         self.check_loss_options()
+        check_recipe(self.recipe)
         if self.eval_dtype not in EVAL_DTYPES:
             raise ForgetfulError(f"eval_dtype must be one of {', '.join(EVAL_DTYPES)}, got '{self.eval_dtype}'")
 
@@ -96,8 +111,9 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
 
 @dataclass
 class TofuTrainingArguments(OpenUnlearningRecipe):
-    """The finetuning recipe of every run, open-unlearning's for TOFU by default (see
-    :class:`~forgetful.loss.unlearning.OpenUnlearningRecipe`). Each run writes its checkpoints under
+    """The finetuning options of every run: open-unlearning's TOFU recipe as defaults (see
+    :class:`~forgetful.loss.unlearning.OpenUnlearningRecipe`), the experiment's ``recipe``
+    (:mod:`.recipes`) setting those its caller did not. Each run writes its checkpoints under
     ``OUT/<run>/checkpoints``."""
 
     seed: int = field(default=0, metadata={"help": "Seed of the training order and of the embedded data."})
@@ -215,8 +231,15 @@ def _compact(per_example: dict) -> dict:
     return out
 
 
-def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments | None = None) -> dict:
-    training = training or TofuTrainingArguments()
+def run_tofu_experiment(
+    a: TofuExperimentConfig, training: TofuTrainingArguments | None = None, given: Collection[str] | None = None
+) -> dict:
+    """Run the experiment's runs not done yet (``a.only``: some of them) and, once the retain run is
+    there, write ``results.json``, ``report.md`` and the plot. ``a.recipe`` sets the finetuning
+    options of ``training`` except those in ``given``, the ones the caller set (the command line's
+    flags and config keys; default: the options whose values differ from the defaults)."""
+    training = copy.copy(training) if training is not None else TofuTrainingArguments()
+    recipe = apply_recipe(training, a.recipe, a.model, given)
     runs = plan_runs(a)
     names = [r.name for r in runs]
     only = None if a.only is None else set(_names(a.only))
@@ -241,7 +264,14 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
     )
     if a.spacy_model:
         task_common["spacy_model"] = a.spacy_model
-    recipes = {"finetune": {**training.recipe(), "effective_batch_size": training.effective_batch_size()}}
+    recipes = {
+        "finetune": {
+            **{k: recipe[k] for k in ("name", "asked", "overridden")},
+            **training.recipe(),
+            "effective_batch_size": training.effective_batch_size(),
+        }
+    }
+    env = run_environment("cuda" if cuda else "cpu")
     rows, evals = [], {}
     for run in runs:
         run_dir = out / run.name
@@ -250,6 +280,9 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
             evals[run.name] = json.loads((run_dir / "tofu_eval.json").read_text())
             rows.append(row)
             print(f"[{run.name}] reusing the results in {run_dir}")
+            lr = a.unlearn_learning_rate if run.kind == "unlearn" else training.learning_rate
+            if row.get("lr", lr) != lr:  # a run of another recipe: its row says so, and so do we
+                print(f"[{run.name}] note: trained at lr {row['lr']:g}, not {lr:g}; delete {run_dir} to train it again")
             continue
         if only is not None and run.name not in only:
             continue
@@ -263,7 +296,14 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
             print(f"[{run.name}] training on {run.split} ({run.strategy})")
             task_options = dict(task_common, split=run.split, strategy=run.strategy)
             res = train_selective("tofu", model, tokenizer, run_args, run_dir / "model", task_options=task_options)
-            trained = {"trained_share": res["trained_share"], "train_loss": res["train_loss"], "steps": res["steps"]}
+            trained = {
+                "trained_share": res["trained_share"],
+                "train_loss": res["train_loss"],
+                "epochs": res["epochs"],
+                "steps": res["steps"],
+                "lr": run_args.learning_rate,
+                "effective_batch_size": run_args.effective_batch_size(),
+            }
         else:
             full_model = out / "full" / "model"
             if not (full_model / "results.json").is_file():
@@ -285,7 +325,10 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
             res = unlearn_tofu(model, tokenizer, c, args, run_dir / "model")
             trained = {
                 "train_loss": res["train_loss"],
+                "epochs": res["epochs"],
                 "steps": res["steps"],
+                "lr": args.learning_rate,
+                "effective_batch_size": args.effective_batch_size(),
                 "forget_prob_before": res["forget_prob_before"],
                 "forget_prob_after": res["forget_prob_after"],
             }
@@ -306,6 +349,7 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
             "train_seconds": round(train_seconds, 1),
             "eval_seconds": round(time.perf_counter() - start - train_seconds, 1),
             "seconds": round(time.perf_counter() - start, 1),
+            "env": env,
         }
         write_json(row, run_dir / "run.json")
         rows.append(row)
@@ -329,6 +373,7 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
     write_json(
         {
             "args": asdict(a),
+            "env": env,
             "recipe": recipes,
             "training_args": training.recipe(),
             "missing_runs": missing,
@@ -336,75 +381,6 @@ def run_tofu_experiment(a: TofuExperimentConfig, training: TofuTrainingArguments
         },
         out / "results.json",
     )
-    plot_scatter(
-        {r["run"]: (max(r["forget_quality"], 1e-300), r["model_utility"]) for r in rows},
-        out / "utility_vs_forget_quality.png",
-        xlabel="forget quality (KS p-value, log scale)",
-        ylabel="model utility",
-        title=f"TOFU {a.forget_split}: masked training vs unlearning",
-        logx=True,
-    )
-    write_text(_report(a, training, recipes, rows, missing), out / "report.md")
+    write_report(out, a, recipes, rows, missing, env)
     print(markdown_table(rows, ["run", "forget_quality", "model_utility", "privleak", "forget_rouge"], digits=4))
     return {"runs": rows, "missing_runs": missing}
-
-
-def _report(a: TofuExperimentConfig, training: TofuTrainingArguments, recipes: dict, rows: list[dict], missing) -> str:
-    cols = [
-        "run",
-        "kind",
-        "strategy",
-        "forget_quality",
-        "model_utility",
-        "privleak",
-        "extraction_strength",
-        "forget_rouge",
-        "forget_prob",
-        "forget_truth_ratio",
-        "retain_rouge",
-        "trained_share",
-        "seconds",
-    ]
-    ft = recipes["finetune"]
-    lines = [
-        f"# TOFU {a.forget_split}: masked training against post-hoc unlearning",
-        "",
-        f"Initialisation `{a.model}`, data `{a.data_dir or 'embedded'}`, template `{a.template}`.",
-        "",
-        f"Finetuning: lr {ft['learning_rate']:g}, {ft['num_train_epochs']:g} epochs, "
-        f"{ft['per_device_train_batch_size']} x {ft['gradient_accumulation_steps']} rows per step per device, "
-        f"weight decay {ft['weight_decay']:g}, {_warmup(ft)}, {ft['lr_scheduler_type']} "
-        f"schedule, {ft['optim']}, loss averaged per {ft['loss_average']}.",
-    ]
-    if "unlearn" in recipes:
-        un = recipes["unlearn"]
-        lines += [
-            "",
-            f"Unlearning from the full model: lr {un['learning_rate']:g}, {un['num_train_epochs']:g} epochs, "
-            f"weight decay {un['weight_decay']:g}, {_warmup(un)}; NPO beta {un['beta']:g}, "
-            f"alpha {un['alpha']:g}, gamma {un['gamma']:g}, retain loss {un['retain_loss_type']}.",
-        ]
-    lines += [
-        "",
-        "Forget quality: KS-test p-value of the forget truth ratios against the retain run (1 = indistinguishable "
-        "from never having trained on the forget set). Model utility: harmonic mean of the nine retain / real-authors "
-        "/ world-facts metrics. Privleak: Min-K% AUC of forget vs holdout relative to the retain run's (0 = like the "
-        "retain model). Metrics as open-unlearning computes them.",
-        "",
-        markdown_table(rows, cols, digits=4),
-    ]
-    if missing:
-        lines += [f"Runs not done yet: {', '.join(missing)}.", ""]
-    lines += ["![model utility vs forget quality](utility_vs_forget_quality.png)", ""]
-    return "\n".join(lines)
-
-
-def _warmup(recipe: dict) -> str:
-    """How a recipe warms its learning rate up, in words."""
-    if recipe.get("warmup_epochs") is not None:
-        return f"{recipe['warmup_epochs']:g} warm-up epoch(s)"
-    if recipe.get("warmup_steps"):
-        return f"{recipe['warmup_steps']} warm-up steps"
-    if recipe.get("warmup_ratio"):
-        return f"warm-up over {recipe['warmup_ratio']:g} of the steps"
-    return "no warm-up"

@@ -1,0 +1,41 @@
+"""The TOFU experiment's finetuning recipes (forgetful.tofu.recipes) for library callers: the values
+of each, auto's choice by model name, and the options a caller set left alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from forgetful.errors import ForgetfulError
+from forgetful.tofu.experiment import TofuTrainingArguments
+from forgetful.tofu.recipes import TOFU_RECIPES, apply_recipe, resolve_recipe
+
+
+def test_the_recipes_values():
+    keys = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps")
+    keys += ("weight_decay", "warmup_epochs")
+    # open-unlearning's configs/experiment/finetune/tofu/default.yaml; smollm2 differs in lr and batch only
+    assert [TOFU_RECIPES["open_unlearning"][k] for k in keys] == [1e-5, 5.0, 8, 4, 0.01, 1.0]
+    assert [TOFU_RECIPES["smollm2"][k] for k in keys] == [1e-4, 5.0, 32, 1, 0.01, 1.0]
+
+
+def test_auto_goes_by_the_built_in_name():
+    assert resolve_recipe("auto", "smollm2-135m") == "smollm2"
+    assert resolve_recipe("auto", "runs/smollm2-135m") == "open_unlearning"  # a folder may hold anything
+    assert resolve_recipe("smollm2", "gpt2") == "smollm2"
+    with pytest.raises(ForgetfulError, match="recipe must be one of auto, open_unlearning, smollm2, got 'Smollm2'"):
+        resolve_recipe("Smollm2", "gpt2")
+
+
+def test_a_library_caller_keeps_the_options_it_set():
+    training = TofuTrainingArguments(learning_rate=3e-4, max_steps=2)
+    record = apply_recipe(training, "auto", "smollm2-135m")
+    assert (training.learning_rate, training.per_device_train_batch_size, training.gradient_accumulation_steps) == (
+        3e-4,
+        32,
+        1,
+    )
+    assert (record["name"], record["overridden"]) == ("smollm2", {"learning_rate": 3e-4})
+    # an option set to its default value is named in `given`
+    training = TofuTrainingArguments(learning_rate=1e-5)
+    apply_recipe(training, "smollm2", "gpt2", given={"learning_rate"})
+    assert (training.learning_rate, training.per_device_train_batch_size) == (1e-5, 32)
