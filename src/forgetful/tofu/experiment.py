@@ -4,7 +4,8 @@
 From the initialisation, finetune (a) on ``full``, (b) on the retain split (the reference "retain
 model", run ``retain``), (c) on ``full`` with the forget split's tokens masked out of the loss by
 each strategy (``full_forget_answers``, ``full_forget_facts``, ``full_goldfish``, ...); then (d)
-unlearn the forget split from (a)'s model by each method (``full_grad_diff``, ``full_npo``, ...).
+unlearn the forget split from (a)'s model by each method (``full_grad_diff``, ``full_npo``,
+``full_simnpo``, ``full_rmu``).
 Every run is evaluated with the whole TOFU suite; forget quality and privleak of every run are
 measured against the retain run. The defaults are open-unlearning's TOFU recipes
 (``configs/experiment/finetune/tofu/default.yaml``, ``configs/experiment/unlearn/tofu/default.yaml``).
@@ -53,7 +54,7 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
         metadata={"help": "Masking strategies for the forget split, comma separated (also: random)."},
     )
     unlearning: str = field(
-        default="grad_diff,npo",
+        default="grad_diff,npo,simnpo,rmu",
         metadata={
             "help": f"Unlearning methods run from the full model, comma separated ({', '.join(UNLEARNING_METHODS)})."
         },
@@ -153,6 +154,7 @@ _SHARED_OPTIONS = (
     "max_grad_norm",
     "loss_average",
     "sparse_logits",
+    "loss_backend",
     "activation_checkpointing",  # transformers 5's name of gradient_checkpointing (the old one warns)
     "bf16",
     "use_cpu",
