@@ -96,7 +96,7 @@ case "$phase" in
     # effective batch of 32 as one micro-batch instead of 8 x 4 accumulation: a quarter of the steps
     TOFU_RECIPE="--batch-size 32 --gradient-accumulation-steps 1 --eval-batch-size 256 --disable-tqdm true"
     (timeout -k 30 "$budget" bash -c "
-       for run in ${TOFU_RUNS:-retain full full_grad_diff full_npo full_forget_answers full_forget_facts full_goldfish}; do
+       for run in ${TOFU_RUNS:-retain full full_grad_diff full_npo full_simnpo full_rmu full_forget_answers full_forget_facts full_goldfish}; do
          python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
            --forget-split forget10 --only \$run ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
        done
