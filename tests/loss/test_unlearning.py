@@ -367,10 +367,15 @@ def test_rmu_layer_default_fallback_and_errors(setup):
     )
     with pytest.raises(ForgetfulError, match=r"rmu_layer 2: the model has 2 decoder layers \(0..1\)"):
         _trainer(setup, method="rmu", rmu_layer=2)
-    with pytest.raises(ForgetfulError, match="rmu_params 'encoder.*' matches no parameter name"):
+    with pytest.raises(ForgetfulError, match="rmu_params 'encoder.*' matches no trainable parameter name"):
         _trainer(setup, method="rmu", rmu_params="encoder.*")
     with pytest.raises(ForgetfulError, match="matches only parameters after the steered layer"):
         _trainer(setup, method="rmu", rmu_layer=0, rmu_params=r"model\.layers\.1\..*")
+    # a frozen parameter (a PEFT model's base weight) stays frozen, whatever the pattern
+    embedding = setup[0].model.embed_tokens.weight.requires_grad_(False)
+    tr = _trainer(setup, method="rmu")
+    assert not embedding.requires_grad and "model.embed_tokens.weight" not in tr.method.trainable
+    assert len(tr.method.trainable) == len(list(setup[0].parameters())) - 1
 
 
 def _train_rmu(setup, **kw) -> tuple[dict, float, float]:

@@ -71,26 +71,27 @@ def activation_distance(h: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 def freeze_all_but(model, pattern: str, later_layers: set[int]) -> list[str]:
-    """Train only the parameters whose names match ``pattern`` (``re.fullmatch``); returns their
+    """Train only the parameters whose names match ``pattern`` (``re.fullmatch``) among those that
+    train now (a frozen one, such as a PEFT model's base weight, stays frozen); returns their
     names. ``later_layers`` holds the ids of the parameters after the steered layer, which the loss
     never reaches: a pattern matching only those is an error."""
     rx = re.compile(pattern)
     named = list(model.named_parameters())
-    chosen = []
-    for name, p in named:
-        keep = rx.fullmatch(name) is not None
-        p.requires_grad_(keep)
-        if keep:
-            chosen.append(name)
+    chosen = [(name, p) for name, p in named if p.requires_grad and rx.fullmatch(name) is not None]
     if not chosen:
         names = ", ".join(n for n, _ in named[:3])
-        raise ForgetfulError(f"rmu_params '{pattern}' matches no parameter name (they look like {names}, ...)")
-    if all(id(p) in later_layers for name, p in named if name in set(chosen)):
+        raise ForgetfulError(
+            f"rmu_params '{pattern}' matches no trainable parameter name (they look like {names}, ...)"
+        )
+    if all(id(p) in later_layers for _, p in chosen):
         raise ForgetfulError(
             f"rmu_params '{pattern}' matches only parameters after the steered layer, which RMU's loss never "
             "reaches: choose parameters at or before rmu_layer"
         )
-    return chosen
+    keep = {id(p) for _, p in chosen}
+    for _, p in named:
+        p.requires_grad_(id(p) in keep)
+    return [name for name, _ in chosen]
 
 
 @register_unlearning_method("rmu", retain_loss_type="EMBED_DIFF")
