@@ -96,7 +96,7 @@ case "$phase" in
     # memorises TOFU with it; at open-unlearning's lr 1e-5 it barely learns it). Named, not auto: MODEL is a file path
     TOFU_RECIPE="--recipe smollm2 --eval-batch-size 256 --disable-tqdm true"
     (timeout -k 30 "$budget" bash -c "
-       for run in ${TOFU_RUNS:-retain full full_grad_diff full_npo full_forget_answers full_forget_facts full_goldfish}; do
+       for run in ${TOFU_RUNS:-retain full full_grad_diff full_npo full_simnpo full_rmu full_forget_answers full_forget_facts full_goldfish}; do
          python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
            --forget-split forget10 --only \$run ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
        done

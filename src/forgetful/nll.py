@@ -191,6 +191,11 @@ class TokenNLL:
     def count_per_row(self) -> torch.Tensor:
         return torch.bincount(self.rows, minlength=self.batch_size)
 
+    def mean(self) -> torch.Tensor:
+        """The mean NLL over every scored token of the batch (a zero still connected to the graph
+        when there is none): the HF model loss."""
+        return self.nll.sum() / max(self.nll.numel(), 1)
+
     def mean_per_row(self) -> torch.Tensor:
         """Each row's mean NLL over its scored tokens (0 for a row with none)."""
         return self.sum_per_row() / self.count_per_row().clamp(min=1)

@@ -111,6 +111,26 @@ def check_loss_backend(name: str, device: torch.device | str | None = None) -> N
         )
 
 
+def training_loss_backend(args) -> str:
+    """The loss backend a training config asks for, checked for the machine it trains on: the one
+    place every trainer (selective-loss, unlearning, REINFORCE) resolves its option. ``auto`` stays
+    ``auto`` here (:func:`resolve_loss_backend` makes it concrete per call, from the head and the
+    dtype). ``use_liger_kernel`` (the HF Trainer's switch for Liger's fused linear cross-entropy) is
+    honoured through the ``liger`` backend, since the losses here bypass the model's own; with
+    another explicit backend it is refused."""
+    backend = getattr(args, "loss_backend", DEFAULT_LOSS_BACKEND)
+    if getattr(args, "use_liger_kernel", False):
+        if backend not in ("auto", "liger"):
+            raise ForgetfulError(
+                f"use_liger_kernel asks for Liger's fused linear cross-entropy but loss_backend='{backend}': "
+                "set loss_backend liger (or auto), or drop use_liger_kernel"
+            )
+        backend = "liger"
+    use_cpu = getattr(args, "use_cpu", False) or not torch.cuda.is_available()
+    check_loss_backend(backend, torch.device("cpu" if use_cpu else "cuda"))
+    return backend
+
+
 def compute_dtype(h: torch.Tensor, weight_dtype: torch.dtype | None) -> torch.dtype:
     """The dtype the head's matmul runs in: autocast's when it is on for ``h``'s device, else the
     weight's (as ``nn.Linear`` would)."""

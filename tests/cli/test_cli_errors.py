@@ -164,16 +164,17 @@ def _cases(d: Path, model: str):
         (tofu + ["--forget-split", "forget42"], "forget split must be one of"),
         (tofu + ["--retain-eval", str(d / "retain_other_tokenizer.json")], "another tokenizer or prompt template"),
         (tofu + ["--data-dir", str(d / "tofu_no_perturbed")], "forget10_perturbed' is missing"),
-        (unl + ["--method", "simnpo"], "unknown unlearning method 'simnpo'; choose from grad_ascent, grad_diff, npo"),
+        (unl + ["--method", "dpo"], "unknown unlearning method 'dpo'; choose from grad_ascent, grad_diff, npo, simnpo"),
+        (unl + ["--method", "rmu", "--rmu_layer", "5"], "rmu_layer 5: the model has 2 decoder layers (0..1)"),
         (unl + ["--data-dir", str(d / "tofu_no_perturbed"), "--evaluate"], "needs its perturbed answers"),
-        (exp + ["--unlearning", "npo,rmu"], "unknown unlearning method 'rmu'"),
+        (exp + ["--unlearning", "npo,dpo"], "unknown unlearning method 'dpo'"),
         (exp + ["--data-dir", str(d / "tofu_no_perturbed")], "forget10_perturbed' is missing"),
         (exp + ["--recipe", "open-unlearning"], "recipe must be one of auto, open_unlearning, smollm2, got 'open-unl"),
         (["demo", "--out", str(d / "out_demo"), "--keep", "1.0"], "keep ratios must lie in (0, 1)"),
     ]
 
 
-N_CASES = 54  # the parametrisation below runs each case by index
+N_CASES = 55  # the parametrisation below runs each case by index
 
 
 def test_there_are_at_least_twenty_cases(files, tiny_model_dir):

@@ -1,6 +1,8 @@
-"""Post-hoc unlearning (forgetful.loss.unlearning): each method's loss on one batch against a hand
-computation, NPO's value at the reference, the forget/retain pairing, and training that lowers
-the forget probability on a tiny model."""
+"""Post-hoc unlearning (forgetful.loss.unlearning, its registry of methods in
+forgetful.loss.unlearning_methods and forgetful.loss.rmu): each method's loss on one batch against a
+hand computation, NPO's value at the reference, the forget/retain pairing, training that lowers the
+forget probability on a tiny model, the registry's lookup and defaults, RMU training only its
+parameters, and the loss backend reaching every NLL."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from forgetful.errors import ForgetfulError
+from forgetful.loss.rmu import RMU
 from forgetful.loss.trainer import SelectiveLossCollator
 from forgetful.loss.unlearning import (
     ForgetRetainDataset,
@@ -22,6 +25,15 @@ from forgetful.loss.unlearning import (
     forget_probability,
     npo_loss,
 )
+from forgetful.loss.unlearning_methods import (
+    NPO,
+    UNLEARNING_METHODS,
+    SimNPO,
+    UnlearningMethod,
+    register_unlearning_method,
+    unlearning_method,
+)
+from forgetful.nll_backends import ChunkedLinearNLL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -184,11 +196,7 @@ def test_forget_retain_pairing(tiny_llama, tmp_path):
 
 
 def test_unlearning_config_errors(tmp_path, tiny_llama):
-    with pytest.raises(
-        ForgetfulError, match="unknown unlearning method 'simnpo'; choose from grad_ascent, grad_diff, npo"
-    ):
-        _args(tmp_path, method="simnpo")
-    with pytest.raises(ForgetfulError, match="retain_loss_type must be one of NLL, KL"):
+    with pytest.raises(ForgetfulError, match="retain_loss_type must be one of NLL, KL, EMBED_DIFF"):
         _args(tmp_path, retain_loss_type="L2")
     model, tok = tiny_llama
     with pytest.raises(ForgetfulError, match="needs a non-empty retain dataset"):
@@ -232,7 +240,10 @@ def memorized(tiny_llama, tmp_path_factory):
     return model, tok, forget, retain
 
 
-@pytest.mark.parametrize("method", ["grad_ascent", "grad_diff", "npo"])
+# Not simnpo at its defaults: its forget gradient is weighted by 2 * (1 - sigmoid(beta * NLL / |y|)), which
+# at this model's forget NLL (about 2.3 a token) and beta 4.5 is 3e-5: the toy rows count as forgotten
+# already (its loss is checked by hand above).
+@pytest.mark.parametrize("method", ["grad_ascent", "grad_diff", "npo", "rmu"])
 def test_training_lowers_the_forget_probability(memorized, tmp_path, method):
     full, tok, forget, retain = memorized
     model = copy.deepcopy(full)
@@ -253,3 +264,196 @@ def test_training_lowers_the_forget_probability(memorized, tmp_path, method):
     assert tr.state.global_step == 3  # 8 rows / (4 x 2) per step, 3 epochs
     assert after.mean() < 0.75 * before.mean(), (before.mean(), after.mean())
     assert (after < before).all()  # every forget row became less likely
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry, SimNPO and RMU, the loss backend
+# --------------------------------------------------------------------------------------------------
+
+
+def test_registry_lookup_and_unknown_name(tmp_path):
+    assert list(UNLEARNING_METHODS) == ["grad_ascent", "grad_diff", "npo", "simnpo", "rmu"]
+    assert unlearning_method("npo") is NPO and unlearning_method("simnpo") is SimNPO and unlearning_method("rmu") is RMU
+    message = "unknown unlearning method 'dpo'; choose from grad_ascent, grad_diff, npo, simnpo, rmu"
+    with pytest.raises(ForgetfulError, match=message):
+        unlearning_method("dpo")
+    with pytest.raises(ForgetfulError, match=message):
+        _args(tmp_path, method="dpo")
+
+
+def test_each_method_takes_its_own_defaults(tmp_path):
+    def opts(**kw):
+        a = _args(tmp_path, **kw)
+        return a.beta, a.gamma, a.alpha, a.retain_loss_type
+
+    assert opts(method="npo") == (0.1, 1.0, 1.0, "NLL")
+    assert opts(method="grad_diff") == (0.1, 1.0, 1.0, "NLL")
+    assert opts(method="simnpo") == (4.5, 0.125, 1.0, "NLL")  # open-unlearning's SimNPO.yaml
+    assert opts(method="rmu") == (0.1, 1.0, 1.0, "EMBED_DIFF")  # open-unlearning's RMU.yaml
+    a = _args(tmp_path, method="rmu")
+    assert (a.steering_coeff, a.rmu_layer, a.rmu_params, a.ddp_find_unused_parameters) == (2.0, None, ".*", True)
+    assert _args(tmp_path, method="simnpo").delta == 0.0
+    assert opts(method="simnpo", beta=2.0, gamma=1.0, retain_loss_type="KL") == (2.0, 1.0, 1.0, "KL")  # given: kept
+    with pytest.raises(
+        ForgetfulError, match="unlearning method 'npo' takes retain_loss_type NLL, KL, got 'EMBED_DIFF'"
+    ):
+        _args(tmp_path, method="npo", retain_loss_type="EMBED_DIFF")
+    with pytest.raises(ForgetfulError, match=r"rmu_params '\(' is not a regular expression"):
+        _args(tmp_path, method="rmu", rmu_params="(")
+
+
+def test_simnpo_loss_hand_computed(setup):
+    model, _, _, _, batch, _ = setup
+    with torch.no_grad():
+        fs, fn = _ce_per_row(model, batch["forget"])
+        rs, rn = _ce_per_row(model, batch["retain"])
+    retain_nll = (rs.sum() / rn.sum()).item()
+    for kw, (beta, delta, gamma, alpha) in [
+        ({}, (4.5, 0.0, 0.125, 1.0)),  # the defaults
+        ({"beta": 2.0, "delta": 0.5, "gamma": 0.3, "alpha": 2.0}, (2.0, 0.5, 0.3, 2.0)),
+    ]:
+        tr = _trainer(setup, method="simnpo", **kw)
+        with torch.no_grad():
+            loss, parts = tr.compute_loss(model, batch, return_outputs=True)
+        x = beta * (fs.double() / fn - delta)  # float64: log sigmoid of a large x is a small number
+        forget = (-(2 / beta) * torch.log(1 / (1 + torch.exp(-x)))).mean().item()
+        assert parts["forget_loss"].item() == pytest.approx(forget, rel=1e-5)
+        assert parts["retain_loss"].item() == pytest.approx(retain_nll, rel=1e-5)
+        assert loss.item() == pytest.approx(gamma * forget + alpha * retain_nll, rel=1e-5)
+
+
+def _hand_rmu_distance(h: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> float:
+    """Per row: the mean over the answer tokens of the mean squared difference over the hidden
+    units; then the mean over rows."""
+    rows = []
+    for i in range(h.shape[0]):
+        keep = labels[i] != -100
+        rows.append(((h[i][keep] - target[i][keep]) ** 2).mean(-1).mean())
+    return torch.stack(rows).mean().item()
+
+
+def test_rmu_loss_hand_computed(setup):
+    model, _, _, _, batch, _ = setup
+    fb, rb = batch["forget"], batch["retain"]
+    tr = _trainer(setup, method="rmu", rmu_layer=0, steering_coeff=3.0, alpha=5.0, gamma=0.5)
+    d = model.config.hidden_size
+    u = torch.rand(d, generator=torch.Generator().manual_seed(0))
+    c_u = 3.0 * u / torch.linalg.vector_norm(u)  # c * u, u a unit vector drawn with the run's seed
+    assert torch.allclose(tr.method.control, c_u) and tr.method.control.norm().item() == pytest.approx(3.0)
+    with torch.no_grad():
+        loss, parts = tr.compute_loss(model, batch, return_outputs=True)
+        h = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"], output_hidden_states=True)
+        forget = _hand_rmu_distance(h.hidden_states[1], c_u.expand_as(h.hidden_states[1]), fb["labels"])
+    assert parts["forget_loss"].item() == pytest.approx(forget, rel=1e-5)
+    assert parts["retain_loss"].item() == pytest.approx(0.0, abs=1e-10)  # the model is its reference
+    assert loss.item() == pytest.approx(0.5 * forget, rel=1e-5)
+    # against a moved reference: the retain tokens' distance to its layer-0 states
+    with torch.no_grad():
+        for p in tr.ref_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        loss, parts = tr.compute_loss(model, batch, return_outputs=True)
+        cur = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"], output_hidden_states=True)
+        ref = tr.ref_model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"], output_hidden_states=True)
+        retain = _hand_rmu_distance(cur.hidden_states[1], ref.hidden_states[1], rb["labels"])
+    assert retain > 1e-4 and parts["retain_loss"].item() == pytest.approx(retain, rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * forget + 5.0 * retain, rel=1e-5)
+
+
+def test_rmu_layer_default_fallback_and_errors(setup):
+    tr = _trainer(setup, method="rmu")
+    assert tr.method.layer == 1  # open-unlearning's layer 7 does not exist in 2 layers: the last one
+    assert tr.method.state()["layer"] == 1 and tr.method.state()["trainable_parameters"] == len(
+        list(tr.model.parameters())
+    )
+    with pytest.raises(ForgetfulError, match=r"rmu_layer 2: the model has 2 decoder layers \(0..1\)"):
+        _trainer(setup, method="rmu", rmu_layer=2)
+    with pytest.raises(ForgetfulError, match="rmu_params 'encoder.*' matches no trainable parameter name"):
+        _trainer(setup, method="rmu", rmu_params="encoder.*")
+    with pytest.raises(ForgetfulError, match="matches only parameters after the steered layer"):
+        _trainer(setup, method="rmu", rmu_layer=0, rmu_params=r"model\.layers\.1\..*")
+    # a frozen parameter (a PEFT model's base weight) stays frozen, whatever the pattern
+    embedding = setup[0].model.embed_tokens.weight.requires_grad_(False)
+    tr = _trainer(setup, method="rmu")
+    assert not embedding.requires_grad and "model.embed_tokens.weight" not in tr.method.trainable
+    assert len(tr.method.trainable) == len(list(setup[0].parameters())) - 1
+
+
+def _train_rmu(setup, **kw) -> tuple[dict, float, float]:
+    """RMU at layer 0 for 4 steps from a copy of the tiny model: (the names of the parameters that
+    changed, the forget loss of one batch before, after)."""
+    model, tok, forget, retain, batch, tmp_path = setup
+    model = copy.deepcopy(model)
+    args = _args(tmp_path, method="rmu", rmu_layer=0, learning_rate=1e-2, max_steps=4, warmup_epochs=0.0, **kw)
+    tr = UnlearningTrainer(model=model, args=args, forget_dataset=forget, retain_dataset=retain, processing_class=tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        loss_before = tr.compute_loss(model, batch, return_outputs=True)[1]["forget_loss"].item()
+    tr.train()
+    with torch.no_grad():
+        loss_after = tr.compute_loss(model, batch, return_outputs=True)[1]["forget_loss"].item()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    return changed, loss_before, loss_after
+
+
+def test_rmu_trains_only_its_parameters_and_its_forget_loss_falls(setup):
+    changed, before, after = _train_rmu(setup, rmu_params=r"model\.layers\.0\.mlp\.down_proj\.weight")
+    assert changed == ["model.layers.0.mlp.down_proj.weight"]
+    assert after < before  # one matrix moves the layer's output a little (0.1257 -> 0.1243)
+    # every parameter (open-unlearning's default): those up to the steered layer move, the later
+    # layer's do not (the loss never reaches them), and the forget loss falls fast
+    changed, before, after = _train_rmu(setup)
+    assert "model.embed_tokens.weight" in changed and "model.layers.0.mlp.down_proj.weight" in changed
+    assert not [n for n in changed if n.startswith("model.layers.1.") or n == "model.norm.weight"]
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("method", ["grad_ascent", "grad_diff", "npo", "simnpo"])
+def test_the_loss_backend_computes_every_nll(setup, monkeypatch, method):
+    """chunked (and auto, which is chunked on the CPU) runs the chunked kernel for the forget and
+    retain NLL (and NPO's reference); dense never does; the values agree."""
+    model, _, _, _, batch, _ = setup
+    calls = []
+    real = ChunkedLinearNLL.apply
+    monkeypatch.setattr(ChunkedLinearNLL, "apply", lambda *a: calls.append(1) or real(*a))
+    values = {}
+    for backend in ("dense", "chunked", "auto"):
+        calls.clear()
+        tr = _trainer(setup, method=method, loss_backend=backend)
+        built = len(calls)  # NPO's reference NLL, computed when the trainer is built
+        with torch.no_grad():
+            values[backend] = tr.compute_loss(model, batch, return_outputs=True)[1]
+        parts = 1 if method == "grad_ascent" else 2
+        assert (built, len(calls) - built) == ((0, 0) if backend == "dense" else (int(method == "npo"), parts))
+    for backend in ("chunked", "auto"):
+        for key, value in values["dense"].items():
+            assert values[backend][key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), (backend, key)
+
+
+def test_npo_reference_nll_through_the_backend(setup):
+    dense = _trainer(setup, method="npo", loss_backend="dense").ref_nll
+    chunked = _trainer(setup, method="npo", loss_backend="chunked").ref_nll
+    assert torch.allclose(dense, chunked, rtol=1e-5) and not math.isclose(dense.sum().item(), 0.0)
+
+
+def test_a_registered_method_is_looked_up_by_the_trainer(setup, tmp_path):
+    """The registry is the only list: a method registered by a user trains under its name."""
+
+    @register_unlearning_method("forget_nll_squared", gamma=2.0)
+    class Squared(UnlearningMethod):
+        paper = "a test"
+
+        def forget_loss(self, model, inputs):
+            return -(self.trainer.batch_nll(model, inputs["forget"]).mean() ** 2)
+
+    try:
+        model, _, _, _, batch, _ = setup
+        tr = _trainer(setup, method="forget_nll_squared")
+        assert isinstance(tr.method, Squared) and tr.args.gamma == 2.0
+        with torch.no_grad():
+            loss, parts = tr.compute_loss(model, batch, return_outputs=True)
+            fs, fn = _ce_per_row(model, batch["forget"])
+            rs, rn = _ce_per_row(model, batch["retain"])
+        expected = 2.0 * -((fs.sum() / fn.sum()) ** 2) + (rs.sum() / rn.sum())
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    finally:
+        del UNLEARNING_METHODS["forget_nll_squared"]

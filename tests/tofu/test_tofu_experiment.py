@@ -9,7 +9,13 @@ import json
 import pytest
 
 from forgetful.errors import ForgetfulError
-from forgetful.tofu.experiment import TofuExperimentConfig, TofuTrainingArguments, plan_runs, run_tofu_experiment
+from forgetful.tofu.experiment import (
+    TofuExperimentConfig,
+    TofuTrainingArguments,
+    plan_runs,
+    run_tofu_experiment,
+    unlearning_args,
+)
 from forgetful.tofu.metrics import forget_quality
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -25,7 +31,7 @@ def _config(model_dir, out, **kw) -> TofuExperimentConfig:
         max_new_tokens=3,
         max_eval_examples=4,
         eval_batch_size=4,
-        unlearning="grad_diff,npo",
+        unlearning="grad_diff,npo,simnpo,rmu",
         unlearn_epochs=1.0,
         unlearn_learning_rate=1e-3,
     )
@@ -41,6 +47,7 @@ def _training(**kw) -> TofuTrainingArguments:
 
 def test_plan_runs_and_its_errors(tmp_path):
     runs = plan_runs(_config("m", tmp_path))
+    assert TofuExperimentConfig.unlearning == "grad_diff,npo,simnpo,rmu"  # the default: four methods
     assert [r.name for r in runs] == [
         "retain",
         "full",
@@ -49,12 +56,34 @@ def test_plan_runs_and_its_errors(tmp_path):
         "full_goldfish",
         "full_grad_diff",
         "full_npo",
+        "full_simnpo",
+        "full_rmu",
     ]
     assert runs[0].split == "retain90" and runs[-1].kind == "unlearn" and runs[-1].split == "forget10"
-    with pytest.raises(ForgetfulError, match="unknown unlearning method 'rmu'"):
-        plan_runs(_config("m", tmp_path, unlearning="npo,rmu"))
+    with pytest.raises(ForgetfulError, match="unknown unlearning method 'dpo'; choose from .*, simnpo, rmu"):
+        plan_runs(_config("m", tmp_path, unlearning="npo,dpo"))
     with pytest.raises(ForgetfulError, match="unknown masking strategies forget_all"):
         plan_runs(_config("m", tmp_path, strategies="forget_all"))
+
+
+def test_each_unlearning_run_takes_its_methods_defaults(tmp_path):
+    """One experiment config, four methods: options left unset take each method's own default, a
+    value given applies to every method that reads it."""
+    a, training = _config("m", tmp_path), _training(use_cpu=True)
+
+    def loss_options(method, config=a):
+        u = unlearning_args(config, training, method, str(tmp_path / method))
+        return u.beta, u.gamma, u.alpha, u.retain_loss_type
+
+    assert loss_options("grad_diff") == (0.1, 1.0, 1.0, "NLL")
+    assert loss_options("npo") == (0.1, 1.0, 1.0, "NLL")
+    assert loss_options("simnpo") == (4.5, 0.125, 1.0, "NLL")
+    assert loss_options("rmu")[1:] == (1.0, 1.0, "EMBED_DIFF")
+    given = _config("m", tmp_path, beta=0.5, retain_loss_type="KL")
+    assert loss_options("npo", given)[::3] == loss_options("simnpo", given)[::3] == (0.5, "KL")
+    rmu = unlearning_args(a, training, "rmu", str(tmp_path / "rmu"))
+    assert (rmu.steering_coeff, rmu.rmu_layer, rmu.rmu_params) == (2.0, None, ".*")
+    assert unlearning_args(_config("m", tmp_path), _training(loss_backend="dense"), "npo", "x").loss_backend == "dense"
 
 
 def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path, monkeypatch):
@@ -70,6 +99,8 @@ def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path, monkeypatch):
     assert set(res["missing_runs"]) == {"full_forget_answers", "full_forget_facts", "full_goldfish"} | {
         "full_grad_diff",
         "full_npo",
+        "full_simnpo",
+        "full_rmu",
     }
     # part 2: the rest (retain and full are reused)
     res = run_tofu_experiment(_config(tiny_model_dir, out), _training())
@@ -118,9 +149,21 @@ def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path, monkeypatch):
         assert row["steps"] > 0 and 0 < row["epochs"] <= 1.0 and row["effective_batch_size"] == 8, name
         assert row["seconds"] == pytest.approx(row["train_seconds"] + row["eval_seconds"], abs=0.15), name
     assert rows["full"]["steps"] == 2 and rows["full_npo"]["epochs"] == 1.0
-    assert (un["learning_rate"], un["num_train_epochs"], un["beta"]) == (1e-3, 1.0, 0.1)
+    # the shared unlearning recipe holds no method's option; each unlearning row holds its method's own
+    assert (un["learning_rate"], un["num_train_epochs"]) == (1e-3, 1.0) and not {"beta", "gamma", "method"} & set(un)
+    assert rows["full_npo"]["loss_options"] == {"alpha": 1.0, "gamma": 1.0, "retain_loss_type": "NLL", "beta": 0.1}
+    assert rows["full_simnpo"]["loss_options"] == {
+        "alpha": 1.0,
+        "gamma": 0.125,
+        "retain_loss_type": "NLL",
+        "beta": 4.5,
+        "delta": 0.0,
+    }
+    assert rows["full_rmu"]["loss_options"]["retain_loss_type"] == "EMBED_DIFF"
     report = (out / "report.md").read_text()
-    assert "| full_npo | unlearn | npo |" in report and "NPO beta 0.1" in report
+    assert "| full_npo | unlearn | npo |" in report
+    assert "- `npo`: alpha 1, gamma 1, retain_loss_type NLL, beta 0.1" in report
+    assert "- `simnpo`: alpha 1, gamma 0.125, retain_loss_type NLL, beta 4.5, delta 0" in report
     assert (out / "utility_vs_forget_quality.png").stat().st_size > 1000
 
 
@@ -155,3 +198,34 @@ def test_cli_recipe_with_a_flag_over_it(tiny_model_dir, tmp_path, capsys):
     assert (row["lr"], row["effective_batch_size"], row["steps"]) == (1e-5, 32, 1)
     assert main([a for a in argv if a not in ("--learning-rate", "1e-5")]) == 0
     assert f"[retain] note: trained at lr 1e-05, not 0.0001; delete {out / 'retain'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["simnpo", "rmu"])
+def test_cli_unlearn_simnpo_and_rmu(tiny_model_dir, tmp_path, method):
+    """Two steps of each new method through the CLI, with a loss backend asked for; RMU saves its
+    control vector beside the model."""
+    from safetensors.torch import load_file
+
+    from forgetful.cli import main
+
+    out = tmp_path / method
+    argv = ["unlearn", "--model", str(tiny_model_dir), "--out", str(out), "--method", method, "--num-authors", "5"]
+    argv += ["--max_steps", "2", "--learning_rate", "1e-3", "--loss_backend", "chunked"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (res["method"], res["steps"], res["loss_backend"]) == (method, 2, "chunked")
+    assert (out / "config.json").is_file()
+    recipe = res["recipe"]
+    if method == "simnpo":
+        assert (recipe["beta"], recipe["gamma"], recipe["delta"], recipe["retain_loss_type"]) == (
+            4.5,
+            0.125,
+            0.0,
+            "NLL",
+        )
+        assert res["method_state"] == {}
+    else:
+        assert (recipe["retain_loss_type"], recipe["steering_coeff"], recipe["rmu_params"]) == ("EMBED_DIFF", 2.0, ".*")
+        assert res["method_state"]["layer"] == 1  # the tiny model's last layer (it has no layer 7)
+        vector = load_file(out / res["method_state"]["control_vector_file"])["control_vector"]
+        assert vector.shape == (32,) and vector.norm().item() == pytest.approx(2.0, rel=1e-5)

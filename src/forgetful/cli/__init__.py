@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Train with per-token loss masks (SelectiveLossTrainer) on a registered task.",
     ),
     "eval-tofu": ("eval_tofu", "Score a model with the TOFU metrics (forget quality, model utility, ...)."),
-    "unlearn": ("unlearn", "Post-hoc unlearning of a TOFU forget split: grad_ascent, grad_diff or npo."),
+    "unlearn": ("unlearn", "Post-hoc unlearning of a TOFU forget split: grad_ascent, grad_diff, npo, simnpo or rmu."),
     "tofu-experiment": (
         "tofu_experiment",
         "Train full / retain / masked models from one initialisation, unlearn from full, evaluate all, plot.",

@@ -1,4 +1,4 @@
-"""``forgetful unlearn``: post-hoc unlearning of a TOFU forget split (GradAscent, GradDiff, NPO) on
+"""``forgetful unlearn``: post-hoc unlearning of a TOFU forget split (GradAscent, GradDiff, NPO, SimNPO, RMU) on
 the selective-loss trainer stack, with open-unlearning's recipe as defaults; ``--evaluate`` scores
 the result with the TOFU suite."""
 

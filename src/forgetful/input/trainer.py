@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ForgetfulError, check_probability
 from ..models.loading import bf16_native
 from ..nll import unwrap_model
-from ..nll_backends import check_loss_backend
+from ..nll_backends import training_loss_backend
 from ..tokens import pad_token_id
 from ..training.interrupts import StopOnSignal, TrainingInterrupted
 from . import reinforce_core as core
@@ -106,7 +106,7 @@ class ForgetMaskTrainer(TrainerIO):
         project_dir = args.output_dir or "."
         # cpu=True on a machine without GPUs also makes a multi-process launch (torchrun) use gloo
         cpu = args.use_cpu or not torch.cuda.is_available()
-        check_loss_backend(args.loss_backend, torch.device("cpu" if cpu else "cuda"))
+        self.loss_backend = training_loss_backend(args)
         self.accelerator = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=project_dir, cpu=cpu)
         set_seed(args.seed)
         acc = self.accelerator
@@ -238,7 +238,7 @@ class ForgetMaskTrainer(TrainerIO):
             )
             train_lm = phase.train_lm and self.trains_lm
             with torch.set_grad_enabled(train_lm):
-                out = compressed_nll(self.model, inputs, args.loss_backend)
+                out = compressed_nll(self.model, inputs, self.loss_backend)
         # per (sample, row) mean target NLL -> reward
         per_row = out.mean_per_row()
         reward = -per_row.detach().view(K, -1)

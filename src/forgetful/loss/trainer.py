@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..errors import ForgetfulError
 from ..models.loading import bf16_native
 from ..nll import IGNORE_INDEX, token_nll
-from ..nll_backends import LOSS_BACKENDS, LossBackend, check_loss_backend, loss_backend_field
+from ..nll_backends import LOSS_BACKENDS, LossBackend, loss_backend_field, training_loss_backend
 from ..tokens import pad_sequences, pad_token_id
 from ..training.checkpoints import latest_trainer_checkpoint, mark_complete, rotate
 from ..training.interrupts import StopOnSignal, TrainingInterrupted
@@ -114,7 +114,7 @@ class SelectiveLossConfig(TrainingArguments):
         if self.warmup_epochs is not None and self.warmup_epochs < 0:
             raise ForgetfulError(f"warmup_epochs must not be negative, got {self.warmup_epochs}")
         super().__post_init__()
-        selective_loss_backend(self)  # a GPU kernel asked for where it cannot run: one line, before any work
+        training_loss_backend(self)  # a GPU kernel asked for where it cannot run: one line, before any work
 
     def effective_batch_size(self) -> int:
         """Rows per optimizer step over every process."""
@@ -205,24 +205,6 @@ def validate_loss_masks(dataset: Dataset, name: str = "train_dataset") -> None:
             raise ForgetfulError(f"{name}: loss_mask must hold only 0 and 1, found {flat[bad][0]!r}")
 
 
-def selective_loss_backend(args: TrainingArguments) -> str:
-    """The loss backend ``args`` asks for, checked for this machine. ``--use_liger_kernel`` (the
-    Trainer's switch for Liger's fused linear cross-entropy) is honoured through the ``liger``
-    backend, since the selective loss bypasses the model's own loss; with another explicit
-    backend it is refused."""
-    backend = getattr(args, "loss_backend", "auto")
-    if getattr(args, "use_liger_kernel", False):
-        if backend not in ("auto", "liger"):
-            raise ForgetfulError(
-                f"use_liger_kernel asks for Liger's fused linear cross-entropy but loss_backend='{backend}': "
-                "set loss_backend liger (or auto), or drop use_liger_kernel"
-            )
-        backend = "liger"
-    use_cpu = getattr(args, "use_cpu", False) or not torch.cuda.is_available()
-    check_loss_backend(backend, torch.device("cpu" if use_cpu else "cuda"))
-    return backend
-
-
 class SelectiveLossTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is the cross-entropy of the tokens with
     ``loss_mask == 1``, normalised by the global number of such tokens.
@@ -250,7 +232,7 @@ class SelectiveLossTrainer(Trainer):
     ):
         if args is None:
             raise ForgetfulError("SelectiveLossTrainer needs args (a SelectiveLossConfig)")
-        self.loss_backend = selective_loss_backend(args)
+        self.loss_backend = training_loss_backend(args)
         if data_collator is None:
             data_collator = SelectiveLossCollator(pad_token_id(processing_class, model))
         if getattr(args, "validate_loss_mask", True):

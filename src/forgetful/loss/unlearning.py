@@ -1,44 +1,40 @@
-"""Post-hoc unlearning on the selective-loss trainer stack: gradient ascent, gradient difference
-and NPO, as open-unlearning's trainers define them (``src/trainer/unlearn/{grad_ascent,grad_diff,
-npo}.py``, ``configs/trainer/{GradAscent,GradDiff,NPO}.yaml``).
+"""Post-hoc unlearning on the selective-loss trainer stack: the trainer, its config and its data.
+The methods (GradAscent, GradDiff, NPO, SimNPO, RMU) are a registry (:mod:`.unlearning_methods`,
+:mod:`.rmu`): the trainer looks ``args.method`` up and asks it for each micro-batch's loss.
 
-Each step reads a micro-batch of forget rows and, for ``grad_diff`` and ``npo``, as many retain
-rows, each drawn uniformly at random when its forget row is read (open-unlearning's
+Each step reads a micro-batch of forget rows and, for every method but ``grad_ascent``, as many
+retain rows, each drawn uniformly at random when its forget row is read (open-unlearning's
 ``ForgetRetainDataset``, anchored on the forget set: an epoch is one pass over the forget rows).
-With ``NLL(x)`` the mean cross-entropy over the trained tokens of a micro-batch (the HF model loss)
-and ``S_θ(x_i)`` the summed NLL of row ``i``:
-
-* ``grad_ascent``: ``loss = -NLL_θ(forget)``;
-* ``grad_diff``: ``loss = gamma * -NLL_θ(forget) + alpha * R``;
-* ``npo``: ``loss = gamma * mean_i -(2 / beta) * log sigmoid(beta * (S_θ(x_i) - S_ref(x_i))) + alpha * R``,
-  the reference being the model before unlearning; its ``S_ref`` is computed once, before training
-  (identical model and reference give ``gamma * (2 / beta) * log 2 + alpha * R``);
-
-with ``R`` the retain loss: ``NLL_θ(retain)`` (``retain_loss_type="NLL"``, the default) or the KL
-divergence from the reference model's next-token distribution over every position of the retain
-batch (``"KL"``, ``kl_div(..., reduction="batchmean", log_target=True)`` as open-unlearning sums it).
 Micro-batch losses are averaged over the gradient-accumulation steps, as the HF Trainer that
 open-unlearning runs does. Defaults: open-unlearning's TOFU unlearning recipe (lr 1e-5, 10 epochs,
-effective batch 32, weight decay 0.01, one warmup epoch; beta 0.1, alpha = gamma = 1).
+effective batch 32, weight decay 0.01, one warmup epoch) and each method's own loss options (NPO
+beta 0.1; SimNPO beta 4.5, gamma 0.125; RMU layer 7, steering coefficient 2, EMBED_DIFF retain
+loss; alpha 1 and, where not said, gamma 1 and an NLL retain loss).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset as TorchDataset
 
 from ..errors import ForgetfulError
-from ..nll import token_nll
+from ..nll import TokenNLL, token_nll
 from ..tokens import pad_token_id
+from . import rmu  # noqa: F401  (registers "rmu")
 from .trainer import SelectiveLossCollator, SelectiveLossConfig, SelectiveLossTrainer, validate_loss_masks
-
-UNLEARNING_METHODS = ("grad_ascent", "grad_diff", "npo")
-RETAIN_LOSS_TYPES = ("NLL", "KL")
+from .unlearning_methods import (
+    RETAIN_LOSS_TYPES,
+    UNLEARNING_METHODS,
+    kl_to_reference,
+    npo_loss,
+    simnpo_loss,
+    unlearning_method,
+)
 
 
 @dataclass
@@ -82,28 +78,73 @@ class OpenUnlearningRecipe(SelectiveLossConfig):
 
 @dataclass
 class UnlearningLossOptions:
-    """The weights of GradDiff's and NPO's losses (open-unlearning's defaults), declared once for
-    ``unlearn`` and ``tofu-experiment``."""
+    """The loss options of the unlearning methods, declared once for ``unlearn`` and
+    ``tofu-experiment``. ``beta``, ``gamma`` and ``retain_loss_type`` left unset take the method's
+    own default (open-unlearning's ``configs/trainer/<Method>.yaml``); a value given applies to every
+    method that reads it."""
 
-    beta: float = field(default=0.1, metadata={"help": "NPO: inverse temperature."})
-    alpha: float = field(default=1.0, metadata={"help": "grad_diff, npo: weight of the retain loss."})
-    gamma: float = field(default=1.0, metadata={"help": "grad_diff, npo: weight of the forget loss."})
-    retain_loss_type: str = field(default="NLL", metadata={"help": "grad_diff, npo: NLL or KL (to the reference)."})
+    beta: float | None = field(
+        default=None, metadata={"help": "npo, simnpo: inverse temperature (default: npo 0.1, simnpo 4.5)."}
+    )
+    alpha: float = field(default=1.0, metadata={"help": "Every method with a retain set: weight of the retain loss."})
+    gamma: float | None = field(
+        default=None,
+        metadata={"help": "Every method with a retain set: weight of the forget loss (default: simnpo 0.125, else 1)."},
+    )
+    retain_loss_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "NLL, KL (to the reference model) or, for rmu, EMBED_DIFF (its hidden states to the reference's); "
+            "default: rmu EMBED_DIFF, else NLL."
+        },
+    )
+    delta: float = field(
+        default=0.0, metadata={"help": "simnpo: margin subtracted from the length-normalised NLL (open-unlearning: 0)."}
+    )
+    steering_coeff: float = field(
+        default=2.0,
+        metadata={"help": "rmu: norm of the random target of the forget tokens' hidden states (open-unlearning: 2)."},
+    )
+    rmu_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "rmu: the decoder layer (0-based) whose output is steered; default open-unlearning's 7, or the "
+            "last layer of a model with fewer than 8."
+        },
+    )
+    rmu_params: str = field(
+        default=".*",
+        metadata={
+            "help": "rmu: regular expression (full match) of the parameter names that train, the rest frozen; "
+            "default every parameter (open-unlearning's TOFU config; WMDP trains only the MLP output projections "
+            "of layers L-2..L, e.g. 'model\\.layers\\.(5|6|7)\\.mlp\\.down_proj\\.weight' on Llama)."
+        },
+    )
 
     def check_loss_options(self) -> None:
-        if self.retain_loss_type not in RETAIN_LOSS_TYPES:
+        if self.retain_loss_type is not None and self.retain_loss_type not in RETAIN_LOSS_TYPES:
             raise ForgetfulError(
                 f"retain_loss_type must be one of {', '.join(RETAIN_LOSS_TYPES)}, got '{self.retain_loss_type}'"
             )
-        if self.beta <= 0:
+        if self.beta is not None and self.beta <= 0:
             raise ForgetfulError(f"beta must be positive, got {self.beta}")
+        if self.rmu_layer is not None and self.rmu_layer < 0:
+            raise ForgetfulError(f"rmu_layer must not be negative, got {self.rmu_layer}")
+        try:
+            re.compile(self.rmu_params)
+        except re.error as e:
+            raise ForgetfulError(f"rmu_params '{self.rmu_params}' is not a regular expression: {e}") from None
+
+
+def _method_help() -> str:
+    return "Unlearning method: " + "; ".join(f"{n} ({cls.paper})" for n, cls in UNLEARNING_METHODS.items()) + "."
 
 
 @dataclass
 class UnlearningConfig(OpenUnlearningRecipe, UnlearningLossOptions):
-    """The unlearning method and its weights on open-unlearning's TOFU unlearning recipe."""
+    """The unlearning method and its options on open-unlearning's TOFU unlearning recipe."""
 
-    method: str = field(default="npo", metadata={"help": f"Unlearning method: {', '.join(UNLEARNING_METHODS)}."})
+    method: str = field(default="npo", metadata={"help": _method_help()})
     num_train_epochs: float = field(
         default=10.0, metadata={"help": "Epochs over the forget set (open-unlearning: 10).", "aliases": ["--epochs"]}
     )
@@ -112,19 +153,39 @@ class UnlearningConfig(OpenUnlearningRecipe, UnlearningLossOptions):
         default=False, metadata={"help": "Keep False: the forget and retain rows travel in extra columns."}
     )
 
-    RECIPE = (*SelectiveLossConfig.RECIPE, "method", "beta", "alpha", "gamma", "retain_loss_type")
+    #: the options that belong to the method, not to the optimiser or the schedule
+    METHOD_OPTIONS = (
+        "method",
+        "beta",
+        "alpha",
+        "gamma",
+        "retain_loss_type",
+        "delta",
+        "steering_coeff",
+        "rmu_layer",
+        "rmu_params",
+    )
+    RECIPE = (*SelectiveLossConfig.RECIPE, *METHOD_OPTIONS)
 
     def __post_init__(self):
-        if self.method not in UNLEARNING_METHODS:
-            raise ForgetfulError(
-                f"unknown unlearning method '{self.method}'; choose from {', '.join(UNLEARNING_METHODS)}"
-            )
+        cls = unlearning_method(self.method)
+        for key, value in cls.defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         self.check_loss_options()
+        if self.retain_loss_type not in cls.retain_loss_types:
+            raise ForgetfulError(
+                f"unlearning method '{self.method}' takes retain_loss_type {', '.join(cls.retain_loss_types)}, "
+                f"got '{self.retain_loss_type}'"
+            )
+        if self.method == "rmu":
+            # RMU's loss stops at one layer: the later layers and the head get no gradient
+            self.ddp_find_unused_parameters = True
         super().__post_init__()
 
     @property
     def uses_retain(self) -> bool:
-        return self.method != "grad_ascent"
+        return unlearning_method(self.method).uses_retain
 
 
 class ForgetRetainDataset(TorchDataset):
@@ -161,39 +222,13 @@ class ForgetRetainCollator:
         return batch
 
 
-def mean_nll(model, part: dict) -> torch.Tensor:
-    """The HF model loss: mean cross-entropy over the trained tokens of the micro-batch."""
-    out = token_nll(model, part["input_ids"], part["labels"], attention_mask=part.get("attention_mask"))
-    return out.nll.sum() / max(out.nll.numel(), 1)
-
-
-def sequence_nll(model, part: dict) -> torch.Tensor:
-    """Per row: the summed NLL of its trained tokens (open-unlearning's ``compute_batch_nll``)."""
-    out = token_nll(model, part["input_ids"], part["labels"], attention_mask=part.get("attention_mask"))
-    return out.sum_per_row()
-
-
-def npo_loss(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Tensor:
-    """``mean_i -(2 / beta) * log sigmoid(beta * (nll_i - ref_nll_i))`` over summed row NLLs."""
-    return (-2.0 / beta * F.logsigmoid(beta * (nll - ref_nll))).mean()
-
-
-def kl_to_reference(model, ref_model, part: dict) -> torch.Tensor:
-    """``kl_div(log p_θ, log p_ref, reduction="batchmean", log_target=True)`` over every position
-    of the batch, padding included, as open-unlearning computes its KL retain loss."""
-    kwargs = {"input_ids": part["input_ids"], "attention_mask": part.get("attention_mask"), "use_cache": False}
-    with torch.no_grad():
-        ref = F.log_softmax(ref_model(**kwargs).logits.float(), dim=-1)
-    cur = F.log_softmax(model(**kwargs).logits.float(), dim=-1)
-    vocab = cur.shape[-1]
-    return F.kl_div(cur.reshape(-1, vocab), ref.reshape(-1, vocab), reduction="batchmean", log_target=True)
-
-
 class UnlearningTrainer(SelectiveLossTrainer):
     """Unlearn ``forget_dataset`` (rows of ``input_ids``, ``attention_mask``, ``loss_mask``) by
-    ``args.method``, keeping ``retain_dataset`` (``grad_diff``, ``npo``). For ``npo`` the
-    reference NLL of every forget row is computed by the model as it is now (before training),
-    unless ``ref_nll`` gives it."""
+    ``args.method`` (looked up in the registry of :mod:`.unlearning_methods`), keeping
+    ``retain_dataset`` (every method but ``grad_ascent``). For ``npo`` the reference NLL of every
+    forget row is computed by the model as it is now (before training), unless ``ref_nll`` gives
+    it; a KL or EMBED_DIFF retain loss keeps a frozen copy of that model (``ref_model``). Every NLL
+    goes through ``args.loss_backend`` (:meth:`batch_nll`)."""
 
     loss_is_scaled_for_ga = False  # micro-batch losses; the Trainer divides by the accumulation steps
 
@@ -227,10 +262,11 @@ class UnlearningTrainer(SelectiveLossTrainer):
         )
         self.model_accepts_loss_kwargs = False
         self.ref_model = None
-        if args.uses_retain and args.retain_loss_type == "KL":
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.args.device)
         self.ref_nll = None
-        if args.method == "npo":
+        self.method = unlearning_method(args.method)(self)
+        if self.method.needs_reference_model():
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.args.device)
+        if self.method.needs_reference_nll:
             if ref_nll is None:
                 ref_nll = self.reference_nll()
             self.ref_nll = torch.as_tensor(np.asarray(ref_nll), dtype=torch.float32)
@@ -248,6 +284,18 @@ class UnlearningTrainer(SelectiveLossTrainer):
         if self.retain_dataset is not None:
             validate_loss_masks(self.retain_dataset, "retain_dataset")
 
+    def batch_nll(self, model, part: dict) -> TokenNLL:
+        """The per-token NLL of the trained tokens of one collated part (forget or retain rows),
+        through the run's loss backend and sparse-logits option: what every method's NLL is made of."""
+        return token_nll(
+            model,
+            part["input_ids"],
+            part["labels"],
+            attention_mask=part.get("attention_mask"),
+            sparse_logits=self.args.sparse_logits,
+            loss_backend=self.loss_backend,
+        )
+
     @torch.no_grad()
     def reference_nll(self, batch_size: int | None = None) -> np.ndarray:
         """Summed NLL of every forget row under the current model (the NPO reference), in the
@@ -263,35 +311,13 @@ class UnlearningTrainer(SelectiveLossTrainer):
                 rows = [self.forget_dataset[j] for j in range(i, min(i + bs, len(self.forget_dataset)))]
                 part = {k: v.to(self.args.device) for k, v in collate(rows).items()}
                 with self.autocast_smart_context_manager():
-                    out.append(sequence_nll(model, part).float().cpu())
+                    out.append(self.batch_nll(model, part).sum_per_row().float().cpu())
         finally:
             model.train(was_training)
         return torch.cat(out).numpy()
 
-    def forget_and_retain_losses(self, model, inputs) -> dict[str, torch.Tensor]:
-        """The loss and its parts for one micro-batch."""
-        a = self.args
-        forget = inputs["forget"]
-        parts: dict[str, torch.Tensor] = {}
-        if a.method == "npo":
-            nll = sequence_nll(model, forget)
-            ref = self.ref_nll.to(nll.device)[inputs["forget_index"].to(nll.device)]
-            parts["forget_loss"] = npo_loss(nll, ref, a.beta)
-        else:
-            parts["forget_loss"] = -mean_nll(model, forget)
-        if not a.uses_retain:
-            parts["loss"] = parts["forget_loss"]
-            return parts
-        retain = inputs["retain"]
-        if a.retain_loss_type == "KL":
-            parts["retain_loss"] = kl_to_reference(model, self.ref_model, retain)
-        else:
-            parts["retain_loss"] = mean_nll(model, retain)
-        parts["loss"] = a.gamma * parts["forget_loss"] + a.alpha * parts["retain_loss"]
-        return parts
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        parts = self.forget_and_retain_losses(model, inputs)
+        parts = self.method.losses(model, inputs)
         loss = parts["loss"]
         if return_outputs:
             return loss, {k: v.detach() for k, v in parts.items()}
@@ -323,10 +349,11 @@ __all__ = [
     "ForgetRetainCollator",
     "ForgetRetainDataset",
     "UnlearningConfig",
+    "UnlearningLossOptions",
     "UnlearningTrainer",
     "forget_probability",
     "kl_to_reference",
-    "mean_nll",
     "npo_loss",
-    "sequence_nll",
+    "simnpo_loss",
+    "unlearning_method",
 ]

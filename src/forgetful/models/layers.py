@@ -1,9 +1,10 @@
 """Reading a causal LM part-way: its stack of decoder layers, a forward pass through the first few of
-them only (what an early-layer policy or scorer pays), and the hidden states there."""
+them only (what an early-layer policy or scorer pays, what RMU steers), and the hidden states there."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -61,3 +62,29 @@ def early_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mas
         finally:
             handle.remove()
     return captured["h"]
+
+
+def layer_output(
+    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The output ``[B, n, d]`` of decoder layer ``layer`` (0-based: the residual stream after it,
+    before any final norm), with gradients unless the caller turns them off. The call goes through
+    ``model``'s own forward, so its wrappers (DDP, FSDP) see it, with the stack cut after that
+    layer: the later layers never run and the LM head sees one position (``logits_to_keep=1``)
+    when the model takes that option."""
+    captured: list[torch.Tensor] = []
+    with first_layers(model, layer + 1) as base:
+        module = getattr(base, decoder_stack(model)[1])[layer]
+
+        def grab(mod, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters:
+            kwargs["logits_to_keep"] = 1
+        handle = module.register_forward_hook(grab)
+        try:
+            model(**kwargs)
+        finally:
+            handle.remove()
+    return captured[0]

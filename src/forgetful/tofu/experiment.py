@@ -4,7 +4,8 @@
 From the initialisation, finetune (a) on ``full``, (b) on the retain split (the reference "retain
 model", run ``retain``), (c) on ``full`` with the forget split's tokens masked out of the loss by
 each strategy (``full_forget_answers``, ``full_forget_facts``, ``full_goldfish``, ...); then (d)
-unlearn the forget split from (a)'s model by each method (``full_grad_diff``, ``full_npo``, ...).
+unlearn the forget split from (a)'s model by each method (``full_grad_diff``, ``full_npo``,
+``full_simnpo``, ``full_rmu``).
 Every run is evaluated with the whole TOFU suite; forget quality and privleak of every run are
 measured against the retain run. The finetuning recipe is named by ``recipe`` (:mod:`.recipes`:
 open-unlearning's, ``configs/experiment/finetune/tofu/default.yaml``, or the built-in small
@@ -32,6 +33,7 @@ from ..errors import ForgetfulError
 from ..loss.tasks import TOFU_STRATEGIES
 from ..loss.training import train_selective
 from ..loss.unlearning import UNLEARNING_METHODS, OpenUnlearningRecipe, UnlearningConfig, UnlearningLossOptions
+from ..loss.unlearning_methods import unlearning_method
 from ..measure import run_environment
 from ..models import bf16_native, load_model
 from ..reporting import markdown_table, write_json
@@ -67,7 +69,7 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
         metadata={"help": "Masking strategies for the forget split, comma separated (also: random)."},
     )
     unlearning: str = field(
-        default="grad_diff,npo",
+        default="grad_diff,npo,simnpo,rmu",
         metadata={
             "help": f"Unlearning methods run from the full model, comma separated ({', '.join(UNLEARNING_METHODS)})."
         },
@@ -169,6 +171,7 @@ _SHARED_OPTIONS = (
     "max_grad_norm",
     "loss_average",
     "sparse_logits",
+    "loss_backend",
     "activation_checkpointing",  # transformers 5's name of gradient_checkpointing (the old one warns)
     "bf16",
     "use_cpu",
@@ -179,6 +182,13 @@ _SHARED_OPTIONS = (
     "disable_tqdm",
     "dataloader_num_workers",
 )
+
+
+def _unlearning_recipe(args: UnlearningConfig) -> dict:
+    """What every unlearning run shares (optimiser, schedule, batch); each run's own loss options are in
+    its row (``loss_options``)."""
+    shared = {k: v for k, v in args.recipe().items() if k not in UnlearningConfig.METHOD_OPTIONS}
+    return {**shared, "effective_batch_size": args.effective_batch_size()}
 
 
 def unlearning_args(a: TofuExperimentConfig, training: TofuTrainingArguments, method: str, output_dir: str):
@@ -318,8 +328,7 @@ def run_tofu_experiment(
                 )
             model, tokenizer = load_model(str(full_model), dtype=torch.float32)
             args = unlearning_args(a, training, run.strategy, str(run_dir / "checkpoints"))
-            recipes["unlearn"] = {**args.recipe(), "effective_batch_size": args.effective_batch_size()}
-            recipes["unlearn"].pop("method")
+            recipes["unlearn"] = _unlearning_recipe(args)
             print(f"[{run.name}] unlearning {a.forget_split} from the full model ({run.strategy})")
             c = copy_options(TofuUnlearnConfig, a, model=str(full_model), out=str(run_dir / "model"))
             res = unlearn_tofu(model, tokenizer, c, args, run_dir / "model")
@@ -329,6 +338,7 @@ def run_tofu_experiment(
                 "steps": res["steps"],
                 "lr": args.learning_rate,
                 "effective_batch_size": args.effective_batch_size(),
+                "loss_options": unlearning_method(run.strategy).options_of(args),
                 "forget_prob_before": res["forget_prob_before"],
                 "forget_prob_after": res["forget_prob_after"],
             }
@@ -366,9 +376,7 @@ def run_tofu_experiment(
         _row_from_summary(row, summary)
     if "unlearn" not in recipes and any(r["kind"] == "unlearn" for r in rows):
         method = next(r["strategy"] for r in rows if r["kind"] == "unlearn")
-        args = unlearning_args(a, training, method, str(out / "checkpoints"))
-        recipes["unlearn"] = {**args.recipe(), "effective_batch_size": args.effective_batch_size()}
-        recipes["unlearn"].pop("method")
+        recipes["unlearn"] = _unlearning_recipe(unlearning_args(a, training, method, str(out / "checkpoints")))
     missing = [n for n in names if n not in evals]
     write_json(
         {

@@ -81,8 +81,17 @@ def report_text(a, recipes: dict, rows: list[dict], missing: list[str], env: dic
         lines += [
             "",
             f"Unlearning from the full model: lr {un['learning_rate']:g}, {un['num_train_epochs']:g} epochs, "
-            f"weight decay {un['weight_decay']:g}, {_warmup(un)}; NPO beta {un['beta']:g}, "
-            f"alpha {un['alpha']:g}, gamma {un['gamma']:g}, retain loss {un['retain_loss_type']}.",
+            f"weight decay {un['weight_decay']:g}, {_warmup(un)}; each method's loss options:",
+            "",
+        ]
+        lines += [
+            f"- `{r['strategy']}`: "
+            + (
+                ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["loss_options"].items())
+                or "none"
+            )
+            for r in rows
+            if r.get("kind") == "unlearn" and "loss_options" in r
         ]
     lines += [
         "",

@@ -79,6 +79,7 @@ def unlearn_tofu(model, tokenizer, c: TofuUnlearnConfig, args: UnlearningConfig,
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        trainer.method.save(out)
     results = {
         "method": args.method,
         "model": c.model,
@@ -87,6 +88,8 @@ def unlearn_tofu(model, tokenizer, c: TofuUnlearnConfig, args: UnlearningConfig,
         "forget_rows": len(forget),
         "retain_rows": len(retain) if retain is not None else 0,
         "recipe": args.recipe(),
+        "method_state": trainer.method.state(),
+        "loss_backend": trainer.loss_backend,
         "effective_batch_size": args.effective_batch_size(),
         "warmup_steps": args.warmup_steps,
         "epochs": float(trainer.state.epoch or 0.0),
