@@ -210,12 +210,13 @@ def timed_rounds(
     round; each entry the median of ``repeats`` event-timed runs after one warm-up run). Returns
     the per-round medians of each key and, when the deadline stopped the rounds early, why.
     ``after_round(medians, done)`` is called after each round (to save partial results); a round is
-    started only when the deadline allows the longest round so far."""
+    started only when the deadline allows the longest round so far (the first: when it has not
+    passed)."""
     order = list(work)
     medians: dict[Hashable, list[float]] = {key: [] for key in order}
     longest = 0.0
     for r in range(rounds):
-        if deadline is not None and r > 0 and not deadline.allows(longest):
+        if deadline is not None and not deadline.allows(longest):
             return medians, deadline.reason(f"round {r + 1} of {rounds}")
         t0 = time.perf_counter()
         random.Random(r).shuffle(order)

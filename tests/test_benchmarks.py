@@ -38,31 +38,21 @@ def test_bench_forgetting(tmp_path):
     out = tmp_path / "f.json"
     _run(
         "bench_forgetting.py",
-        "--arch",
-        "llama-tiny",
-        "--lengths",
-        "48",
-        "--keeps",
-        "0.5",
-        "--batch",
-        "2",
-        "--rounds",
-        "2",
-        "--repeats",
-        "1",
-        "--modes",
-        "eager",
-        "--profile",
-        "--out",
-        str(out),
+        *("--arch", "llama-tiny", "--lengths", "48", "--keeps", "0.5,0.25", "--batch", "2", "--rounds", "2"),
+        *("--repeats", "1", "--modes", "eager", "--profile", "--out", str(out)),
     )
     res = json.loads(out.read_text())
     assert res["env"]["command"].startswith("bench_forgetting.py") and res["config"]["arch"] == "llama-tiny"
-    (row,) = res["rows"]
+    assert res["complete"] is True and "stopped" not in res and res["env"]["git_commit"]
+    row, quarter = res["rows"]
     assert (row["n"], row["keep"], row["kept_length"], row["full_length"]) == (48, 0.5, 24 + 32, 48 + 32)
+    assert quarter["keep"] == 0.25 and row["rounds_done"] == quarter["rounds_done"] == 2
+    # the same full-length measurement, the ceiling of each keep measured in the same rounds
+    assert row["train_full_ms"] == quarter["train_full_ms"] and row["train_ceiling_ms"] != quarter["train_ceiling_ms"]
     for key in (
         "train_ms",
         "eval_ms",
+        "train_ceiling_ms",
         "train_share_of_ceiling",
         "eval_share_of_ceiling",
         "eval_mask_ms",
@@ -76,48 +66,62 @@ def test_bench_forgetting(tmp_path):
     assert prof["pipeline_eval"]["host_syncs"] < prof["pipeline_mask_eval"]["host_syncs"]
 
 
+def test_bench_forgetting_stops_at_its_time_limit_and_keeps_the_rounds_done(tmp_path):
+    out = tmp_path / "f.json"
+    _run(
+        "bench_forgetting.py",
+        *("--arch", "llama-tiny", "--lengths", "32", "--keeps", "0.5", "--batch", "2", "--rounds", "100000"),
+        *("--repeats", "1", "--modes", "eager,compile", "--time-limit", "2", "--out", str(out)),
+    )
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]  # the compile mode never started
+    assert res["stopped"].startswith("time limit 2 s") and 1 <= row["rounds_done"] < 100000
+    assert row["mode"] == "eager" and _finite(row["train_share_of_ceiling"]["median"])
+
+
+SELECTIVE_METHODS = (
+    "hf_plain",
+    "liger_all",
+    "cce_all",
+    "cce_gathered",
+    "forgetful_dense",
+    "forgetful_chunked",
+    "forgetful_cce",
+    "forgetful_liger",
+    "forgetful_auto",
+)
+
+
 def test_bench_selective(tmp_path):
-    """Every method gets a row: the CPU ones are timed, measured and checked against dense; the
-    GPU-only ones are skipped with the reason."""
+    """Every method gets a row: the CPU ones are timed, measured and checked against the fp32 dense
+    reference gradients (dense is that computation on the CPU: exactly 1.0); the GPU-only ones are
+    skipped with the reason. A random-weight shape and the real model (labelled)."""
     out = tmp_path / "s.json"
     _run(
         "bench_selective.py",
-        "--models",
-        "gpt2-tiny:2x24,llama-tiny:2x24",
-        "--densities",
-        "1.0,0.1",
-        "--rounds",
-        "2",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--out",
-        str(out),
+        *("--models", "llama-tiny:2x24,real=smollm2-135m:1x16", "--densities", "1.0,0.1"),
+        *("--rounds", "2", "--repeats", "1", "--out", str(out)),
     )
     res = json.loads(out.read_text())
     assert res["env"]["command"].startswith("bench_selective.py") and res["config"]["rounds"] == 2
+    assert res["complete"] is True and "stopped" not in res
     rows = {(r["model"], r["density"], r["method"]): r for r in res["rows"]}
-    methods = (
-        "hf_plain",
-        "liger_all",
-        "cce_all",
-        "forgetful_dense",
-        "forgetful_chunked",
-        "forgetful_cce",
-        "forgetful_liger",
-        "forgetful_auto",
-    )
-    assert set(rows) == {(m, d, x) for m in ("gpt2-tiny", "llama-tiny") for d in (1.0, 0.1) for x in methods}
+    models = ("llama-tiny", "real")
+    assert set(rows) == {(m, d, x) for m in models for d in (1.0, 0.1) for x in SELECTIVE_METHODS}
+    assert {rows[(m, 1.0, "hf_plain")]["weights"] for m in models} == {"random", "real"}
     for (_, _, method), row in rows.items():
-        if method in ("liger_all", "cce_all", "forgetful_cce", "forgetful_liger"):
+        if method in ("liger_all", "cce_all", "cce_gathered", "forgetful_cce", "forgetful_liger"):
             assert "CUDA" in row["skipped"] and "ms" not in row, row
             continue
         assert "error" not in row and "skipped" not in row, row
         assert _finite(row["ms"]) and row["ms_spread"]["min"] <= row["ms_spread"]["median"] <= row["ms_spread"]["max"]
-        assert _finite(row["peak_gib"]) and row["peak_gib"] > 0 and _finite(row["loss"])
-        # the same loss and gradients as forgetful_dense (float32 on the CPU)
-        assert row["loss_rel_diff"] < 1e-5 and row["grad_cos_min"] > 0.99999, row
+        assert _finite(row["peak_gib"]) and row["peak_gib"] > 0 and row["rounds_done"] == 2
+        assert row["loss_rel_diff"] < 1e-5 and row["grad_cosine"] >= 0.9999, row
+        assert row["grad_cosine"] == min(row["grad_cosine_hidden"], row["grad_cosine_head"])
+    for m in models:
+        for d in (1.0, 0.1):
+            assert rows[(m, d, "forgetful_dense")]["grad_cosine"] == 1.0
+            assert rows[(m, d, "forgetful_auto")]["auto_resolves_to"] == "chunked"
     dense = rows[("llama-tiny", 0.1, "forgetful_dense")]
     assert dense["scored_tokens"] < rows[("llama-tiny", 1.0, "forgetful_dense")]["scored_tokens"]
 
@@ -142,7 +146,7 @@ def test_bench_selective_cpu_memory(tmp_path):
     dense, chunked = res["rows"]
     assert (dense["method"], chunked["method"]) == ("forgetful_dense", "forgetful_chunked")
     assert res["chunked_over_dense_peak"] == chunked["peak_mb"] / dense["peak_mb"]
-    assert chunked["loss_rel_diff"] < 1e-6 and chunked["grad_cos_min"] > 0.99999
+    assert chunked["loss_rel_diff"] < 1e-6 and chunked["grad_cosine"] > 0.99999 and dense["grad_cosine"] == 1.0
 
 
 def test_ddp_summary_scaling_and_communication_share(tmp_path):

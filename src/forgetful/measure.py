@@ -108,7 +108,7 @@ COSINE_SLICE = 1 << 24
 def gradient_cosine(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Cosine similarity of ``got`` and ``ref`` (any shape, dtype, device; the same number of
     elements), summed in float64 slice by slice. Two zero tensors agree (1.0); a zero tensor and a
-    non-zero one do not (0.0). Identical tensors give exactly 1.0."""
+    non-zero one do not (0.0). Identical tensors give exactly 1.0; the value stays within [-1, 1]."""
     from .errors import ForgetfulError
 
     a, b = got.detach().reshape(-1), ref.detach().reshape(-1)
@@ -123,7 +123,8 @@ def gradient_cosine(got: torch.Tensor, ref: torch.Tensor) -> float:
         norm_b += float(y @ y)
     if norm_a == 0.0 or norm_b == 0.0:
         return 1.0 if norm_a == norm_b else 0.0
-    return dot / math.sqrt(norm_a * norm_b)  # sqrt(x * x) == x exactly: identical tensors give 1.0
+    cosine = dot / math.sqrt(norm_a * norm_b)  # sqrt(x * x) == x exactly: identical tensors give 1.0
+    return max(-1.0, min(1.0, cosine))  # rounding can step past +-1
 
 
 def git_commit() -> str | None:
