@@ -183,12 +183,22 @@ def test_ddp_summary_scaling_and_communication_share(tmp_path):
 
 def test_bench_masks(tmp_path):
     out = tmp_path / "m.json"
-    _run("bench_masks.py", "--arch", "llama-tiny", "--n", "32", "--batch", "2", "--repeats", "1", "--out", str(out))
+    _run(
+        "bench_masks.py",
+        *("--arch", "llama-tiny", "--n", "32", "--batch", "2", "--rounds", "2", "--repeats", "1", "--out", str(out)),
+    )
     res = json.loads(out.read_text())
+    assert res["complete"] is True and res["rounds_done"] == 2 and res["env"]["command"].startswith("bench_masks.py")
+    assert (res["full_length"], res["kept_length"]) == (32 + 32, 16 + 32)
+    assert res["lm_step_ms"]["min"] <= res["lm_step_ms"]["median"] <= res["lm_step_ms"]["max"]
     rows = {r["policy"]: r for r in res["rows"]}
-    assert set(rows) == {"mlp", "cnn_mlp", "rnn", "birnn", "hidden_state", "attention_score"}
+    assert set(rows) == {"mlp", "cnn_mlp", "rnn", "birnn", "hidden_state", "residual", "attention_score"}
     assert rows["attention_score"]["learned"] is False and rows["attention_score"]["policy_train_ms"] is None
-    assert all(_finite(r["share_of_lm_step"]) and r["flops_per_token"] > 0 for r in rows.values())
+    for row in rows.values():
+        assert _finite(row["share_of_lm_step"]["median"]) and row["flops_per_token"] > 0
+        assert row["share_of_kept_lm_step"]["min"] <= row["share_of_kept_lm_step"]["max"]
+        if row["learned"]:
+            assert _finite(row["train_share_of_lm_step"]["median"]) and row["rounds_done"] == 2
     assert rows["hidden_state"]["flops_per_token"] > rows["mlp"]["flops_per_token"]
 
 
