@@ -246,3 +246,48 @@ def test_gpu_session_refuses_an_unknown_ddp_run(tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout.strip() == "DDP_RUNS: unknown run bogus"
     assert not list((tmp_path / "out" / "ddp").iterdir())  # nothing was launched
+
+
+TINY = {
+    "bench_forgetting": "--arch llama-tiny --lengths 32 --keeps 0.5 --batch 2 --rounds 1 --repeats 1 --modes eager",
+    "bench_selective": "--models llama-tiny:2x16 --densities 1.0 --rounds 1 --repeats 1",
+    "bench_masks": "--arch llama-tiny --n 32 --batch 2 --rounds 1 --repeats 1 --policies mlp",
+}
+OUTPUTS = {
+    "bench_forgetting": "bench_forgetting_smollm2_h200.json",
+    "bench_selective": "selective_backends.json",
+    "bench_masks": "bench_masks_smollm2_h200.json",
+}
+
+
+@pytest.mark.parametrize("phase", sorted(TINY))
+def test_gpu_session_bench_phases_run_with_their_time_limit(phase, tmp_path):
+    """Each benchmark phase's own options parse and its JSON lands in $OUT under the name the results
+    will have, run with the phase's time limit (tiny sizes appended through BENCH_EXTRA)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (shim / "python3").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{shim}:{os.environ['PATH']}",
+        "OUT": str(tmp_path / "out"),
+        "WORK": str(tmp_path / "work"),
+        "OMP_NUM_THREADS": "1",
+        "BENCH_EXTRA": TINY[phase],
+        "BENCH_LIMIT": "300",
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), phase], cwd=BENCH.parent, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and f"{phase} exit 0" in proc.stdout, proc.stdout[-2000:]
+    res = json.loads((tmp_path / "out" / OUTPUTS[phase]).read_text())
+    assert res["complete"] is True and res["config"]["time_limit"] == 300 and res["rows"]
+
+
+def test_gpu_session_bench_is_three_phases_now(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), "bench"], cwd=BENCH.parent, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "bench_forgetting, bench_selective, bench_masks" in proc.stdout
