@@ -145,7 +145,8 @@ def write(results: dict, out: str | os.PathLike) -> None:
 class ResultsFile:
     """A benchmark's JSON (``env``, ``config``, ``rows``, ...), rewritten atomically after every change,
     so that a run stopped at any point (its time limit, the device call's) leaves all it measured.
-    ``complete`` is False until :meth:`finish`; ``stopped`` says why a run ended early."""
+    ``complete``: the script reached its end (False: it was killed or failed on the way); ``stopped``:
+    why it ended early, by its own time limit."""
 
     def __init__(self, out: str | os.PathLike, env: dict, config: dict):
         self.out = Path(out)

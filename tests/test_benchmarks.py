@@ -95,21 +95,21 @@ SELECTIVE_METHODS = (
 def test_bench_selective(tmp_path):
     """Every method gets a row: the CPU ones are timed, measured and checked against the fp32 dense
     reference gradients (dense is that computation on the CPU: exactly 1.0); the GPU-only ones are
-    skipped with the reason. A random-weight shape and the real model (labelled)."""
+    skipped with the reason."""
     out = tmp_path / "s.json"
     _run(
         "bench_selective.py",
-        *("--models", "llama-tiny:2x24,real=smollm2-135m:1x16", "--densities", "1.0,0.1"),
+        *("--models", "llama-tiny:2x24,gpt2-tiny:2x16", "--densities", "1.0,0.1"),
         *("--rounds", "2", "--repeats", "1", "--out", str(out)),
     )
     res = json.loads(out.read_text())
     assert res["env"]["command"].startswith("bench_selective.py") and res["config"]["rounds"] == 2
     assert res["complete"] is True and "stopped" not in res
     rows = {(r["model"], r["density"], r["method"]): r for r in res["rows"]}
-    models = ("llama-tiny", "real")
+    models = ("llama-tiny", "gpt2-tiny")
     assert set(rows) == {(m, d, x) for m in models for d in (1.0, 0.1) for x in SELECTIVE_METHODS}
-    assert {rows[(m, 1.0, "hf_plain")]["weights"] for m in models} == {"random", "real"}
-    for (_, _, method), row in rows.items():
+    for (model, density, method), row in rows.items():
+        assert row["weights"] == "random"
         if method in ("liger_all", "cce_all", "cce_gathered", "forgetful_cce", "forgetful_liger"):
             assert "CUDA" in row["skipped"] and "ms" not in row, row
             continue
@@ -118,12 +118,28 @@ def test_bench_selective(tmp_path):
         assert _finite(row["peak_gib"]) and row["peak_gib"] > 0 and row["rounds_done"] == 2
         assert row["loss_rel_diff"] < 1e-5 and row["grad_cosine"] >= 0.9999, row
         assert row["grad_cosine"] == min(row["grad_cosine_hidden"], row["grad_cosine_head"])
+        if method != "forgetful_dense":
+            assert row["ms_vs_forgetful_dense"] == row["ms"] / rows[(model, density, "forgetful_dense")]["ms"]
     for m in models:
         for d in (1.0, 0.1):
             assert rows[(m, d, "forgetful_dense")]["grad_cosine"] == 1.0
             assert rows[(m, d, "forgetful_auto")]["auto_resolves_to"] == "chunked"
     dense = rows[("llama-tiny", 0.1, "forgetful_dense")]
     assert dense["scored_tokens"] < rows[("llama-tiny", 1.0, "forgetful_dense")]["scored_tokens"]
+
+
+def test_bench_selective_on_the_real_model(tmp_path):
+    """``LABEL=NAME``: the built-in SmolLM2 through load_model (real weights), its rows so labelled."""
+    out = tmp_path / "s.json"
+    _run(
+        "bench_selective.py",
+        *("--models", "smollm2=smollm2-135m:1x16", "--densities", "0.5", "--rounds", "1", "--repeats", "1"),
+        *("--methods", "forgetful_dense,forgetful_chunked", "--out", str(out)),
+    )
+    res = json.loads(out.read_text())
+    dense, chunked = res["rows"]
+    assert (dense["model"], dense["weights"], dense["vocab"]) == ("smollm2", "real", 49152)
+    assert dense["grad_cosine"] == 1.0 and chunked["grad_cosine"] >= 0.9999 and chunked["loss_rel_diff"] < 1e-5
 
 
 def test_bench_selective_cpu_memory(tmp_path):
