@@ -33,7 +33,8 @@ matmuls alone cost; on the CPU (float32) it is the reference's own computation (
 Each row: the time (``ms``: median over ``--rounds`` round medians, each the median of ``--repeats``
 CUDA-event-timed steps after one warm-up, the methods in a shuffled order each round;
 ``ms_spread``: min / median / max), the step's peak memory (``torch.cuda.max_memory_allocated``:
-``peak_gib`` absolute, weights included; ``step_peak_gib`` above the weights), and the time and
+``peak_gib`` absolute, weights included; ``step_peak_gib`` above the weights; measured after the
+gradient checks, their reference freed and their hidden states on the host), and the time and
 memory against ``forgetful_dense``, ``liger_all``, ``cce_all`` and the better of the last two
 (``*_vs_best_fused``). The JSON is rewritten atomically after every row and every round; past
 ``--time-limit`` seconds no new model, density, method or round starts (``stopped`` says where).
@@ -126,17 +127,18 @@ def bench_model(label: str, name: str, batch: int, seq: int, a, device, results:
     g = torch.Generator().manual_seed(a.seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     with torch.no_grad(), autocast(device, dtype):
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state  # fixed for the checks
+        # fixed for the gradient checks; kept on the host, out of every step's peak memory
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state.cpu()
     print(f"{label} ({weights} weights) {batch}x{seq}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     for d_i, density in enumerate(a.densities):
         if not deadline.allows():
             results.set(stopped=deadline.reason(f"{label} density {density}"))
             return
         bench = Bench(model, ids, random_labels(ids, density, a.seed + 1 + d_i), device, dtype)
-        ref = bench.head_gradients(None, hidden)
         rows, steps = {}, {}
         base = dict(model=label, weights=weights, batch=batch, seq=seq, vocab=vocab, density=density)
-        for method in a.methods:
+        ref = bench.head_gradients(None, hidden)
+        for method in a.methods:  # the gradient checks, while the reference is alive
             if not deadline.allows():
                 results.set(stopped=deadline.reason(f"{label} density {density} {method}"))
                 break
@@ -144,14 +146,28 @@ def bench_model(label: str, name: str, batch: int, seq: int, a, device, results:
             reason = bench.unavailable(method)
             if reason:
                 row["skipped"] = reason
-                results.put(row, ROW_KEY)
+            else:
+                if method == "forgetful_auto":
+                    row["auto_resolves_to"] = bench.auto_choice()
+                try:
+                    row.update(agreement(bench.head_gradients(method, hidden), ref))
+                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                    row["error"] = first_line(exc)
+                    if a.verbose:
+                        traceback.print_exc()
+            cleanup(model, device)
+            results.put(row, ROW_KEY)
+        del ref
+        cleanup(model, device)
+        for method, row in rows.items():  # warm-up and peak memory of each whole step
+            if "skipped" in row or "error" in row:
                 continue
-            if method == "forgetful_auto":
-                row["auto_resolves_to"] = bench.auto_choice(hidden)
+            if not deadline.allows():
+                results.set(stopped=deadline.reason(f"the warm-up of {label} density {density} {method}"))
+                break
             try:
-                row.update(agreement(bench.head_gradients(method, hidden), ref))
                 step = bench.step_fn(method)
-                step()  # warm-up: kernel compilation and autotuning
+                step()  # kernel compilation and autotuning
                 row.update(measure_peak(step, device))
                 steps[method] = step
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
@@ -160,7 +176,6 @@ def bench_model(label: str, name: str, batch: int, seq: int, a, device, results:
                     traceback.print_exc()
             cleanup(model, device)
             results.put(row, ROW_KEY)
-        del ref
         if results.data.get("stopped"):
             return
 

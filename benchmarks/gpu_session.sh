@@ -15,12 +15,13 @@
 # BENCH_LIMIT seconds (default 380; a round or warm-up under way finishes) and is killed at
 # BENCH_TIMEOUT (default 450: < 8 min in all); each rewrites its JSON in $OUT after every round, so a
 # cut run still returns what it measured (`complete`/`stopped` in the file say how it ended);
-# BENCH_EXTRA: options appended (they win: smaller sizes for a dry run on a CPU). Estimated times:
+# BENCH_EXTRA: options appended (they win: smaller sizes for a dry run on a CPU). Times are estimates:
 # bench_forgetting  the compute-bound setting (SmolLM2 shape, n = 4096, batch 16, keeps 0.5 / 0.25), eager
 #              and regional compile, 5 rounds -> bench_forgetting_smollm2_h200.json (about 4 min)
 # bench_selective  every loss backend and the peers at densities 1 / 0.5 / 0.1 on the real SmolLM2
 #              ($GGUF, after `model`; 16 x 2048) and the Llama-1B shape (random weights; 4 x 2048), with
-#              grad_cosine against the fp32 dense reference -> selective_backends.json (about 5 min)
+#              grad_cosine against the fp32 dense reference -> selective_backends.json (about 5 min; if it
+#              stops at its limit, BENCH_EXTRA="--models llama-1b:4x2048" in a second call measures the rest)
 # bench_masks  every policy's forward and REINFORCE backward as shares of the LM step, compute-bound
 #              setting -> bench_masks_smollm2_h200.json (about 2 min)
 # forget       the input-forgetting experiment on one GPU until BUDGET seconds, one process per task and

@@ -73,10 +73,11 @@ class Bench:
     def autocast(self):
         return autocast(self.device, self.dtype)
 
-    def auto_choice(self, hidden: torch.Tensor) -> str:
-        """The backend ``auto`` resolves to here (as :func:`linear_nll` resolves it)."""
+    def auto_choice(self) -> str:
+        """The backend ``auto`` resolves to here (as :func:`linear_nll` resolves it in the step)."""
+        probe = torch.empty(0, device=self.device, dtype=self.head.weight.dtype)  # hidden states on the device
         with self.autocast():
-            dtype = compute_dtype(hidden, self.head.weight.dtype)
+            dtype = compute_dtype(probe, self.head.weight.dtype)
         return resolve_loss_backend("auto", self.device, dtype, head_spec(self.head, config=self.model.config))
 
     def unavailable(self, method: str) -> str | None:
@@ -157,7 +158,7 @@ class Bench:
     def head_gradients(self, method: str | None, hidden: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         """The loss and its gradients w.r.t. ``hidden`` and the head weight, by ``method`` (under the
         step's autocast), or (``None``) by the fp32 dense reference (no autocast, TF32 off)."""
-        h = hidden.detach().clone().requires_grad_(True)
+        h = hidden.detach().to(self.device, copy=True).requires_grad_(True)
         self.model.zero_grad(set_to_none=True)
         if method is None:
             w = self.head.weight.detach().float().requires_grad_(True)
