@@ -125,12 +125,6 @@ def environment(device: torch.device) -> dict:
     return run_environment(device)
 
 
-def cuda_time_ms(fn, warmup: int = 3, repeats: int = 10) -> tuple[float, list[float]]:
-    """Median milliseconds of fn() and every repeat (the library's timer: CUDA events on a GPU)."""
-    times = timings_ms(fn, DEVICE, warmup=warmup, repeats=repeats)
-    return statistics.median(times), times
-
-
 def peak_mb(fn) -> float | None:
     """Peak memory of fn() above what was allocated before (CUDA; None on the CPU)."""
     return peak_memory_mb(fn, DEVICE)[0] if DEVICE.type == "cuda" else None
