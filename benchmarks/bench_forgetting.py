@@ -1,12 +1,13 @@
 """Speed and memory of input forgetting against its ceiling, eager and compiled, with the spread.
 
-For each mode (eager; ``--compile`` regional or full), context length n and keep ratio, with m target
+For each mode (eager; ``compile``: regional or full), context length n and keep ratio, with m target
 tokens and batch B, on a randomly initialised LM of the chosen shape (``--arch smollm2`` is the
 built-in real model's architecture: Llama, 30 layers, grouped-query attention):
 
 * ``full``: the LM alone at length n + m (train: forward + backward; eval: forward);
 * ``ceiling``: the LM alone at the kept length b + m, called as a plain user calls it (what a
-  forgetting pipeline could reach with a free policy and a free gather);
+  forgetting pipeline could reach with a free policy and a free gather), measured in the same run
+  and the same interleaved rounds as everything else;
 * ``pipeline``: the policy (train: Gumbel-top-k sample and its REINFORCE backward; eval: greedy
   top-k) + the gather (``compress_examples``, the kept length known on the host) + the LM at b + m;
 * eval only, to see where time goes: ``policy`` (greedy alone), ``gather`` (``compress_examples``
@@ -19,7 +20,24 @@ computed per round and reported as median, min and max. ``--profile`` adds a tor
 of one pipeline and one ceiling evaluation at the longest n and smallest keep (top kernels, host
 synchronisations).
 
-    python benchmarks/bench_forgetting.py --arch smollm2 --lengths 1024,2048 --batch 16 --compile regional
+**The default is the compute-bound setting** (``common.COMPUTE_BOUND``: SmolLM2's architecture,
+n = 4096, m = 32, batch 16, keeps 0.5 and 0.25, eager and regional compile, 5 rounds). Why not
+n = 2048, batch 16 (the setting measured before, issue 22): there the step was bound by overhead,
+not arithmetic: the compiled full step took ~96 ms against ~198 ms eager on one H200, so about half
+of the eager step was overhead that compilation removes (kernel launches, unfused elementwise
+kernels), which does not shrink as attention does with the kept length, and the measured speedups
+were small and unstable (compiled train 1.06-1.20x; the share of the ceiling
+at keep 0.25 spread over 67-99% in 3 rounds). At n = 4096 the attention, which forgetting cuts
+quadratically, is about 40% of the forward's arithmetic (vs about 25% at 2048) and each matrix
+product is twice as large, so the step measures the work forgetting removes; batch 16 keeps the
+full-length training step (about 66k tokens) well inside one GPU's memory, where batch 64 at 2048
+would need about twice as much. (This states the reason for the setting; it measures nothing.)
+
+The JSON (``--out``) is rewritten atomically after every round of every (mode, n), each row from the
+rounds done so far (``rounds_done``), so a run stopped by ``--time-limit`` or by the device call keeps
+what it measured; ``complete`` is true only at the end, ``stopped`` says why a run ended early.
+
+    python benchmarks/bench_forgetting.py --out bench_forgetting_smollm2_h200.json      # GPU, < 8 min
     python benchmarks/bench_forgetting.py --arch llama-tiny --lengths 128 --batch 4 --rounds 1   # CPU
 """
 
@@ -27,58 +45,88 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import random
-import statistics
 
 import torch
-from common import ARCHS, build_lm, compile_lm, environment, peak_mb, spread, write
+from common import (
+    ARCHS,
+    COMPUTE_BOUND,
+    Deadline,
+    ResultsFile,
+    build_lm,
+    compile_lm,
+    environment,
+    peak_mb,
+    spread,
+    timed_rounds,
+)
 
 from forgetful.input.compression import compress_examples, compressed_nll
 from forgetful.input.policies import build_mask
-from forgetful.measure import timings_ms
 from forgetful.nll import token_nll
+
+ROW_KEY = ("mode", "arch", "n", "keep")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="smollm2", choices=ARCHS)
-    p.add_argument("--lengths", default="1024,2048")
-    p.add_argument("--keeps", default="0.75,0.5,0.25")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--target", type=int, default=32, help="target tokens m after the context")
+    p.add_argument("--arch", default=COMPUTE_BOUND["arch"], choices=ARCHS)
+    p.add_argument("--lengths", default=str(COMPUTE_BOUND["n"]), help="context lengths n, comma separated")
+    p.add_argument("--keeps", default="0.5,0.25")
+    p.add_argument("--batch", type=int, default=COMPUTE_BOUND["batch"])
+    p.add_argument("--target", type=int, default=COMPUTE_BOUND["target"], help="target tokens m after the context")
     p.add_argument("--policy", default="mlp", help="mlp, cnn_mlp, rnn, birnn")
-    p.add_argument("--repeats", type=int, default=8, help="timed runs per measurement (median)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every measurement")
-    p.add_argument("--modes", default="eager", help="eager and/or compile, comma separated")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of every measurement")
+    p.add_argument("--modes", default="eager,compile", help="eager and/or compile, comma separated")
     p.add_argument("--compile", default="regional", choices=["regional", "full"], help="how the compile mode compiles")
     p.add_argument("--profile", action="store_true")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=420.0,
+        help="seconds; no new round or warm-up starts past it (0: none); what was measured is kept",
+    )
     p.add_argument("--out", default="bench_forgetting.json")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lengths = [int(x) for x in a.lengths.split(",")]
-    results = {"env": environment(device), "config": vars(a), "rows": [], "profiles": {}}
+    deadline = Deadline(a.time_limit or None)
+    results = ResultsFile(a.out, environment(device), vars(a))
+    results.set(profiles={})
 
     for mode in a.modes.split(","):
+        if not deadline.allows():
+            results.set(stopped=deadline.reason(f"mode {mode}"))
+            break
         model = build_lm(a.arch, max(lengths) + a.target, device)
         lm = compile_lm(model, a.compile) if mode == "compile" else model
         policy = build_mask(a.policy, model, learned=True, hidden_size=128).to(device)
         for n in lengths:
-            rows, profiles = measure(mode, n, model, lm, policy, a, device, profile_it=a.profile and n == max(lengths))
-            results["rows"] += rows
+            profile_it = a.profile and n == max(lengths)
+            profiles, stopped = measure(mode, n, model, lm, policy, a, device, results, deadline, profile_it)
             if profiles:
-                results["profiles"][mode] = profiles
+                results.data["profiles"][mode] = profiles
+                results.save()
+            if stopped:
+                results.set(stopped=stopped)
+                break
         if mode == "compile":
             from torch._dynamo.utils import counters
 
-            results["compile_stats"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break")}
+            results.set(compile_stats={k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break")})
         del model, lm, policy
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    write(results, a.out)
+        if results.data.get("stopped"):
+            break
+    results.finish()
 
 
-def measure(mode: str, n: int, model, lm, policy, a, device, profile_it: bool) -> tuple[list[dict], dict]:
-    """Every measurement of one (mode, context length), timed in interleaved rounds."""
+def measure(
+    mode: str, n: int, model, lm, policy, a, device, results: ResultsFile, deadline: Deadline, profile_it: bool
+) -> tuple[dict, str | None]:
+    """Every measurement of one (mode, context length), timed in interleaved rounds; its rows are put
+    into ``results`` after every round. Returns the profiles and why the deadline stopped it (None)."""
     cuda = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     keeps = [float(x) for x in a.keeps.split(",")]
@@ -169,20 +217,21 @@ def measure(mode: str, n: int, model, lm, policy, a, device, profile_it: bool) -
         work[("pipeline_mask", "eval", keep)] = pipeline(keep, False, mask_variant=True)
         for part, fn in parts(keep).items():
             work[(part, "eval", keep)] = fn
-    for fn in work.values():  # warm-up (and compilation) outside the timed rounds
+    for key, fn in work.items():  # warm-up (and compilation) outside the timed rounds
+        if not deadline.allows():
+            return {}, deadline.reason(f"the warm-up of {mode} n={n} ({key})")
         fn()
         fn()
-    order = list(work)
-    medians: dict = {key: [] for key in order}
-    for r in range(a.rounds):
-        random.Random(r).shuffle(order)
-        for key in order:
-            medians[key].append(statistics.median(timings_ms(work[key], device, warmup=1, repeats=a.repeats)))
     full_peak = peak_mb(work[("full", "train")])
-    rows = []
-    for keep in keeps:
+    train_peaks = {keep: peak_mb(work[("pipeline", "train", keep)]) for keep in keeps}
+
+    def put_rows(medians: dict, done: int) -> None:
+        for keep in keeps:
+            results.put(row(keep, medians, done), ROW_KEY)
+
+    def row(keep: float, medians: dict, done: int) -> dict:
         b = policy.kept_per_row(n, forget_p=1 - keep)
-        row = {
+        out = {
             "mode": mode,
             "arch": a.arch,
             "n": n,
@@ -191,6 +240,7 @@ def measure(mode: str, n: int, model, lm, policy, a, device, profile_it: bool) -
             "keep": keep,
             "kept_length": b + m,
             "full_length": n + m,
+            "rounds_done": done,
         }
         for kind in ("train", "eval"):
             full, ceil, pipe = (
@@ -198,40 +248,47 @@ def measure(mode: str, n: int, model, lm, policy, a, device, profile_it: bool) -
                 medians[("ceiling", kind, keep)],
                 medians[("pipeline", kind, keep)],
             )
-            row[f"{kind}_full_ms"] = spread(full)
-            row[f"{kind}_ceiling_ms"] = spread(ceil)
-            row[f"{kind}_ms"] = spread(pipe)
-            row[f"{kind}_speedup"] = spread([f / q for f, q in zip(full, pipe)])
-            row[f"{kind}_ceiling_speedup"] = spread([f / c for f, c in zip(full, ceil)])
-            row[f"{kind}_share_of_ceiling"] = spread([c / q for c, q in zip(ceil, pipe)])
+            out[f"{kind}_full_ms"] = spread(full)
+            out[f"{kind}_ceiling_ms"] = spread(ceil)
+            out[f"{kind}_ms"] = spread(pipe)
+            out[f"{kind}_speedup"] = spread([f / q for f, q in zip(full, pipe)])
+            out[f"{kind}_ceiling_speedup"] = spread([f / c for f, c in zip(full, ceil)])
+            out[f"{kind}_share_of_ceiling"] = spread([c / q for c, q in zip(ceil, pipe)])
         mask = medians[("pipeline_mask", "eval", keep)]
-        row["eval_mask_ms"] = spread(mask)
-        row["eval_mask_share_of_ceiling"] = spread([c / q for c, q in zip(medians[("ceiling", "eval", keep)], mask)])
+        out["eval_mask_ms"] = spread(mask)
+        out["eval_mask_share_of_ceiling"] = spread([c / q for c, q in zip(medians[("ceiling", "eval", keep)], mask)])
         for part in ("policy", "gather", "lm"):
-            row[f"eval_{part}_ms"] = spread(medians[(part, "eval", keep)])
+            out[f"eval_{part}_ms"] = spread(medians[(part, "eval", keep)])
         if full_peak:
-            row["train_peak_mb"] = peak_mb(work[("pipeline", "train", keep)])
-            row["train_full_peak_mb"] = full_peak
-            row["mem_ratio"] = row["train_peak_mb"] / full_peak
-        rows.append(row)
+            out["train_peak_mb"] = train_peaks[keep]
+            out["train_full_peak_mb"] = full_peak
+            out["mem_ratio"] = train_peaks[keep] / full_peak
+        return out
+
+    medians, stopped = timed_rounds(work, device, a.rounds, a.repeats, deadline, after_round=put_rows)
+    for keep in keeps:
+        if not medians[("full", "train")]:
+            break
+        r = row(keep, medians, len(medians[("full", "train")]))
         print(
-            f"[{mode}] n={n} keep={keep:.2f}: train {row['train_ms']['median']:.1f} ms, speedup "
-            f"{row['train_speedup']['median']:.2f}x ({100 * row['train_share_of_ceiling']['median']:.0f}% of "
-            f"ceiling, spread {100 * row['train_share_of_ceiling']['min']:.0f}-"
-            f"{100 * row['train_share_of_ceiling']['max']:.0f}%); eval {row['eval_speedup']['median']:.2f}x "
-            f"({100 * row['eval_share_of_ceiling']['median']:.0f}%, spread "
-            f"{100 * row['eval_share_of_ceiling']['min']:.0f}-{100 * row['eval_share_of_ceiling']['max']:.0f}%; "
-            f"with mask + read-back {100 * row['eval_mask_share_of_ceiling']['median']:.0f}%)",
+            f"[{mode}] n={n} keep={keep:.2f} ({r['rounds_done']} rounds): train {r['train_ms']['median']:.1f} ms, "
+            f"speedup {r['train_speedup']['median']:.2f}x ({100 * r['train_share_of_ceiling']['median']:.0f}% of "
+            f"ceiling {r['train_ceiling_speedup']['median']:.2f}x, spread "
+            f"{100 * r['train_share_of_ceiling']['min']:.0f}-{100 * r['train_share_of_ceiling']['max']:.0f}%); "
+            f"eval {r['eval_speedup']['median']:.2f}x ({100 * r['eval_share_of_ceiling']['median']:.0f}% of "
+            f"{r['eval_ceiling_speedup']['median']:.2f}x, spread {100 * r['eval_share_of_ceiling']['min']:.0f}-"
+            f"{100 * r['eval_share_of_ceiling']['max']:.0f}%; with mask + read-back "
+            f"{100 * r['eval_mask_share_of_ceiling']['median']:.0f}%)",
             flush=True,
         )
     profiles = {}
-    if profile_it:
+    if profile_it and not stopped:
         profiles = {
             "pipeline_eval": profile(work[("pipeline", "eval", min(keeps))], cuda),
             "ceiling_eval": profile(work[("ceiling", "eval", min(keeps))], cuda),
             "pipeline_mask_eval": profile(work[("pipeline_mask", "eval", min(keeps))], cuda),
         }
-    return rows, profiles
+    return profiles, stopped
 
 
 def profile(fn, cuda: bool) -> dict:

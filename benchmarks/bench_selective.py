@@ -1,37 +1,47 @@
-"""Selective loss against the fused cross-entropy kernels, at every loss-mask density.
+"""Selective loss against the fused cross-entropy kernels, at every loss-mask density, on real weights.
 
 One forward + backward of the whole model (bf16 autocast on CUDA, float32 weights) per method, at
-densities 1.0 / 0.5 / 0.1 (random loss masks, the same for every method), on a GPT-2-small model
-(batch 16 x 1024) and a Llama-3.2-1B-shaped model (batch 4 x 2048, random weights):
+densities 1.0 / 0.5 / 0.1 (random loss masks, the same for every method), on each ``--models``
+entry ``NAME:BATCHxSEQ`` (``LABEL=NAME:...`` names its rows LABEL). NAME is a shape of
+``common.py`` (random weights, initialised on the GPU) or anything ``forgetful.models.load_model``
+loads (the built-in ``smollm2-135m``, a ``.gguf`` file, a folder), in float32. The default: the real
+SmolLM2-135M-Instruct (batch 16 x 2048) and the Llama-3.2-1B shape (batch 4 x 2048, random weights).
 
 * ``hf_plain``: the model's own loss given ``labels`` (full ``[B, L, vocab]`` logits).
 * ``liger_all``: Liger's fused linear cross-entropy over every position (``ignore_index=-100``),
   what a Trainer user gets from ``--use_liger_kernel``: the functional on the final hidden states.
-* ``cce_all``: Cut Cross-Entropy over every position (``shift=True``, ``ignore_index=-100``, its
-  default gradient filtering), on the final hidden states cast to bf16 (PyPI 25.1.1 has no
-  autocast and no float32 backward).
+* ``cce_all``: Cut Cross-Entropy over every position (``shift=True``), its defaults (gradient
+  filtering ``filter_eps="high"``), on the final hidden states cast to bf16 (PyPI 25.1.1).
+* ``cce_gathered``: CCE with its defaults on the hidden states of the trained positions only (what
+  a user gets by gathering them before calling it).
 * ``forgetful_<backend>``: :func:`forgetful.nll.token_nll` with ``loss_backend`` dense, chunked,
-  cce, liger and auto (the hidden states of trained positions only), summed over the global count,
-  as ``SelectiveLossTrainer.compute_loss`` does.
+  cce (``filter_eps=None``), liger and auto, summed over the global count, as
+  ``SelectiveLossTrainer.compute_loss`` does.
 
-Each row has the time (median of CUDA-event-timed repeats, ``forgetful.measure.timings_ms``, in
-``--rounds`` rounds that go round-robin over the methods; ``ms_spread`` = min / median / max of
-the round medians), the step's peak memory (``torch.cuda.max_memory_allocated``: ``peak_gib``
-absolute, weights included; ``step_peak_gib`` above the weights at the step's start, gradients
-included) and the agreement with ``forgetful_dense`` (relative loss difference; cosine and
-relative error of the gradients of the LM head's first ``--check-rows`` rows, the first layer's
-first weight and the final norm). A method that fails (not installed, out of memory) gets an
-``error`` and the run goes on; GPU-only methods on the CPU get ``skipped`` with the reason.
+A peer runs only when its package imports (else ``skipped`` with the reason; GPU-only methods on
+the CPU too); a method that fails (out of memory) gets an ``error`` and the run goes on.
 
-    python benchmarks/bench_selective.py --out bench_selective.json          # GPU, both models
-    python benchmarks/bench_selective.py --models gpt2-tiny:2x32 --rounds 1 --repeats 1 --out x.json   # CPU
+**Exactness** (``grad_cosine``): the gradients of the loss **with respect to the final hidden
+states** (``[B, L, d]``, zero where nothing is trained) **and the LM head weight** (``[V, d]``; only
+the head's own contribution), each method given the same hidden states (one autocast forward of the
+model, then fixed), against the fp32 dense reference on those hidden states: ``F.linear`` in
+float32 (TF32 off), ``F.cross_entropy`` in float32, no autocast. ``grad_cosine`` is the smaller of
+the two cosines (``grad_cosine_hidden``, ``grad_cosine_head``; ``forgetful.measure.gradient_cosine``);
+``loss_rel_diff`` compares the losses. ``forgetful_dense`` under bf16 autocast shows what bf16
+matmuls alone cost; on the CPU (float32) it is the reference's own computation (1.0).
+
+Each row: the time (``ms``: median over ``--rounds`` round medians, each the median of ``--repeats``
+CUDA-event-timed steps after one warm-up, the methods in a shuffled order each round;
+``ms_spread``: min / median / max), the step's peak memory (``torch.cuda.max_memory_allocated``:
+``peak_gib`` absolute, weights included; ``step_peak_gib`` above the weights; measured after the
+gradient checks, their reference freed and their hidden states on the host), and the time and
+memory against ``forgetful_dense``, ``liger_all``, ``cce_all`` and the better of the last two
+(``*_vs_best_fused``). The JSON is rewritten atomically after every row and every round; past
+``--time-limit`` seconds no new model, density, method or round starts (``stopped`` says where).
+
+    python benchmarks/bench_selective.py --out selective_backends.json      # GPU, both models, < 8 min
+    python benchmarks/bench_selective.py --models llama-tiny:2x32,smollm2-135m:2x32 --rounds 1 --repeats 1 --out x.json
     python benchmarks/bench_selective.py --cpu-memory --out benchmarks/results/selective_chunked_cpu.json
-
-Runtime on one H200 (estimate, not measured): GPT-2-small steps take about 40-80 ms and
-Llama-1B-shaped steps 120-250 ms; 8 methods x 3 densities x (1 check + 1 memory + rounds x
-(warmup + repeats) = 1 + 1 + 3 x 6) steps is about 480 steps per model: ~25 s + ~80 s, plus model
-initialisation on the GPU, Triton / torch.compile warm-up of the kernels (~10-20 s) and the
-gradient copies for the checks: about 2.5-3 minutes with the defaults.
 
 ``--cpu-memory``: peak live-tensor memory of one forward + backward on the CPU (float32,
 ``forgetful.measure.peak_memory_mb``), ``chunked`` against ``dense`` at density 1.0 with a 32k
@@ -47,168 +57,45 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
-from common import build_lm, environment, spread, write
-
-from forgetful.errors import ForgetfulError
-from forgetful.measure import peak_memory_mb, timings_ms
-from forgetful.nll import token_nll
-from forgetful.nll_backends import CHUNK_ELEMENTS, check_loss_backend, chunk_rows, kernel_available
-
-METHODS = (
-    "hf_plain",
-    "liger_all",
-    "cce_all",
-    "forgetful_dense",
-    "forgetful_chunked",
-    "forgetful_cce",
-    "forgetful_liger",
-    "forgetful_auto",
+from common import ARCHS, Deadline, ResultsFile, build_lm, environment, spread, timed_rounds, write
+from selective_methods import (
+    FUSED_PEERS,
+    METHODS,
+    Bench,
+    agreement,
+    autocast,
+    first_line,
+    kernel_versions,
+    random_labels,
 )
-DEFAULT_MODELS = "gpt2-small:16x1024,llama-1b:4x2048"
+
+from forgetful.measure import peak_memory_mb, timings_ms
+from forgetful.nll_backends import CHUNK_ELEMENTS, chunk_rows
+
+DEFAULT_MODELS = "smollm2-135m:16x2048,llama-1b:4x2048"
+ROW_KEY = ("model", "density", "method")
 GIB = 2**30
 
 
-def parse_models(text: str) -> list[tuple[str, int, int]]:
+def parse_models(text: str) -> list[tuple[str, str, int, int]]:
+    """``[LABEL=]NAME:BATCHxSEQ, ...`` -> (label, name, batch, seq)."""
     out = []
     for item in text.split(","):
-        arch, _, shape = item.strip().partition(":")
+        spec, _, shape = item.strip().rpartition(":")
+        label, _, name = spec.rpartition("=")
         batch, _, seq = shape.partition("x")
-        out.append((arch, int(batch), int(seq)))
+        out.append((label or name, name, int(batch), int(seq)))
     return out
 
 
-def random_labels(ids: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    """Labels as the collator folds them: the token where the (random) loss mask is 1, -100 elsewhere
-    and at position 0."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(ids.shape, generator=g) < density
-    labels = torch.where(mask, ids.cpu(), torch.full_like(ids.cpu(), -100))
-    labels[:, 0] = -100
-    return labels.to(ids.device)
+def load(name: str, seq: int, device) -> tuple[torch.nn.Module, str]:
+    """A shape of common.py (random weights) or a real model (``load_model``), float32, on ``device``."""
+    if name in ARCHS:
+        return build_lm(name, seq, device, on_device=device.type == "cuda"), "random"
+    from forgetful.models import load_model
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-class Bench:
-    def __init__(self, model, ids, labels, device, autocast_dtype):
-        self.model, self.ids, self.labels, self.device = model, ids, labels, device
-        self.dtype = autocast_dtype
-        self.count = int((labels[:, 1:] != -100).sum())  # the global token count, known on the host
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-
-    def autocast(self):
-        if self.dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def unavailable(self, method: str) -> str | None:
-        """Why ``method`` cannot run here (None: it can)."""
-        if method.startswith("forgetful_"):
-            try:
-                check_loss_backend(method.removeprefix("forgetful_"), self.device)
-            except ForgetfulError as exc:
-                return str(exc)
-            return None
-        if method in ("liger_all", "cce_all"):
-            package = {"liger_all": "liger_kernel", "cce_all": "cut_cross_entropy"}[method]
-            if self.device.type != "cuda":
-                return f"{method} runs only on a CUDA GPU (Triton kernels)"
-            if not kernel_available(package):
-                return f"{package} is not installed (pip install 'forgetful[gpu]')"
-        return None
-
-    def loss_fn(self, method: str):
-        model, ids, labels = self.model, self.ids, self.labels
-        if method == "hf_plain":
-            return lambda: model(input_ids=ids, labels=labels, use_cache=False).loss
-        if method.startswith("forgetful_"):
-            backend = method.removeprefix("forgetful_")
-            return lambda: token_nll(model, ids, labels, loss_backend=backend).nll.sum() / self.count
-        weight = model.get_output_embeddings().weight
-        base = model.base_model
-        if method == "liger_all":
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
-
-            def liger_all():
-                hidden = base(input_ids=ids, use_cache=False).last_hidden_state
-                h = hidden.reshape(-1, hidden.shape[-1])
-                return liger_fused_linear_cross_entropy(
-                    h, weight, shifted, ignore_index=-100, reduction="mean", softcap=self.softcap
-                )
-
-            return liger_all
-        if method == "cce_all":
-            from cut_cross_entropy import linear_cross_entropy
-
-            dtype = self.dtype or torch.bfloat16
-
-            def cce_all():
-                hidden = base(input_ids=ids, use_cache=False).last_hidden_state
-                return linear_cross_entropy(
-                    e=hidden.to(dtype),
-                    c=weight.to(dtype),
-                    targets=labels,
-                    ignore_index=-100,
-                    softcap=self.softcap,
-                    reduction="mean",
-                    shift=True,
-                )
-
-            return cce_all
-        raise ValueError(method)
-
-    def step_fn(self, method: str):
-        loss_fn = self.loss_fn(method)
-        model = self.model
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            with self.autocast():
-                loss = loss_fn()
-            loss.backward()
-            return loss
-
-        return step
-
-
-def checked_grads(model, check_rows: int) -> dict[str, torch.Tensor]:
-    """A few gradients as float32 CPU copies: the LM head's first rows, the first 2-D weight of the
-    first layer, the last 1-D parameter (the final norm)."""
-    named = dict(model.named_parameters())
-    head = model.get_output_embeddings().weight
-    head_name = next(n for n, p in named.items() if p is head)
-    first_2d = next(n for n, p in named.items() if p.dim() == 2 and p is not head and "emb" not in n and "wpe" not in n)
-    last_1d = [n for n, p in named.items() if p.dim() == 1][-1]
-    out = {}
-    for name, rows in ((head_name, check_rows), (first_2d, None), (last_1d, None)):
-        g = named[name].grad
-        if g is None:
-            continue
-        out[name] = (g[:rows] if rows else g).detach().float().cpu()
-    return out
-
-
-def agreement(loss: float, grads: dict, ref_loss: float, ref_grads: dict) -> dict:
-    cos, rel = {}, {}
-    for name, ref in ref_grads.items():
-        g = grads.get(name)
-        if g is None:
-            continue
-        cos[name] = float(F.cosine_similarity(g.flatten().double(), ref.flatten().double(), dim=0))
-        rel[name] = float((g - ref).norm() / ref.norm().clamp(min=1e-30))
-    return {
-        "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
-        "grad_cos": cos,
-        "grad_rel_err": rel,
-        "grad_cos_min": min(cos.values()) if cos else None,
-        "grad_rel_err_max": max(rel.values()) if rel else None,
-    }
+    model, _ = load_model(name, dtype=torch.float32)
+    return model.to(device), "real"
 
 
 def measure_peak(step, device) -> dict:
@@ -231,77 +118,82 @@ def cleanup(model, device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_model(arch: str, batch: int, seq: int, a, device, results: dict) -> None:
+def bench_model(label: str, name: str, batch: int, seq: int, a, device, results: ResultsFile, deadline) -> None:
     t0 = time.perf_counter()
-    model = build_lm(arch, seq, device, on_device=device.type == "cuda")
+    model, weights = load(name, seq, device)
     model.train()
     vocab = model.config.vocab_size
     dtype = torch.bfloat16 if device.type == "cuda" else None
     g = torch.Generator().manual_seed(a.seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-    print(f"{arch} {batch}x{seq}: built in {time.perf_counter() - t0:.1f} s", flush=True)
+    with torch.no_grad(), autocast(device, dtype):
+        # fixed for the gradient checks; kept on the host, out of every step's peak memory
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state.cpu()
+    print(f"{label} ({weights} weights) {batch}x{seq}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     for d_i, density in enumerate(a.densities):
-        labels = random_labels(ids, density, a.seed + 1 + d_i)
-        bench = Bench(model, ids, labels, device, dtype)
-        rows: dict[str, dict] = {}
-        steps = {}
-        for method in a.methods:
-            row = rows[method] = {
-                "model": arch,
-                "batch": batch,
-                "seq": seq,
-                "vocab": vocab,
-                "density": density,
-                "method": method,
-                "scored_tokens": bench.count,
-            }
+        if not deadline.allows():
+            results.set(stopped=deadline.reason(f"{label} density {density}"))
+            return
+        bench = Bench(model, ids, random_labels(ids, density, a.seed + 1 + d_i), device, dtype)
+        rows, steps = {}, {}
+        base = dict(model=label, weights=weights, batch=batch, seq=seq, vocab=vocab, density=density)
+        ref = bench.head_gradients(None, hidden)
+        for method in a.methods:  # the gradient checks, while the reference is alive
+            if not deadline.allows():
+                results.set(stopped=deadline.reason(f"{label} density {density} {method}"))
+                break
+            row = rows[method] = {**base, "method": method, "scored_tokens": bench.count}
             reason = bench.unavailable(method)
             if reason:
                 row["skipped"] = reason
+            else:
+                if method == "forgetful_auto":
+                    row["auto_resolves_to"] = bench.auto_choice()
+                try:
+                    row.update(agreement(bench.head_gradients(method, hidden), ref))
+                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                    row["error"] = first_line(exc)
+                    if a.verbose:
+                        traceback.print_exc()
+            cleanup(model, device)
+            results.put(row, ROW_KEY)
+        del ref
+        cleanup(model, device)
+        for method, row in rows.items():  # warm-up and peak memory of each whole step
+            if "skipped" in row or "error" in row:
                 continue
-            try:  # first run: warm-up (kernel compilation) and the agreement check
-                steps[method] = bench.step_fn(method)
-                loss = float(steps[method]().detach().float())
-                row["loss"] = loss
-                row["grads"] = checked_grads(model, a.check_rows)
+            if not deadline.allows():
+                results.set(stopped=deadline.reason(f"the warm-up of {label} density {density} {method}"))
+                break
+            try:
+                step = bench.step_fn(method)
+                step()  # kernel compilation and autotuning
+                row.update(measure_peak(step, device))
+                steps[method] = step
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
                 row["error"] = first_line(exc)
-                steps.pop(method, None)
                 if a.verbose:
                     traceback.print_exc()
             cleanup(model, device)
-        ref = rows.get("forgetful_dense", {})
-        for row in rows.values():  # agreement with forgetful_dense, then the gradient copies go
-            if "grads" in row and "grads" in ref:
-                row.update(agreement(row["loss"], row["grads"], ref["loss"], ref["grads"]))
-        for row in rows.values():
-            row.pop("grads", None)
-        for method in list(steps):
-            try:
-                rows[method].update(measure_peak(steps[method], device))
-            except Exception as exc:  # noqa: BLE001
-                rows[method]["error"] = first_line(exc)
-                steps.pop(method)
-            cleanup(model, device)
-        times: dict[str, list[list[float]]] = {m: [] for m in steps}
-        for _ in range(a.rounds):
-            for method in list(steps):
-                try:
-                    times[method].append(timings_ms(steps[method], device, warmup=a.warmup, repeats=a.repeats))
-                except Exception as exc:  # noqa: BLE001
-                    rows[method]["error"] = first_line(exc)
-                    steps.pop(method)
-                cleanup(model, device)
-        for method, rounds in times.items():
-            if method not in steps or not rounds:
-                continue
-            flat = [t for r in rounds for t in r]
-            rows[method]["ms"] = statistics.median(flat)
-            rows[method]["ms_spread"] = spread([statistics.median(r) for r in rounds])
-            rows[method]["ms_all"] = flat
-        results["rows"].extend(rows.values())
+            results.put(row, ROW_KEY)
+        if results.data.get("stopped"):
+            return
+
+        def put_times(medians: dict, done: int, rows: dict = rows) -> None:
+            for method, ms in medians.items():
+                if ms:
+                    rows[method].update(ms=statistics.median(ms), ms_spread=spread(ms), rounds_done=done)
+                    results.put(rows[method], ROW_KEY)
+            add_ratios(results.data["rows"])
+            results.save()
+
+        _, stopped = timed_rounds(steps, device, a.rounds, a.repeats, deadline, after_round=put_times)
         print_rows(list(rows.values()))
-    del model
+        if stopped or results.data.get("stopped"):
+            results.set(stopped=stopped or results.data["stopped"])
+            return
+        cleanup(model, device)
+    del model, hidden
     cleanup_all(device)
 
 
@@ -310,48 +202,57 @@ def cleanup_all(device) -> None:
         torch.cuda.empty_cache()
 
 
-def ratios(rows: list[dict]) -> None:
-    """Each row's time and memory against forgetful_dense and cce_all of the same model and density."""
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's time and memory against forgetful_dense, liger_all, cce_all and the better of the
+    last two (``best_fused``) of the same model and density."""
     by_key = {(r["model"], r["density"], r["method"]): r for r in rows}
     for r in rows:
-        for ref in ("forgetful_dense", "cce_all", "hf_plain"):
+        for ref in ("forgetful_dense", *FUSED_PEERS):
             other = by_key.get((r["model"], r["density"], ref))
             if other is None or other is r:
                 continue
-            if "ms" in r and "ms" in other:
-                r[f"ms_vs_{ref}"] = r["ms"] / other["ms"]
-            if "peak_gib" in r and "peak_gib" in other:
-                r[f"peak_vs_{ref}"] = r["peak_gib"] / other["peak_gib"]
+            for field in ("ms", "peak_gib"):
+                if field in r and field in other:
+                    r[f"{field}_vs_{ref}"] = r[field] / other[field]
+        for field in ("ms", "peak_gib"):
+            peers = [by_key.get((r["model"], r["density"], p), {}).get(field) for p in FUSED_PEERS]
+            peers = [x for x in peers if x is not None]
+            if field in r and peers and r["method"] not in FUSED_PEERS:
+                r[f"{field}_vs_best_fused"] = r[field] / min(peers)
 
 
 def fmt(x, spec: str) -> str:
-    return format(x, spec) if isinstance(x, int | float) and math.isfinite(x) else "-"
+    """``x`` formatted by ``spec``; a missing value as "-" of the same width."""
+    if isinstance(x, int | float) and math.isfinite(x):
+        return format(x, spec)
+    width = spec.split(".")[0]
+    return "-".rjust(int(width) if width.isdigit() else 1)
 
 
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         status = r.get("error") or r.get("skipped") or ""
         print(
-            f"  {r['model']:<11} {r['density']:>4} {r['method']:<18} {fmt(r.get('ms'), '9.2f')} ms "
+            f"  {r['model']:<13} {r['density']:>4} {r['method']:<18} {fmt(r.get('ms'), '9.2f')} ms "
             f"{fmt(r.get('peak_gib'), '7.3f')} GiB  loss {fmt(r.get('loss'), '.5f')} "
-            f"rel {fmt(r.get('loss_rel_diff'), '.1e')} cos {fmt(r.get('grad_cos_min'), '.6f')}  {status[:90]}",
+            f"cos {fmt(r.get('grad_cosine'), '.6f')}  {status[:90]}",
             flush=True,
         )
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        f"{'model':<11} {'dens':>4} {'method':<18} {'ms':>9} {'min-max':>15} {'peak GiB':>8} {'vs dense':>8} "
-        f"{'vs cce_all':>10} {'loss rel':>8} {'grad cos':>9}  status"
+        f"{'model':<13} {'dens':>4} {'method':<18} {'ms':>9} {'min-max':>15} {'peak GiB':>8} {'vs dense':>8} "
+        f"{'vs best fused':>13} {'mem vs best':>11} {'grad cos':>9}  status"
     ]
     for r in rows:
         sp = r.get("ms_spread") or {"min": None, "max": None}
         status = (r.get("error") or r.get("skipped") or "ok")[:60]
         lines.append(
-            f"{r['model']:<11} {r['density']:>4} {r['method']:<18} {fmt(r.get('ms'), '9.2f')} "
+            f"{r['model']:<13} {r['density']:>4} {r['method']:<18} {fmt(r.get('ms'), '9.2f')} "
             f"{fmt(sp.get('min'), '7.2f')}-{fmt(sp.get('max'), '7.2f')} {fmt(r.get('peak_gib'), '8.3f')} "
-            f"{fmt(r.get('ms_vs_forgetful_dense'), '8.3f')} {fmt(r.get('ms_vs_cce_all'), '10.3f')} "
-            f"{fmt(r.get('loss_rel_diff'), '8.1e')} {fmt(r.get('grad_cos_min'), '9.6f')}  {status}"
+            f"{fmt(r.get('ms_vs_forgetful_dense'), '8.3f')} {fmt(r.get('ms_vs_best_fused'), '13.3f')} "
+            f"{fmt(r.get('peak_gib_vs_best_fused'), '11.3f')} {fmt(r.get('grad_cosine'), '9.6f')}  {status}"
         )
     return "\n".join(lines)
 
@@ -363,32 +264,22 @@ def cpu_memory(a) -> dict:
     model.train()
     g = torch.Generator().manual_seed(a.seed)
     ids = torch.randint(0, a.vocab, (a.cpu_batch, a.cpu_seq), generator=g)
-    labels = random_labels(ids, 1.0, a.seed + 1)
-    bench = Bench(model, ids, labels, device, None)
+    bench = Bench(model, ids, random_labels(ids, 1.0, a.seed + 1), device, None)
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    ref = bench.head_gradients(None, hidden)
     rows = []
-    ref = None
     for method in ("forgetful_dense", "forgetful_chunked"):
         step = bench.step_fn(method)
-        loss = float(step().detach())  # warm-up, and the agreement check
-        grads = checked_grads(model, a.check_rows)
+        step()  # warm-up
         model.zero_grad(set_to_none=True)
         mb, kind = peak_memory_mb(step, device)
         model.zero_grad(set_to_none=True)
         ms = timings_ms(step, device, warmup=0, repeats=a.repeats)
-        row = {
-            "method": method,
-            "peak_mb": mb,
-            "memory_kind": kind,
-            "ms": statistics.median(ms),
-            "ms_all": ms,
-            "loss": loss,
-        }
-        if ref is None:
-            ref = (loss, grads)
-        row.update(agreement(loss, grads, *ref))
+        row = {"method": method, "peak_mb": mb, "memory_kind": kind, "ms": statistics.median(ms), "ms_all": ms}
+        row.update(agreement(bench.head_gradients(method, hidden), ref))
         rows.append(row)
-        model.zero_grad(set_to_none=True)
-        print(f"{method}: peak {mb:.1f} MB ({kind}), {row['ms']:.0f} ms, loss {loss:.6f}", flush=True)
+        print(f"{method}: peak {mb:.1f} MB ({kind}), {row['ms']:.0f} ms, loss {row['loss']:.6f}", flush=True)
     ratio = rows[1]["peak_mb"] / rows[0]["peak_mb"]
     n = bench.count
     print(f"chunked / dense peak memory: {ratio:.3f} (goal <= 0.6)")
@@ -403,27 +294,14 @@ def cpu_memory(a) -> dict:
     }
 
 
-def kernel_versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("cut-cross-entropy", "liger-kernel", "triton"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=DEFAULT_MODELS, help="arch:BATCHxSEQ, comma separated (archs of common.py)")
+    p.add_argument("--models", default=DEFAULT_MODELS, help="[LABEL=]NAME:BATCHxSEQ, comma separated")
     p.add_argument("--densities", default="1.0,0.5,0.1")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before each round's repeats")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds, round-robin over the methods")
-    p.add_argument("--check-rows", type=int, default=8192, help="rows of the LM head gradient compared")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per round (after one warm-up step)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, the methods in a shuffled order each")
+    p.add_argument("--time-limit", type=float, default=420.0, help="seconds (0: none); what was measured is kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="print the traceback of a failing method")
     p.add_argument("--cpu-memory", action="store_true", help="the CPU memory measurement (chunked vs dense) only")
@@ -431,39 +309,54 @@ def main() -> None:
     p.add_argument("--cpu-arch", default="llama-tiny", help="--cpu-memory: model shape (common.py)")
     p.add_argument("--cpu-batch", type=int, default=8)
     p.add_argument("--cpu-seq", type=int, default=256)
-    p.add_argument("--out", default="bench_selective.json")
+    p.add_argument("--out", default="selective_backends.json")
     a = p.parse_args()
     a.densities = [float(x) for x in a.densities.split(",")]
     a.methods = [m.strip() for m in a.methods.split(",")]
     unknown = sorted(set(a.methods) - set(METHODS))
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference is float32, not TF32
     if a.cpu_memory:
         torch.manual_seed(a.seed)
         out = cpu_memory(a)
-        keys = ("vocab", "cpu_arch", "cpu_batch", "cpu_seq", "repeats", "check_rows", "seed")
+        keys = ("vocab", "cpu_arch", "cpu_batch", "cpu_seq", "repeats", "seed")
         config = {"density": 1.0, **{k: getattr(a, k) for k in keys}}
-        results = {"env": environment(torch.device("cpu")), "config": config, **out}
-        write(results, a.out)
+        write({"env": environment(torch.device("cpu")), "config": config, **out}, a.out)
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = {**environment(device), "kernels": kernel_versions()}
-    results = {"env": env, "config": {**vars(a), "chunk_elements": CHUNK_ELEMENTS}, "rows": []}
-    results["config"]["cce_all_filter_eps"] = "CCE default (PyPI 25.1.1: 'high' = eps/32, filtered gradients)"
-    results["config"]["forgetful_cce_filter_eps"] = None
-    start = time.perf_counter()
-    for arch, batch, seq in parse_models(a.models):
+    config = {
+        **vars(a),
+        "chunk_elements": CHUNK_ELEMENTS,
+        "filter_eps": {
+            "cce_all": "high (CCE's default)",
+            "cce_gathered": "high (CCE's default)",
+            "forgetful_cce": None,
+        },
+        "grad_reference": "fp32 dense on the same final hidden states (F.linear float32, TF32 off, F.cross_entropy)",
+        "grad_cosine_of": ["final hidden states [B, L, d]", "LM head weight [V, d] (the head's contribution)"],
+    }
+    results = ResultsFile(a.out, {**environment(device), "kernels": kernel_versions()}, config)
+    deadline = Deadline(a.time_limit or None)
+    for label, name, batch, seq in parse_models(a.models):
+        if not deadline.allows():
+            results.set(stopped=deadline.reason(f"model {label}"))
+        if results.data.get("stopped"):
+            break
         try:
-            bench_model(arch, batch, seq, a, device, results)
+            bench_model(label, name, batch, seq, a, device, results, deadline)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be built or run: recorded
-            results.setdefault("model_errors", {})[f"{arch}:{batch}x{seq}"] = first_line(exc)
-            print(f"{arch}: {first_line(exc)}", flush=True)
+            results.data.setdefault("model_errors", {})[f"{label}:{batch}x{seq}"] = first_line(exc)
+            results.save()
+            print(f"{label}: {first_line(exc)}", flush=True)
+            if a.verbose:
+                traceback.print_exc()
             cleanup_all(device)
-    ratios(results["rows"])
-    results["total_s"] = time.perf_counter() - start
-    write(results, a.out)
-    print(table(results["rows"]))
-    print(f"total {results['total_s']:.0f} s")
+    add_ratios(results.data["rows"])
+    results.finish()
+    print(table(results.data["rows"]))
+    if results.data.get("stopped"):
+        print(results.data["stopped"])
 
 
 if __name__ == "__main__":

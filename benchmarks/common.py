@@ -1,17 +1,22 @@
-"""Shared benchmark setup: models of a given size, timing, environment facts, JSON output."""
+"""Shared benchmark setup: models of a given size, timing in interleaved rounds, environment facts,
+JSON results rewritten atomically after every row, and a wall-clock guard."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import sys
+import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from forgetful.atomic import write_text_atomic  # noqa: E402
 from forgetful.measure import peak_memory_mb, run_environment, timings_ms  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,6 +64,10 @@ LLAMA_SHAPES = {
     ),
 }
 ARCHS = sorted(SIZES) + sorted(LLAMA_SHAPES)
+
+# The compute-bound setting of bench_forgetting and bench_masks on SmolLM2's architecture (why: the
+# docstring of bench_forgetting.py): context n, target m, batch B.
+COMPUTE_BOUND = {"arch": "smollm2", "n": 4096, "target": 32, "batch": 16}
 
 
 def gpt2(size: str, positions: int, device, dtype=torch.float32, on_device: bool = False, **overrides):
@@ -116,19 +125,99 @@ def environment(device: torch.device) -> dict:
     return run_environment(device)
 
 
-def cuda_time_ms(fn, warmup: int = 3, repeats: int = 10) -> tuple[float, list[float]]:
-    """Median milliseconds of fn() and every repeat (the library's timer: CUDA events on a GPU)."""
-    times = timings_ms(fn, DEVICE, warmup=warmup, repeats=repeats)
-    return statistics.median(times), times
-
-
 def peak_mb(fn) -> float | None:
     """Peak memory of fn() above what was allocated before (CUDA; None on the CPU)."""
     return peak_memory_mb(fn, DEVICE)[0] if DEVICE.type == "cuda" else None
 
 
 def write(results: dict, out: str | os.PathLike) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    """``results`` as JSON at ``out``, replaced atomically (a reader never sees half a file)."""
+    write_text_atomic(json.dumps(results, indent=2) + "\n", out)
+    print(f"wrote {out}", flush=True)
+
+
+class ResultsFile:
+    """A benchmark's JSON (``env``, ``config``, ``rows``, ...), rewritten atomically after every change,
+    so that a run stopped at any point (its time limit, the device call's) leaves all it measured.
+    ``complete``: the script reached its end (False: it was killed or failed on the way); ``stopped``:
+    why it ended early, by its own time limit."""
+
+    def __init__(self, out: str | os.PathLike, env: dict, config: dict):
+        self.out = Path(out)
+        self.data: dict = {"env": env, "config": config, "complete": False, "rows": []}
+        self.start = time.perf_counter()
+        self.save()
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(time.perf_counter() - self.start, 1)
+        write_text_atomic(json.dumps(self.data, indent=2) + "\n", self.out)
+
+    def put(self, row: dict, key: tuple[str, ...]) -> dict:
+        """Add ``row``, or replace the row with the same values of the ``key`` fields; then save."""
+        rows = self.data["rows"]
+        ident = tuple(row.get(k) for k in key)
+        for i, old in enumerate(rows):
+            if tuple(old.get(k) for k in key) == ident:
+                rows[i] = row
+                break
+        else:
+            rows.append(row)
+        self.save()
+        return row
+
+    def set(self, **fields) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def finish(self, **fields) -> None:
+        self.data.update(fields, complete=True)
+        self.save()
+        print(f"wrote {self.out} ({len(self.data['rows'])} rows, {self.data['elapsed_s']:.0f} s)", flush=True)
+
+
+class Deadline:
+    """A wall-clock guard: :meth:`allows` says whether work expected to take ``seconds`` still fits
+    before ``limit`` seconds from now have passed (``None``: no limit)."""
+
+    def __init__(self, limit: float | None):
+        self.limit = limit
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, seconds: float = 0.0) -> bool:
+        return self.limit is None or self.elapsed() + seconds <= self.limit
+
+    def reason(self, what: str) -> str:
+        return f"time limit {self.limit:.0f} s: stopped at {self.elapsed():.0f} s before {what}"
+
+
+def timed_rounds(
+    work: dict[Hashable, Callable[[], object]],
+    device,
+    rounds: int,
+    repeats: int,
+    deadline: Deadline | None = None,
+    after_round: Callable[[dict[Hashable, list[float]], int], None] | None = None,
+) -> tuple[dict[Hashable, list[float]], str | None]:
+    """Every function of ``work`` timed in ``rounds`` interleaved rounds (a shuffled order each
+    round; each entry the median of ``repeats`` event-timed runs after one warm-up run). Returns
+    the per-round medians of each key and, when the deadline stopped the rounds early, why.
+    ``after_round(medians, done)`` is called after each round (to save partial results); a round is
+    started only when the deadline allows the longest round so far (the first: when it has not
+    passed)."""
+    order = list(work)
+    medians: dict[Hashable, list[float]] = {key: [] for key in order}
+    longest = 0.0
+    for r in range(rounds):
+        if deadline is not None and not deadline.allows(longest):
+            return medians, deadline.reason(f"round {r + 1} of {rounds}")
+        t0 = time.perf_counter()
+        random.Random(r).shuffle(order)
+        for key in order:
+            medians[key].append(statistics.median(timings_ms(work[key], device, warmup=1, repeats=repeats)))
+        longest = max(longest, time.perf_counter() - t0)
+        if after_round is not None:
+            after_round(medians, r + 1)
+    return medians, None

@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# One phase of a GPU session, run from the repository root on a machine with NVIDIA GPUs (two, for
-# the phases that use GPU 1). Inputs the project never commits travel beside the repository:
-#   .whl/          wheels of packages the machine lacks (datasets, rouge-score, gguf, the loss kernels, ...)
+# One phase of a GPU session, run from the repository root on a machine with NVIDIA GPUs (one; two for
+# the ddp phase). Inputs the project never commits travel beside the repository:
+#   .whl/          wheels of packages the machine lacks (datasets, rouge-score, gguf, and the loss kernels
+#                  cut-cross-entropy and liger-kernel of requirements-gpu.txt: without them bench_selective
+#                  records their rows as skipped)
 #   .device_data/  a copy of ../shared/data (WikiText-2, TOFU)
 #   .gguf_parts/   the real model's GGUF file (98 MB) in two halves, one per call (a call carries 64 MiB)
 #
-#   OUT=/path bash benchmarks/gpu_session.sh setup|bench|model|forget|tofu|ddp
+#   OUT=/path bash benchmarks/gpu_session.sh setup|model|bench_forgetting|bench_selective|bench_masks|forget|tofu|ddp
 #
 # setup        install the wheels into /tmp/site, copy the data and the first half of the GGUF file to /root
-# bench        in parallel: GPU 0 bench_forgetting (SmolLM2 shape, eager and compiled, n = 1024 and 2048);
-#              GPU 1 bench_selective (every loss backend and the peers), then bench_masks
 # model        join the GGUF halves, check the sha256, convert the model into the cache once
+# The three benchmarks, one device call (600 s) each, on one GPU; each stops starting new work past
+# BENCH_LIMIT seconds (default 380; a round or warm-up under way finishes) and is killed at
+# BENCH_TIMEOUT (default 450: < 8 min in all); each rewrites its JSON in $OUT after every round, so a
+# cut run still returns what it measured (`complete`/`stopped` in the file say how it ended);
+# BENCH_EXTRA: options appended (they win: smaller sizes for a dry run on a CPU). Times are estimates:
+# bench_forgetting  the compute-bound setting (SmolLM2 shape, n = 4096, batch 16, keeps 0.5 / 0.25), eager
+#              and regional compile, 5 rounds -> bench_forgetting_smollm2_h200.json (about 4 min)
+# bench_selective  every loss backend and the peers at densities 1 / 0.5 / 0.1 on the real SmolLM2
+#              ($GGUF, after `model`; 16 x 2048) and the Llama-1B shape (random weights; 4 x 2048), with
+#              grad_cosine against the fp32 dense reference -> selective_backends.json (about 5 min; if it
+#              stops at its limit, BENCH_EXTRA="--models llama-1b:4x2048" in a second call measures the rest)
+# bench_masks  every policy's forward and REINFORCE backward as shares of the LM step, compute-bound
+#              setting -> bench_masks_smollm2_h200.json (about 2 min)
 # forget       the input-forgetting experiment on one GPU until BUDGET seconds, one process per task and
 #              keep ratio (FORGET_TASKS: tofu_qa and/or text; KEEPS), sharing one folder per task;
 #              finished runs are kept, so calling it again continues; results are packed into $OUT
@@ -18,7 +31,7 @@
 # ddp          both trainers on 1 and 2 GPUs at the same per-GPU batch, three repetitions after a warm-up
 #              (DDP_RUNS: a subset of selective_ddp selective_fsdp reinforce_ddp)
 set -uo pipefail
-phase=${1:?phase: setup, bench, model, forget, tofu or ddp}
+phase=${1:?phase: setup, model, bench_forgetting, bench_selective, bench_masks, forget, tofu or ddp}
 out=${OUT:-/tmp/forgetful_out}
 R=${WORK:-/root}  # where models, data and runs live while the machine is warm
 mkdir -p "$out" "$R/models" "$R/runs"
@@ -46,17 +59,25 @@ case "$phase" in
     echo "$FORGETFUL_COMMIT" > "$R/commit"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers, datasets, rouge_score, gguf, forgetful.input.experiment, forgetful.tofu.experiment; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'gpus', torch.cuda.device_count())"
+    python3 -c "import importlib.util as u; print('loss kernels:', {m: u.find_spec(m) is not None for m in ('cut_cross_entropy', 'liger_kernel', 'triton')})"
     ;;
   bench)
-    (CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_forgetting.py --arch smollm2 --lengths 1024,2048 --batch 16 \
-       --modes eager,compile --compile regional --rounds 3 --repeats 8 --profile --out "$out/bench_forgetting.json" \
-       > "$out/bench_forgetting.log" 2>&1) &
-    (CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_selective.py --out "$out/bench_selective.json" \
-       > "$out/bench_selective.log" 2>&1
-     CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_masks.py --arch smollm2 --n 2048 --batch 16 \
-       --out "$out/bench_masks.json" > "$out/bench_masks.log" 2>&1) &
-    wait
-    tail -n 12 "$out"/bench_*.log
+    echo "bench is three phases now, one device call each: bench_forgetting, bench_selective, bench_masks"; exit 2
+    ;;
+  bench_forgetting|bench_selective|bench_masks)
+    limit=${BENCH_LIMIT:-380}
+    declare -A bench_args=(
+      [bench_forgetting]="--arch smollm2 --lengths 4096 --batch 16 --keeps 0.5,0.25 --modes eager,compile \
+        --compile regional --rounds 5 --repeats 5 --profile --out $out/bench_forgetting_smollm2_h200.json"
+      [bench_selective]="--models smollm2-135m=$MODEL:16x2048,llama-1b:4x2048 --densities 1.0,0.5,0.1 --rounds 3 \
+        --repeats 3 --out $out/selective_backends.json"
+      [bench_masks]="--arch smollm2 --n 4096 --batch 16 --keep 0.5 --rounds 3 --repeats 5 \
+        --out $out/bench_masks_smollm2_h200.json"
+    )
+    timeout -k 20 "${BENCH_TIMEOUT:-450}" python3 "benchmarks/$phase.py" ${bench_args[$phase]} --time-limit "$limit" \
+      ${BENCH_EXTRA:-} > "$out/$phase.log" 2>&1
+    echo "$phase exit $?"
+    tail -n 40 "$out/$phase.log"
     ;;
   model)
     cat "$R/models/part00" .gguf_parts/*part01 > "$GGUF" && echo "$SHA  $GGUF" | sha256sum -c - || exit 1

@@ -38,31 +38,21 @@ def test_bench_forgetting(tmp_path):
     out = tmp_path / "f.json"
     _run(
         "bench_forgetting.py",
-        "--arch",
-        "llama-tiny",
-        "--lengths",
-        "48",
-        "--keeps",
-        "0.5",
-        "--batch",
-        "2",
-        "--rounds",
-        "2",
-        "--repeats",
-        "1",
-        "--modes",
-        "eager",
-        "--profile",
-        "--out",
-        str(out),
+        *("--arch", "llama-tiny", "--lengths", "48", "--keeps", "0.5,0.25", "--batch", "2", "--rounds", "2"),
+        *("--repeats", "1", "--modes", "eager", "--profile", "--out", str(out)),
     )
     res = json.loads(out.read_text())
     assert res["env"]["command"].startswith("bench_forgetting.py") and res["config"]["arch"] == "llama-tiny"
-    (row,) = res["rows"]
+    assert res["complete"] is True and "stopped" not in res and res["env"]["git_commit"]
+    row, quarter = res["rows"]
     assert (row["n"], row["keep"], row["kept_length"], row["full_length"]) == (48, 0.5, 24 + 32, 48 + 32)
+    assert quarter["keep"] == 0.25 and row["rounds_done"] == quarter["rounds_done"] == 2
+    # the same full-length measurement, the ceiling of each keep measured in the same rounds
+    assert row["train_full_ms"] == quarter["train_full_ms"] and row["train_ceiling_ms"] != quarter["train_ceiling_ms"]
     for key in (
         "train_ms",
         "eval_ms",
+        "train_ceiling_ms",
         "train_share_of_ceiling",
         "eval_share_of_ceiling",
         "eval_mask_ms",
@@ -76,50 +66,80 @@ def test_bench_forgetting(tmp_path):
     assert prof["pipeline_eval"]["host_syncs"] < prof["pipeline_mask_eval"]["host_syncs"]
 
 
+def test_bench_forgetting_stops_at_its_time_limit_and_keeps_the_rounds_done(tmp_path):
+    out = tmp_path / "f.json"
+    _run(
+        "bench_forgetting.py",
+        *("--arch", "llama-tiny", "--lengths", "32", "--keeps", "0.5", "--batch", "2", "--rounds", "100000"),
+        *("--repeats", "1", "--modes", "eager,compile", "--time-limit", "2", "--out", str(out)),
+    )
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]  # the compile mode never started
+    assert res["stopped"].startswith("time limit 2 s") and 1 <= row["rounds_done"] < 100000
+    assert row["mode"] == "eager" and _finite(row["train_share_of_ceiling"]["median"])
+
+
+SELECTIVE_METHODS = (
+    "hf_plain",
+    "liger_all",
+    "cce_all",
+    "cce_gathered",
+    "forgetful_dense",
+    "forgetful_chunked",
+    "forgetful_cce",
+    "forgetful_liger",
+    "forgetful_auto",
+)
+
+
 def test_bench_selective(tmp_path):
-    """Every method gets a row: the CPU ones are timed, measured and checked against dense; the
-    GPU-only ones are skipped with the reason."""
+    """Every method gets a row: the CPU ones are timed, measured and checked against the fp32 dense
+    reference gradients (dense is that computation on the CPU: exactly 1.0); the GPU-only ones are
+    skipped with the reason."""
     out = tmp_path / "s.json"
     _run(
         "bench_selective.py",
-        "--models",
-        "gpt2-tiny:2x24,llama-tiny:2x24",
-        "--densities",
-        "1.0,0.1",
-        "--rounds",
-        "2",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--out",
-        str(out),
+        *("--models", "llama-tiny:2x24,gpt2-tiny:2x16", "--densities", "1.0,0.1"),
+        *("--rounds", "2", "--repeats", "1", "--out", str(out)),
     )
     res = json.loads(out.read_text())
     assert res["env"]["command"].startswith("bench_selective.py") and res["config"]["rounds"] == 2
+    assert res["complete"] is True and "stopped" not in res
     rows = {(r["model"], r["density"], r["method"]): r for r in res["rows"]}
-    methods = (
-        "hf_plain",
-        "liger_all",
-        "cce_all",
-        "forgetful_dense",
-        "forgetful_chunked",
-        "forgetful_cce",
-        "forgetful_liger",
-        "forgetful_auto",
-    )
-    assert set(rows) == {(m, d, x) for m in ("gpt2-tiny", "llama-tiny") for d in (1.0, 0.1) for x in methods}
-    for (_, _, method), row in rows.items():
-        if method in ("liger_all", "cce_all", "forgetful_cce", "forgetful_liger"):
+    models = ("llama-tiny", "gpt2-tiny")
+    assert set(rows) == {(m, d, x) for m in models for d in (1.0, 0.1) for x in SELECTIVE_METHODS}
+    for (model, density, method), row in rows.items():
+        assert row["weights"] == "random"
+        if method in ("liger_all", "cce_all", "cce_gathered", "forgetful_cce", "forgetful_liger"):
             assert "CUDA" in row["skipped"] and "ms" not in row, row
             continue
         assert "error" not in row and "skipped" not in row, row
         assert _finite(row["ms"]) and row["ms_spread"]["min"] <= row["ms_spread"]["median"] <= row["ms_spread"]["max"]
-        assert _finite(row["peak_gib"]) and row["peak_gib"] > 0 and _finite(row["loss"])
-        # the same loss and gradients as forgetful_dense (float32 on the CPU)
-        assert row["loss_rel_diff"] < 1e-5 and row["grad_cos_min"] > 0.99999, row
+        assert _finite(row["peak_gib"]) and row["peak_gib"] > 0 and row["rounds_done"] == 2
+        assert row["loss_rel_diff"] < 1e-5 and row["grad_cosine"] >= 0.9999, row
+        assert row["grad_cosine"] == min(row["grad_cosine_hidden"], row["grad_cosine_head"])
+        if method != "forgetful_dense":
+            assert row["ms_vs_forgetful_dense"] == row["ms"] / rows[(model, density, "forgetful_dense")]["ms"]
+    for m in models:
+        for d in (1.0, 0.1):
+            assert rows[(m, d, "forgetful_dense")]["grad_cosine"] == 1.0
+            assert rows[(m, d, "forgetful_auto")]["auto_resolves_to"] == "chunked"
     dense = rows[("llama-tiny", 0.1, "forgetful_dense")]
     assert dense["scored_tokens"] < rows[("llama-tiny", 1.0, "forgetful_dense")]["scored_tokens"]
+
+
+def test_bench_selective_on_the_real_model(tmp_path):
+    """``LABEL=NAME``: the built-in SmolLM2 through load_model (real weights), its rows so labelled."""
+    out = tmp_path / "s.json"
+    _run(
+        "bench_selective.py",
+        *("--models", "smollm2=smollm2-135m:1x16", "--densities", "0.5", "--rounds", "1", "--repeats", "1"),
+        *("--methods", "forgetful_dense,forgetful_chunked", "--out", str(out)),
+    )
+    res = json.loads(out.read_text())
+    dense, chunked = res["rows"]
+    assert (dense["model"], dense["weights"], dense["vocab"]) == ("smollm2", "real", 49152)
+    assert dense["grad_cosine"] == 1.0 and chunked["grad_cosine"] >= 0.9999 and chunked["loss_rel_diff"] < 1e-5
 
 
 def test_bench_selective_cpu_memory(tmp_path):
@@ -142,7 +162,7 @@ def test_bench_selective_cpu_memory(tmp_path):
     dense, chunked = res["rows"]
     assert (dense["method"], chunked["method"]) == ("forgetful_dense", "forgetful_chunked")
     assert res["chunked_over_dense_peak"] == chunked["peak_mb"] / dense["peak_mb"]
-    assert chunked["loss_rel_diff"] < 1e-6 and chunked["grad_cos_min"] > 0.99999
+    assert chunked["loss_rel_diff"] < 1e-6 and chunked["grad_cosine"] > 0.99999 and dense["grad_cosine"] == 1.0
 
 
 def test_ddp_summary_scaling_and_communication_share(tmp_path):
@@ -179,12 +199,22 @@ def test_ddp_summary_scaling_and_communication_share(tmp_path):
 
 def test_bench_masks(tmp_path):
     out = tmp_path / "m.json"
-    _run("bench_masks.py", "--arch", "llama-tiny", "--n", "32", "--batch", "2", "--repeats", "1", "--out", str(out))
+    _run(
+        "bench_masks.py",
+        *("--arch", "llama-tiny", "--n", "32", "--batch", "2", "--rounds", "2", "--repeats", "1", "--out", str(out)),
+    )
     res = json.loads(out.read_text())
+    assert res["complete"] is True and res["rounds_done"] == 2 and res["env"]["command"].startswith("bench_masks.py")
+    assert (res["full_length"], res["kept_length"]) == (32 + 32, 16 + 32)
+    assert res["lm_step_ms"]["min"] <= res["lm_step_ms"]["median"] <= res["lm_step_ms"]["max"]
     rows = {r["policy"]: r for r in res["rows"]}
-    assert set(rows) == {"mlp", "cnn_mlp", "rnn", "birnn", "hidden_state", "attention_score"}
+    assert set(rows) == {"mlp", "cnn_mlp", "rnn", "birnn", "hidden_state", "residual", "attention_score"}
     assert rows["attention_score"]["learned"] is False and rows["attention_score"]["policy_train_ms"] is None
-    assert all(_finite(r["share_of_lm_step"]) and r["flops_per_token"] > 0 for r in rows.values())
+    for row in rows.values():
+        assert _finite(row["share_of_lm_step"]["median"]) and row["flops_per_token"] > 0
+        assert row["share_of_kept_lm_step"]["min"] <= row["share_of_kept_lm_step"]["max"]
+        if row["learned"]:
+            assert _finite(row["train_share_of_lm_step"]["median"]) and row["rounds_done"] == 2
     assert rows["hidden_state"]["flops_per_token"] > rows["mlp"]["flops_per_token"]
 
 
@@ -232,3 +262,48 @@ def test_gpu_session_refuses_an_unknown_ddp_run(tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout.strip() == "DDP_RUNS: unknown run bogus"
     assert not list((tmp_path / "out" / "ddp").iterdir())  # nothing was launched
+
+
+TINY = {
+    "bench_forgetting": "--arch llama-tiny --lengths 32 --keeps 0.5 --batch 2 --rounds 1 --repeats 1 --modes eager",
+    "bench_selective": "--models llama-tiny:2x16 --densities 1.0 --rounds 1 --repeats 1",
+    "bench_masks": "--arch llama-tiny --n 32 --batch 2 --rounds 1 --repeats 1 --policies mlp",
+}
+OUTPUTS = {
+    "bench_forgetting": "bench_forgetting_smollm2_h200.json",
+    "bench_selective": "selective_backends.json",
+    "bench_masks": "bench_masks_smollm2_h200.json",
+}
+
+
+@pytest.mark.parametrize("phase", sorted(TINY))
+def test_gpu_session_bench_phases_run_with_their_time_limit(phase, tmp_path):
+    """Each benchmark phase's own options parse and its JSON lands in $OUT under the name the results
+    will have, run with the phase's time limit (tiny sizes appended through BENCH_EXTRA)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (shim / "python3").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{shim}:{os.environ['PATH']}",
+        "OUT": str(tmp_path / "out"),
+        "WORK": str(tmp_path / "work"),
+        "OMP_NUM_THREADS": "1",
+        "BENCH_EXTRA": TINY[phase],
+        "BENCH_LIMIT": "300",
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), phase], cwd=BENCH.parent, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and f"{phase} exit 0" in proc.stdout, proc.stdout[-2000:]
+    res = json.loads((tmp_path / "out" / OUTPUTS[phase]).read_text())
+    assert res["complete"] is True and res["config"]["time_limit"] == 300 and res["rows"]
+
+
+def test_gpu_session_bench_is_three_phases_now(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), "bench"], cwd=BENCH.parent, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "bench_forgetting, bench_selective, bench_masks" in proc.stdout

@@ -303,20 +303,34 @@ def test_auto_is_chunked_on_the_cpu_even_with_the_kernels_installed(monkeypatch,
     assert calls == [1]
 
 
-def test_auto_picks_cce_only_on_cuda_with_it_installed_in_bf16_without_bias(monkeypatch):
+def test_auto_picks_liger_on_cuda_with_it_installed_and_never_cce(monkeypatch):
+    """auto chooses only backends whose gradients are dense's up to rounding: Liger (float32
+    accumulation, any dtype, a bias) when installed, else chunked; CCE 25.1.1 (bf16 accumulation of
+    its gradients) never, even when it is the only kernel installed."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(lk, "kernel_available", lambda package: package == "cut_cross_entropy")
+    monkeypatch.setattr(lk, "kernel_available", lambda package: True)
     linear = HeadSpec(torch.zeros(4, 2), None, lambda x: x)
     biased = HeadSpec(torch.zeros(4, 2), torch.zeros(4), lambda x: x)
     called = HeadSpec(None, None, lambda x: x)
-    assert resolve_loss_backend("auto", "cuda", torch.bfloat16, linear) == "cce"
-    assert resolve_loss_backend("auto", "cuda", torch.float16, linear) == "cce"
-    assert resolve_loss_backend("auto", "cuda", torch.float32, linear) == "chunked"
-    assert resolve_loss_backend("auto", "cuda", torch.bfloat16, biased) == "chunked"
-    assert resolve_loss_backend("auto", "cuda", torch.bfloat16, called) == "chunked"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert resolve_loss_backend("auto", "cuda", dtype, linear) == "liger"
+    assert resolve_loss_backend("auto", "cuda", torch.bfloat16, biased) == "liger"
+    assert resolve_loss_backend("auto", "cuda", torch.bfloat16, called) == "chunked"  # Liger needs one matrix
     assert resolve_loss_backend("auto", "cpu", torch.bfloat16, linear) == "chunked"
+    assert resolve_loss_backend("auto", "cuda", torch.bfloat16, linear, targets_at_end=True) == "dense"
+    assert resolve_loss_backend("cce", "cuda", torch.bfloat16, linear) == "cce"  # by name it stays available
+    monkeypatch.setattr(lk, "kernel_available", lambda package: package == "cut_cross_entropy")
+    assert resolve_loss_backend("auto", "cuda", torch.bfloat16, linear) == "chunked"
     monkeypatch.setattr(lk, "kernel_available", lambda package: False)
     assert resolve_loss_backend("auto", "cuda", torch.bfloat16, linear) == "chunked"
+
+
+def test_auto_runs_liger_through_token_nll_when_it_is_installed(fake_kernels, tiny_llama):
+    model = copy.deepcopy(tiny_llama[0]).float()
+    ids, attn, labels = _batch(VOCAB, seed=13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        token_nll(model, ids, labels, attention_mask=attn, loss_backend="auto")
+    assert len(fake_kernels["liger"]) == 1 and fake_kernels["cce"] == []
 
 
 @pytest.mark.parametrize("backend", ["cce", "liger"])
@@ -372,9 +386,11 @@ def fake_kernels(monkeypatch):
         return _reference(e.float(), c.float(), None, targets, softcap)
 
     def liger_fused_linear_cross_entropy(
-        input, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None
+        input, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None
     ):
-        calls["liger"].append(dict(input=input, weight=weight, bias=bias, reduction=reduction, softcap=softcap))
+        calls["liger"].append(
+            dict(input=input, weight=weight, bias=bias, reduction=reduction, softcap=softcap, accum_dtype=accum_dtype)
+        )
         assert input.dim() == 2 and input.is_contiguous()
         return _reference(input, weight, bias, target, softcap)
 
@@ -427,6 +443,7 @@ def test_liger_gets_the_scored_rows_with_per_token_reduction_bias_and_softcap(fa
     (call,) = fake_kernels["liger"]
     assert call["reduction"] == "none" and call["softcap"] == 0.7 and call["bias"] is model.lm_head.bias
     assert call["weight"] is model.lm_head.weight  # no copy: Liger keeps float32 weight gradients itself
+    assert call["accum_dtype"] is torch.float32  # bf16 weights too: one rounding of their gradient, as dense
     assert torch.allclose(got.nll, ref.nll, atol=1e-5)
 
 

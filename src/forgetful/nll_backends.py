@@ -13,14 +13,23 @@ positions ``h [N, d]``, the LM head and the targets ``[N]`` and returns the per-
   not one weight matrix). Logit soft-capping, a head bias, tied embeddings and LoRA on the head are
   handled.
 * ``cce``: Apple's Cut Cross-Entropy (``cut_cross_entropy.linear_cross_entropy``, PyPI 25.1.1):
-  CUDA only, bf16/fp16 only (its backward refuses float32), no bias, exact gradients
-  (``filter_eps=None``: CCE's default skips small gradient tiles).
+  CUDA only, bf16/fp16 only (its backward refuses float32), no bias. Called with
+  ``filter_eps=None`` (CCE's default skips gradient tiles below bf16's eps / 32), yet its gradients
+  are still approximate: 25.1.1 sums the gradients of the hidden states and of the head weight
+  across blocks into tensors of the input's dtype (bf16 atomic adds: ``dc = zeros_like(c,
+  dtype=e.dtype)`` in ``cce_backward.py``) and has no float32 accumulation (later CCE builds'
+  ``accum_e_fp32`` / ``accum_c_fp32``, not on PyPI). So ``cce`` is available by name, never chosen by
+  ``auto``.
 * ``liger``: Liger's fused linear cross-entropy (``liger_kernel`` 0.8.5, ``reduction="none"``,
-  whose backward recomputes the logits and weighs every token's gradient): CUDA only.
+  whose backward recomputes the logits and weighs every token's gradient): CUDA only. Called with
+  ``accum_dtype=float32``: the head weight gradient is summed over its row chunks in float32 and
+  rounded to the weight's dtype once, and each chunk's hidden-state gradient is one matmul, as
+  ``dense`` computes them.
 * ``auto`` (the default everywhere, :data:`DEFAULT_LOSS_BACKEND`): ``dense`` when every row is
   scored on its last few tokens only (REINFORCE's targets: the model's own ``logits_to_keep``, no
-  host synchronisation), else ``cce`` on CUDA when it is installed and the head computes in bf16/fp16
-  without a bias, else ``chunked``. It never fails because a GPU package is missing.
+  host synchronisation), else ``liger`` on CUDA when it is installed and the head is one weight
+  matrix, else ``chunked``: the fused kernel whose gradients are those of ``dense`` up to rounding,
+  else the exact pure-PyTorch one. It never fails because a GPU package is missing.
 
 The GPU kernels are the optional extra ``forgetful[gpu]``; they are imported only when asked for.
 """
@@ -48,8 +57,9 @@ DEFAULT_LOSS_BACKEND = "auto"
 LOSS_BACKEND_HELP = (
     "How the LM head and cross-entropy are computed at scored positions: dense (all their logits at once), "
     "chunked (pure PyTorch, a chunk of logits at a time, recomputed in backward), cce (Cut Cross-Entropy, CUDA, "
-    "bf16/fp16), liger (Liger fused linear CE, CUDA), auto (dense for short targets at the end of every row, else "
-    "cce on CUDA when installed, else chunked). cce and liger: pip install 'forgetful[gpu]'."
+    "bf16/fp16; approximate gradients: bf16 accumulation), liger (Liger fused linear CE, CUDA), auto (dense for short "
+    "targets at the end of every row, else liger on CUDA when installed, else chunked). cce and liger: "
+    "pip install 'forgetful[gpu]'."
 )
 
 
@@ -144,19 +154,19 @@ def resolve_loss_backend(
     name: str, device: torch.device | str, dtype: torch.dtype | None = None, head=None, targets_at_end: bool = False
 ) -> str:
     """``auto`` made concrete (the one place it is): ``dense`` for ``targets_at_end`` (the last few
-    tokens of every row scored, as REINFORCE's targets are), else ``cce`` on CUDA when installed and
-    usable for this head and dtype (bf16/fp16, no bias, one weight matrix), else ``chunked``; any
-    other name unchanged."""
+    tokens of every row scored, as REINFORCE's targets are), else ``liger`` on CUDA when installed and
+    the head is one weight matrix (any dtype, with or without a bias), else ``chunked``; any other
+    name unchanged. Only backends whose gradients are ``dense``'s up to rounding are chosen: never
+    ``cce``, whose 25.1.1 backward accumulates in bf16 (module docstring). ``dtype`` (the head's
+    compute dtype) is accepted for callers; no exact backend depends on it."""
     if name != "auto":
         return name
     if targets_at_end:
         return "dense"  # a few positions per row, selected by the model itself: nothing to save
-    usable = cuda_usable(device) and kernel_available(GPU_PACKAGES["cce"])
-    if dtype is not None:
-        usable = usable and dtype in _LOW_PRECISION
+    usable = cuda_usable(device) and kernel_available(GPU_PACKAGES["liger"])
     if head is not None:
-        usable = usable and head.weight is not None and head.bias is None
-    return "cce" if usable else "chunked"
+        usable = usable and head.weight is not None
+    return "liger" if usable else "chunked"
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +436,7 @@ def _cce_nll(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor) -> torch.Te
         ignore_index=IGNORE_INDEX,
         softcap=spec.softcap,
         reduction="none",
-        filter_eps=None,  # exact gradients (CCE's default skips gradient tiles below eps)
+        filter_eps=None,  # no skipped gradient tiles (CCE's default); its bf16 accumulation stays (docstring)
     ).float()
 
 
@@ -437,8 +447,18 @@ def _liger_nll(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor) -> torch.
     bias = spec.bias
     if not torch.is_autocast_enabled(h.device.type) and h.dtype != weight.dtype:
         h = h.to(weight.dtype)  # under autocast Liger's matmuls cast (and keep float32 weight gradients)
+    # accum_dtype: the head's weight (and bias) gradient summed over Liger's row chunks in float32, cast to
+    # the weight's dtype once at the end, as dense's single matmul rounds it; without it, bf16 weights get
+    # one bf16 rounding per chunk (about V / d chunks)
     return liger_fused_linear_cross_entropy(
-        h.contiguous(), weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="none", softcap=spec.softcap
+        h.contiguous(),
+        weight,
+        targets,
+        bias=bias,
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+        softcap=spec.softcap,
+        accum_dtype=torch.float32,
     ).float()
 
 

@@ -261,8 +261,9 @@ def test_use_liger_kernel_is_honoured_through_the_liger_backend(tiny_llama, tmp_
     calls = []
 
     def liger_fused_linear_cross_entropy(
-        input, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None
+        input, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None
     ):
+        assert accum_dtype is torch.float32
         calls.append(reduction)
         return F.cross_entropy(F.linear(input, weight, bias).float(), target, reduction=reduction)
 
