@@ -168,6 +168,7 @@ def bench_model(label: str, name: str, batch: int, seq: int, a, device, results:
             try:
                 step = bench.step_fn(method)
                 step()  # kernel compilation and autotuning
+                cleanup(model, device)  # the warm-up's gradients freed: the peak counts the step's own
                 row.update(measure_peak(step, device))
                 steps[method] = step
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on

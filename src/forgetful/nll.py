@@ -88,6 +88,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def model_loss_backend(name: str, model: nn.Module, device: torch.device | str) -> str:
+    """The backend ``name`` means for ``model``'s LM head on ``device`` (``auto`` made concrete as
+    for rows scored beyond their last tokens): what results record beside the option."""
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings()
+    if head is None or name != "auto":
+        return "dense" if name == "auto" else name
+    return resolve_loss_backend(name, device, head=head_spec(head, config=inner.config))
+
+
 def output_embedding(model: nn.Module) -> nn.Module:
     inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None

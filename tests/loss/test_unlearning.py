@@ -198,6 +198,12 @@ def test_forget_retain_pairing(tiny_llama, tmp_path):
 def test_unlearning_config_errors(tmp_path, tiny_llama):
     with pytest.raises(ForgetfulError, match="retain_loss_type must be one of NLL, KL, EMBED_DIFF"):
         _args(tmp_path, retain_loss_type="L2")
+    with pytest.raises(ForgetfulError, match="unlearning averages each micro-batch's loss.*got loss_average 'tokens'"):
+        _args(tmp_path, loss_average="tokens")
+    with pytest.raises(ForgetfulError, match="steering_coeff must be positive, got 0.0"):
+        _args(tmp_path, method="rmu", steering_coeff=0.0)
+    with pytest.raises(ForgetfulError, match="gamma must not be negative, got -1.0"):
+        _args(tmp_path, gamma=-1.0)
     model, tok = tiny_llama
     with pytest.raises(ForgetfulError, match="needs a non-empty retain dataset"):
         UnlearningTrainer(
@@ -369,8 +375,9 @@ def test_rmu_layer_default_fallback_and_errors(setup):
         _trainer(setup, method="rmu", rmu_layer=2)
     with pytest.raises(ForgetfulError, match="rmu_params 'encoder.*' matches no trainable parameter name"):
         _trainer(setup, method="rmu", rmu_params="encoder.*")
-    with pytest.raises(ForgetfulError, match="matches only parameters after the steered layer"):
-        _trainer(setup, method="rmu", rmu_layer=0, rmu_params=r"model\.layers\.1\..*")
+    for unreached in (r"model\.layers\.1\..*", r"model\.norm\.weight"):  # after layer 0; the final norm
+        with pytest.raises(ForgetfulError, match="matches only parameters RMU's loss never reaches"):
+            _trainer(setup, method="rmu", rmu_layer=0, rmu_params=unreached)
     # a frozen parameter (a PEFT model's base weight) stays frozen, whatever the pattern
     embedding = setup[0].model.embed_tokens.weight.requires_grad_(False)
     tr = _trainer(setup, method="rmu")

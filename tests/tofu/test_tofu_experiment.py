@@ -64,6 +64,12 @@ def test_plan_runs_and_its_errors(tmp_path):
         plan_runs(_config("m", tmp_path, unlearning="npo,dpo"))
     with pytest.raises(ForgetfulError, match="unknown masking strategies forget_all"):
         plan_runs(_config("m", tmp_path, strategies="forget_all"))
+    # a loss option one of the methods cannot take is refused when the experiment is configured, before any training
+    with pytest.raises(
+        ForgetfulError, match="unlearning method 'grad_diff' takes retain_loss_type NLL, KL, got 'EMBED"
+    ):
+        _config("m", tmp_path, retain_loss_type="EMBED_DIFF")
+    assert _config("m", tmp_path, unlearning="rmu", retain_loss_type="EMBED_DIFF").retain_loss_type == "EMBED_DIFF"
 
 
 def test_each_unlearning_run_takes_its_methods_defaults(tmp_path):
@@ -164,6 +170,9 @@ def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path, monkeypatch):
     assert "| full_npo | unlearn | npo |" in report
     assert "- `npo`: alpha 1, gamma 1, retain_loss_type NLL, beta 0.1" in report
     assert "- `simnpo`: alpha 1, gamma 0.125, retain_loss_type NLL, beta 4.5, delta 0" in report
+    # what the options resolved to: RMU's layer (the tiny model's last: it has no layer 7), auto's backend on a CPU
+    assert rows["full_rmu"]["method_state"]["layer"] == 1 and rows["full_npo"]["loss_backend"] == "chunked"
+    assert "- `rmu`: alpha 1, gamma 1, retain_loss_type EMBED_DIFF, steering_coeff 2, rmu_params .*; layer 1," in report
     assert (out / "utility_vs_forget_quality.png").stat().st_size > 1000
 
 

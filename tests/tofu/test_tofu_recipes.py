@@ -39,3 +39,18 @@ def test_a_library_caller_keeps_the_options_it_set():
     training = TofuTrainingArguments(learning_rate=1e-5)
     apply_recipe(training, "smollm2", "gpt2", given={"learning_rate"})
     assert (training.learning_rate, training.per_device_train_batch_size) == (1e-5, 32)
+
+
+def test_a_warm_up_in_steps_is_not_overridden_by_the_recipes_epochs():
+    training = TofuTrainingArguments(warmup_steps=7)
+    record = apply_recipe(training, "smollm2", "gpt2")
+    assert (training.warmup_steps, training.warmup_epochs) == (7, None)
+    assert record["overridden"]["warmup_epochs"] is None
+    # a flag given at its default value (no warm-up at all) counts too
+    training = TofuTrainingArguments(warmup_steps=0)
+    apply_recipe(training, "open_unlearning", "gpt2", given={"warmup_steps"})
+    assert (training.warmup_steps, training.warmup_epochs) == (0, None)
+    # without a warm-up of their own, the recipe's epoch of warm-up holds
+    training = TofuTrainingArguments()
+    apply_recipe(training, "smollm2", "gpt2", given=set())
+    assert training.warmup_epochs == 1.0

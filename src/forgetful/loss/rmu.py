@@ -70,11 +70,11 @@ def activation_distance(h: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return ((sq * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
 
 
-def freeze_all_but(model, pattern: str, later_layers: set[int]) -> list[str]:
+def freeze_all_but(model, pattern: str, unreached: set[int]) -> list[str]:
     """Train only the parameters whose names match ``pattern`` (``re.fullmatch``) among those that
     train now (a frozen one, such as a PEFT model's base weight, stays frozen); returns their
-    names. ``later_layers`` holds the ids of the parameters after the steered layer, which the loss
-    never reaches: a pattern matching only those is an error."""
+    names. ``unreached`` holds the ids of the parameters the loss never reaches (the layers after
+    the steered one, the final norm, an untied head): a pattern matching only those is an error."""
     rx = re.compile(pattern)
     named = list(model.named_parameters())
     chosen = [(name, p) for name, p in named if p.requires_grad and rx.fullmatch(name) is not None]
@@ -83,10 +83,10 @@ def freeze_all_but(model, pattern: str, later_layers: set[int]) -> list[str]:
         raise ForgetfulError(
             f"rmu_params '{pattern}' matches no trainable parameter name (they look like {names}, ...)"
         )
-    if all(id(p) in later_layers for _, p in chosen):
+    if all(id(p) in unreached for _, p in chosen):
         raise ForgetfulError(
-            f"rmu_params '{pattern}' matches only parameters after the steered layer, which RMU's loss never "
-            "reaches: choose parameters at or before rmu_layer"
+            f"rmu_params '{pattern}' matches only parameters RMU's loss never reaches (after the steered layer, "
+            "the final norm, an untied head): choose parameters of the embeddings or of layers up to rmu_layer"
         )
     keep = {id(p) for _, p in chosen}
     for _, p in named:
@@ -108,13 +108,17 @@ class RMU(UnlearningMethod):
         model = trainer.model
         self.layer = rmu_layer(model, self.args.rmu_layer)
         base, name = decoder_stack(model)
-        later = {id(p) for block in getattr(base, name)[self.layer + 1 :] for p in block.parameters()}
-        self.trainable = freeze_all_but(model, self.args.rmu_params, later)
+        # the loss reaches the input embeddings and layers 0..L only (a tied head is the embedding's weight)
+        reached = {id(p) for block in getattr(base, name)[: self.layer + 1] for p in block.parameters()}
+        reached |= {id(p) for p in unwrap_model(model).get_input_embeddings().parameters()}
+        unreached = {id(p) for p in model.parameters()} - reached
+        self.trainable = freeze_all_but(model, self.args.rmu_params, unreached)
         config = unwrap_model(model).config
         dim = getattr(config.get_text_config(), "hidden_size", None)
         if dim is None:
             raise ForgetfulError(
-                f"{type(config).__name__} has no hidden_size: RMU needs the width of the hidden states"
+                f"{type(config).__name__} has no hidden_size: RMU needs the width of the hidden states; use another "
+                "unlearning method for this model"
             )
         self.control = control_vector(int(dim), self.args.steering_coeff, self.args.seed)
 
@@ -129,7 +133,9 @@ class RMU(UnlearningMethod):
                 f"layer {self.layer} gives hidden states of width {h.shape[-1]}, not the config's hidden_size "
                 f"{self.control.numel()}"
             )
-        target = self.control.to(h.device).expand_as(h)
+        if self.control.device != h.device:
+            self.control = self.control.to(h.device)  # once: the first micro-batch tells the device
+        target = self.control.expand_as(h)
         return activation_distance(h, target, forget["labels"] != IGNORE_INDEX)
 
     def retain_loss(self, model, retain):

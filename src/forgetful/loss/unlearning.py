@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -25,7 +25,6 @@ from torch.utils.data import Dataset as TorchDataset
 from ..errors import ForgetfulError
 from ..nll import TokenNLL, token_nll
 from ..tokens import pad_token_id
-from . import rmu  # noqa: F401  (registers "rmu")
 from .trainer import SelectiveLossCollator, SelectiveLossConfig, SelectiveLossTrainer, validate_loss_masks
 from .unlearning_methods import (
     RETAIN_LOSS_TYPES,
@@ -128,6 +127,14 @@ class UnlearningLossOptions:
             )
         if self.beta is not None and self.beta <= 0:
             raise ForgetfulError(f"beta must be positive, got {self.beta}")
+        for name in ("alpha", "gamma"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ForgetfulError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.steering_coeff <= 0:
+            raise ForgetfulError(
+                f"steering_coeff must be positive, got {self.steering_coeff}: RMU's target is steering_coeff times a "
+                "unit vector (open-unlearning: 2)"
+            )
         if self.rmu_layer is not None and self.rmu_layer < 0:
             raise ForgetfulError(f"rmu_layer must not be negative, got {self.rmu_layer}")
         try:
@@ -138,6 +145,25 @@ class UnlearningLossOptions:
 
 def _method_help() -> str:
     return "Unlearning method: " + "; ".join(f"{n} ({cls.paper})" for n, cls in UNLEARNING_METHODS.items()) + "."
+
+
+def method_loss_options(options: UnlearningLossOptions, method: str) -> dict:
+    """The loss options ``method`` trains with: ``options``' values, the method's own defaults where
+    they are unset; checked (no model needed), so a command can refuse a bad combination before any
+    training."""
+    cls = unlearning_method(method)
+    values = {f.name: getattr(options, f.name) for f in fields(UnlearningLossOptions)}
+    values.update({k: v for k, v in cls.defaults.items() if values[k] is None})
+    checked = copy.copy(options)
+    for key, value in values.items():
+        setattr(checked, key, value)
+    UnlearningLossOptions.check_loss_options(checked)
+    if values["retain_loss_type"] not in cls.retain_loss_types:
+        raise ForgetfulError(
+            f"unlearning method '{method}' takes retain_loss_type {', '.join(cls.retain_loss_types)}, "
+            f"got '{values['retain_loss_type']}'"
+        )
+    return values
 
 
 @dataclass
@@ -168,15 +194,12 @@ class UnlearningConfig(OpenUnlearningRecipe, UnlearningLossOptions):
     RECIPE = (*SelectiveLossConfig.RECIPE, *METHOD_OPTIONS)
 
     def __post_init__(self):
-        cls = unlearning_method(self.method)
-        for key, value in cls.defaults.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        self.check_loss_options()
-        if self.retain_loss_type not in cls.retain_loss_types:
+        for key, value in method_loss_options(self, self.method).items():
+            setattr(self, key, value)
+        if self.loss_average != "micro_batch":
             raise ForgetfulError(
-                f"unlearning method '{self.method}' takes retain_loss_type {', '.join(cls.retain_loss_types)}, "
-                f"got '{self.retain_loss_type}'"
+                f"unlearning averages each micro-batch's loss (open-unlearning's), got loss_average "
+                f"'{self.loss_average}': leave it at micro_batch"
             )
         if self.method == "rmu":
             # RMU's loss stops at one layer: the later layers and the head get no gradient

@@ -218,3 +218,7 @@ __all__ = [
     "simnpo_loss",
     "unlearning_method",
 ]
+
+# RMU lives in its own module (it needs the decoder stack); importing it here registers it wherever the
+# registry is imported, whatever the import order
+from . import rmu  # noqa: E402, F401

@@ -32,7 +32,13 @@ from ..data.tofu import RETAIN_FOR_FORGET
 from ..errors import ForgetfulError
 from ..loss.tasks import TOFU_STRATEGIES
 from ..loss.training import train_selective
-from ..loss.unlearning import UNLEARNING_METHODS, OpenUnlearningRecipe, UnlearningConfig, UnlearningLossOptions
+from ..loss.unlearning import (
+    UNLEARNING_METHODS,
+    OpenUnlearningRecipe,
+    UnlearningConfig,
+    UnlearningLossOptions,
+    method_loss_options,
+)
 from ..loss.unlearning_methods import unlearning_method
 from ..measure import run_environment
 from ..models import bf16_native, load_model
@@ -100,7 +106,8 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
     def __post_init__(self):
         self.check_data_options()
         self.check_eval_options()
-        self.check_loss_options()
+        for method in _names(self.unlearning):  # each method's options, checked before hours of finetuning
+            method_loss_options(self, method)
         check_recipe(self.recipe)
         if self.eval_dtype not in EVAL_DTYPES:
             raise ForgetfulError(f"eval_dtype must be one of {', '.join(EVAL_DTYPES)}, got '{self.eval_dtype}'")
@@ -169,7 +176,6 @@ _SHARED_OPTIONS = (
     "lr_scheduler_type",
     "optim",
     "max_grad_norm",
-    "loss_average",
     "sparse_logits",
     "loss_backend",
     "activation_checkpointing",  # transformers 5's name of gradient_checkpointing (the old one warns)
@@ -339,6 +345,8 @@ def run_tofu_experiment(
                 "lr": args.learning_rate,
                 "effective_batch_size": args.effective_batch_size(),
                 "loss_options": unlearning_method(run.strategy).options_of(args),
+                "method_state": res["method_state"],  # what the options resolved to (RMU: the layer it steered)
+                "loss_backend": res["loss_backend_used"],
                 "forget_prob_before": res["forget_prob_before"],
                 "forget_prob_after": res["forget_prob_after"],
             }

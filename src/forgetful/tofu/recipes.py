@@ -51,6 +51,9 @@ TOFU_RECIPES: dict[str, dict] = {
         "gradient_accumulation_steps": 1,
     },
 }
+#: a warm-up the user gives in steps (or, before transformers 5, as a ratio), which the recipe's warm-up
+#: epochs must not override
+_OWN_WARMUP = ("warmup_steps", "warmup_ratio")
 #: built-in model name -> the recipe ``auto`` picks for it
 MODEL_RECIPES = {"smollm2-135m": "smollm2"}
 RECIPE_CHOICES = ("auto", *TOFU_RECIPES)
@@ -74,7 +77,7 @@ def options_set(training) -> set[str]:
     """The recipe options of ``training`` whose values differ from its class defaults: what a library
     caller who built it set (one who set an option to its default value names it in ``given``)."""
     defaults = {f.name: f.default for f in fields(type(training)) if f.default is not MISSING}
-    return {n for n in RECIPE_OPTIONS if getattr(training, n) != defaults[n]}
+    return {n for n in (*RECIPE_OPTIONS, *_OWN_WARMUP) if n in defaults and getattr(training, n) != defaults[n]}
 
 
 def apply_recipe(training, name: str, model: str, given: Collection[str] | None = None) -> dict:
@@ -85,6 +88,10 @@ def apply_recipe(training, name: str, model: str, given: Collection[str] | None 
     applied = resolve_recipe(name, model)
     values = TOFU_RECIPES[applied]
     kept = options_set(training) if given is None else set(given)
+    if kept & set(_OWN_WARMUP) and "warmup_epochs" not in kept:
+        # the user's own warm-up, in steps or as a ratio: the recipe's warm-up epochs would override it
+        training.warmup_epochs = None
+        kept.add("warmup_epochs")
     for option, value in values.items():
         if option not in kept:
             setattr(training, option, value)

@@ -84,15 +84,7 @@ def report_text(a, recipes: dict, rows: list[dict], missing: list[str], env: dic
             f"weight decay {un['weight_decay']:g}, {_warmup(un)}; each method's loss options:",
             "",
         ]
-        lines += [
-            f"- `{r['strategy']}`: "
-            + (
-                ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["loss_options"].items())
-                or "none"
-            )
-            for r in rows
-            if r.get("kind") == "unlearn" and "loss_options" in r
-        ]
+        lines += [_method_line(r) for r in rows if r.get("kind") == "unlearn" and "loss_options" in r]
     lines += [
         "",
         f"This report was written on {_where(env)}; each run's own machine is in `results.json` (`env`).",
@@ -136,3 +128,15 @@ def _warmup(recipe: dict) -> str:
     if recipe.get("warmup_ratio"):
         return f"warm-up over {recipe['warmup_ratio']:g} of the steps"
     return "no warm-up"
+
+
+def _method_line(row: dict) -> str:
+    """One unlearning run's loss options (those left to the method's choice, None, omitted) and what
+    they resolved to (``method_state``: RMU's layer, ...), one markdown bullet."""
+
+    def text(items) -> str:
+        return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
+
+    options = [(k, v) for k, v in row["loss_options"].items() if v is not None]
+    state = [(k, v) for k, v in row.get("method_state", {}).items() if not k.endswith("_file")]
+    return f"- `{row['strategy']}`: " + (text(options) or "no loss options") + (f"; {text(state)}" if state else "")

@@ -17,6 +17,7 @@ import numpy as np
 from ..data.tofu import RETAIN_FOR_FORGET
 from ..loss.tasks import prepare_dataset_for_training
 from ..loss.unlearning import UnlearningConfig, UnlearningTrainer, forget_probability
+from ..nll import model_loss_backend
 from ..reporting import write_json
 from ..tokens import pad_token_id
 from .options import TofuDataOptions, TofuEvalOptions
@@ -90,6 +91,10 @@ def unlearn_tofu(model, tokenizer, c: TofuUnlearnConfig, args: UnlearningConfig,
         "recipe": args.recipe(),
         "method_state": trainer.method.state(),
         "loss_backend": trainer.loss_backend,
+        # what the option meant for this head and device (auto's choice; dense when sparse logits are off)
+        "loss_backend_used": model_loss_backend(
+            trainer.loss_backend if args.sparse_logits else "dense", trainer.model, args.device
+        ),
         "effective_batch_size": args.effective_batch_size(),
         "warmup_steps": args.warmup_steps,
         "epochs": float(trainer.state.epoch or 0.0),
