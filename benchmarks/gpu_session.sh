@@ -5,12 +5,16 @@
 #                  cut-cross-entropy and liger-kernel of requirements-gpu.txt: without them bench_selective
 #                  records their rows as skipped)
 #   .device_data/  a copy of ../shared/data (WikiText-2, TOFU)
-#   .gguf_parts/   the real model's GGUF file (98 MB) in two halves, one per call (a call carries 64 MiB)
+#   .gguf_parts/   the real model's GGUF file (98 MB) in parts (`split -b 32m FILE .gguf_parts/smollm2.gguf.part`):
+#                  a call carries 64 MiB with the checkout (14 MiB of it committed results), so three parts travel
+#                  in three calls made one right after the other (the machine keeps /root while warm, ~30 s)
 #
-#   OUT=/path bash benchmarks/gpu_session.sh setup|model|bench_forgetting|bench_selective|bench_masks|forget|tofu|ddp
+#   OUT=/path bash benchmarks/gpu_session.sh setup|part|model|bench_forgetting|bench_selective|bench_masks|forget|tofu|ddp
 #
-# setup        install the wheels into /tmp/site, copy the data and the first half of the GGUF file to /root
-# model        join the GGUF halves, check the sha256, convert the model into the cache once
+# setup        install the wheels into /tmp/site, copy the data and the GGUF parts carried to /root
+# part         copy the GGUF parts carried to /root (a middle call)
+# model        copy the parts carried, join every part, check the sha256, convert the model into the cache once
+#              (`model && ... tofu` in the last call)
 # The three benchmarks, one device call (600 s) each, on one GPU; each stops starting new work past
 # BENCH_LIMIT seconds (default 380; a round or warm-up under way finishes) and is killed at
 # BENCH_TIMEOUT (default 450: < 8 min in all); each rewrites its JSON in $OUT after every round, so a
@@ -31,7 +35,7 @@
 # ddp          both trainers on 1 and 2 GPUs at the same per-GPU batch, three repetitions after a warm-up
 #              (DDP_RUNS: a subset of selective_ddp selective_fsdp reinforce_ddp)
 set -uo pipefail
-phase=${1:?phase: setup, model, bench_forgetting, bench_selective, bench_masks, forget, tofu or ddp}
+phase=${1:?phase: setup, part, model, bench_forgetting, bench_selective, bench_masks, forget, tofu or ddp}
 out=${OUT:-/tmp/forgetful_out}
 R=${WORK:-/root}  # where models, data and runs live while the machine is warm
 mkdir -p "$out" "$R/models" "$R/runs"
@@ -42,9 +46,12 @@ export PYTHONPATH=/tmp/site:$PWD/src FORGETFUL_CACHE=$R/fcache
 [ -n "${FORGETFUL_COMMIT:-}" ] || FORGETFUL_COMMIT=$(cat "$R/commit" 2>/dev/null || true)
 export FORGETFUL_COMMIT
 GGUF=$R/models/SmolLM2-135M-Instruct.Q4_1.gguf
-SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+SHA=${GGUF_SHA256:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53}  # another file for a dry run
 DATA=$R/data
 MODEL=${MODEL:-$GGUF}  # the real model (another folder for a dry run on a CPU)
+stash_parts() {  # keep the GGUF parts this call carried on the machine
+  for p in .gguf_parts/*.part*; do [ -e "$p" ] && cp "$p" "$R/models/$(basename "$p")"; done; true
+}
 quiet() { grep -v -e "it/s\]" -e "s/it\]" || true; }  # drop progress bars
 pack() {  # pack the result files of $R/runs/$1 into $out/$1.tgz (policies, no LM weights)
   [ -d "$R/runs/$1" ] && tar czf "$out/$1.tgz" -C "$R/runs" --exclude='checkpoint-*' --exclude='model*.safetensors' \
@@ -55,7 +62,7 @@ case "$phase" in
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     rm -rf "$DATA" && cp -r .device_data "$DATA"
-    cp .gguf_parts/*part00 "$R/models/part00"
+    stash_parts
     echo "$FORGETFUL_COMMIT" > "$R/commit"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers, datasets, rouge_score, gguf, forgetful.input.experiment, forgetful.tofu.experiment; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'gpus', torch.cuda.device_count())"
@@ -79,8 +86,12 @@ case "$phase" in
     echo "$phase exit $?"
     tail -n 40 "$out/$phase.log"
     ;;
+  part)
+    stash_parts; ls -la "$R/models"
+    ;;
   model)
-    cat "$R/models/part00" .gguf_parts/*part01 > "$GGUF" && echo "$SHA  $GGUF" | sha256sum -c - || exit 1
+    stash_parts
+    cat "$R"/models/*.part* > "$GGUF" && echo "$SHA  $GGUF" | sha256sum -c - || { ls -la "$R/models"; exit 1; }
     python3 -c "import sys; from forgetful.models import load_model; m, t = load_model(sys.argv[1]); print(m.config.num_hidden_layers, m.dtype, t.eos_token)" "$GGUF" 2>&1 | quiet
     ;;
   forget)
@@ -113,19 +124,23 @@ case "$phase" in
     ;;
   tofu)
     budget=${BUDGET:-520}
+    # a run is started only if RUN_SECONDS (one run's training + evaluation on an H200, ~135 s at the recipe, with
+    # margin) still fit in the budget: a run cut by the timeout is lost, a run not started waits for the next call
+    run_s=${RUN_SECONDS:-170}
     # the built-in small model's recipe (lr 1e-4, 5 epochs, 32 rows x 1 step, the rest open-unlearning's: SmolLM2
-    # memorises TOFU with it; at open-unlearning's lr 1e-5 it barely learns it). Named, not auto: MODEL is a file path
+    # memorises TOFU with it; at open-unlearning's lr 1e-5 it barely learns it). Named, not auto: MODEL is a file path.
+    # Each --only call writes results.json, report.md and the plot with the runs there so far (and the missing ones)
     TOFU_RECIPE="--recipe smollm2 --eval-batch-size 256 --disable-tqdm true"
     (timeout -k 30 "$budget" bash -c "
-       for run in ${TOFU_RUNS:-retain full full_grad_diff full_npo full_simnpo full_rmu full_forget_answers full_forget_facts full_goldfish}; do
-         python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
+       for run in ${TOFU_RUNS:-retain full full_forget_answers full_grad_diff full_npo full_simnpo full_rmu full_forget_facts full_goldfish}; do
+         if [ -f $R/runs/tofu_real/\$run/tofu_eval.json ]; then continue; fi
+         if [ \$((SECONDS + $run_s)) -gt $budget ]; then echo \"\$run: not started, \$SECONDS s of $budget gone\"; continue; fi
+         python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \\
            --forget-split forget10 --only \$run ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
        done
-       python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \
-         --forget-split forget10 ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
      " > "$out/tofu.log" 2>&1; true)
     pack tofu_real
-    tail -n 5 "$out/tofu.log" | quiet
+    grep -e "not started" -e "^|" -e "Error" "$out/tofu.log" | tail -n 30; true
     ;;
   ddp)
     mkdir -p "$out/ddp"

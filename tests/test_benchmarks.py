@@ -3,6 +3,7 @@ promise (the numbers themselves mean nothing here: speed is measured on a GPU)."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -308,3 +309,56 @@ def test_gpu_session_bench_is_three_phases_now(tmp_path):
         ["bash", str(BENCH / "gpu_session.sh"), "bench"], cwd=BENCH.parent, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 2 and "bench_forgetting, bench_selective, bench_masks" in proc.stdout
+
+
+def test_gpu_session_joins_the_gguf_parts_carried_over_three_calls(tmp_path):
+    """The model file travels in three parts, one per call: `setup`, `part` and `model` each keep the part
+    their call carried, `model` joins them in order and checks the sha256; a missing part fails the check."""
+    blob = bytes(range(256)) * 41  # 10,496 bytes, split like the real file
+    parts = [blob[:4000], blob[4000:8000], blob[8000:]]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    env["GGUF_SHA256"] = hashlib.sha256(blob).hexdigest()
+    script = str(BENCH / "gpu_session.sh")
+    for i, phase in enumerate(["part", "part", "model"]):
+        call = tmp_path / f"call{i}"  # each call's copy of the checkout carries one part
+        (call / ".gguf_parts").mkdir(parents=True)
+        (call / ".gguf_parts" / f"smollm2.gguf.parta{'abc'[i]}").write_bytes(parts[i])
+        proc = subprocess.run(["bash", script, phase], cwd=call, env=env, capture_output=True, text=True)
+    # the last call joined the three parts and the checksum held (loading the made-up file then fails)
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf: OK" in proc.stdout, proc.stdout + proc.stderr
+    assert (tmp_path / "work" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == blob
+    (tmp_path / "work" / "models" / "smollm2.gguf.partab").unlink()
+    proc = subprocess.run(["bash", script, "model"], cwd=tmp_path / "call0", env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "FAILED" in proc.stdout
+
+
+def test_gpu_session_tofu_starts_a_run_only_if_it_fits_the_budget(tmp_path):
+    """The tofu phase skips runs already evaluated, starts the next one while RUN_SECONDS still fit in
+    BUDGET, and names the runs it left for the next call (a stand-in python3 'trains' for 2 s)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(
+        "#!/bin/sh\n# stand-in for the experiment: write the run's evaluation after 2 s\n"
+        'while [ $# -gt 0 ]; do case "$1" in --out) out=$2;; --only) run=$2;; esac; shift; done\n'
+        'sleep 2; mkdir -p "$out/$run"; echo "$run" >> "$out/../started"; echo {} > "$out/$run/tofu_eval.json"\n'
+    )
+    (shim / "python3").chmod(0o755)
+    work = tmp_path / "work"
+    (work / "runs" / "tofu_real" / "retain").mkdir(parents=True)
+    (work / "runs" / "tofu_real" / "retain" / "tofu_eval.json").write_text("{}")
+    env = {
+        **os.environ,
+        "PATH": f"{shim}:{os.environ['PATH']}",
+        "OUT": str(tmp_path / "out"),
+        "WORK": str(work),
+        "BUDGET": "3",
+        "RUN_SECONDS": "2",
+        "TOFU_RUNS": "retain full full_npo",
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), "tofu"], cwd=BENCH.parent, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "runs" / "started").read_text().split() == ["full"]  # retain was there; full_npo did not fit
+    assert "full_npo: not started" in proc.stdout
+    assert (tmp_path / "out" / "tofu_real.tgz").is_file()

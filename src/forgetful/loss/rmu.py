@@ -36,7 +36,7 @@ from ..errors import ForgetfulError
 from ..models.layers import decoder_stack, layer_output, num_layers
 from ..nll import unwrap_model
 from ..nll_backends import IGNORE_INDEX
-from .unlearning_methods import UnlearningMethod, register_unlearning_method
+from .unlearning_registry import UnlearningMethod
 
 #: open-unlearning's ``module_regex: model\.layers\.7``
 DEFAULT_RMU_LAYER = 7
@@ -94,7 +94,6 @@ def freeze_all_but(model, pattern: str, unreached: set[int]) -> list[str]:
     return [name for name, _ in chosen]
 
 
-@register_unlearning_method("rmu", retain_loss_type="EMBED_DIFF")
 class RMU(UnlearningMethod):
     """Steer the forget tokens' hidden states at one layer to a fixed random direction, keep the
     retain tokens' where they were."""

@@ -29,96 +29,23 @@ computes dense logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
 from ..errors import ForgetfulError
-
-#: the options every method reads, with their values when neither the user nor the method sets one
-LOSS_OPTION_DEFAULTS = {"beta": 0.1, "gamma": 1.0, "retain_loss_type": "NLL"}
-RETAIN_LOSS_TYPES = ("NLL", "KL", "EMBED_DIFF")
-
-
-class UnlearningMethod:
-    """One unlearning method: built once with its trainer (where it prepares what it needs), then
-    :meth:`losses` for every micro-batch. Subclasses set :meth:`forget_loss`, and may replace
-    :meth:`retain_loss`."""
-
-    name: str = ""
-    #: the paper, for help texts and reports
-    paper: str = ""
-    #: the loss options this method reads, with its own defaults (open-unlearning's configs)
-    defaults: dict = {}
-    uses_retain: bool = True
-    #: computes the summed NLL of every forget row under the model before training (NPO)
-    needs_reference_nll: bool = False
-    #: the retain loss types it accepts
-    retain_loss_types: tuple[str, ...] = ("NLL", "KL")
-    #: the loss options it reads besides alpha, gamma and retain_loss_type (read where it uses the retain set)
-    own_options: tuple[str, ...] = ()
-
-    def __init__(self, trainer):
-        """``trainer``: the :class:`~forgetful.loss.unlearning.UnlearningTrainer` it serves (its args,
-        loss backend, reference model and reference NLL)."""
-        self.trainer = trainer
-        self.args = trainer.args
-
-    @classmethod
-    def options_of(cls, args) -> dict:
-        """The loss options this method reads and their values in ``args`` (what results record per run)."""
-        names = (("alpha", "gamma", "retain_loss_type") if cls.uses_retain else ()) + cls.own_options
-        return {name: getattr(args, name) for name in names}
-
-    def needs_reference_model(self) -> bool:
-        """Whether the trainer keeps a frozen copy of the model before unlearning."""
-        return self.uses_retain and self.args.retain_loss_type in ("KL", "EMBED_DIFF")
-
-    def forget_loss(self, model, inputs: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-    def retain_loss(self, model, retain: dict) -> torch.Tensor:
-        if self.args.retain_loss_type == "KL":
-            return kl_to_reference(model, self.trainer.ref_model, retain)
-        return self.trainer.batch_nll(model, retain).mean()
-
-    def losses(self, model, inputs: dict) -> dict[str, torch.Tensor]:
-        """The loss of one micro-batch (``loss``) and its parts."""
-        parts = {"forget_loss": self.forget_loss(model, inputs)}
-        if not self.uses_retain:
-            parts["loss"] = parts["forget_loss"]
-            return parts
-        parts["retain_loss"] = self.retain_loss(model, inputs["retain"])
-        parts["loss"] = self.args.gamma * parts["forget_loss"] + self.args.alpha * parts["retain_loss"]
-        return parts
-
-    def state(self) -> dict:
-        """What the results record about the method beyond its options (JSON-ready)."""
-        return {}
-
-    def save(self, folder) -> None:
-        """Write what the unlearned model needs beside it (nothing, for most methods)."""
-
-
-UNLEARNING_METHODS: dict[str, type[UnlearningMethod]] = {}
-
-
-def register_unlearning_method(name: str, **defaults) -> Callable[[type[UnlearningMethod]], type[UnlearningMethod]]:
-    """Class decorator: make a method available by ``name``, with its own ``defaults`` for the loss
-    options (the others take :data:`LOSS_OPTION_DEFAULTS`)."""
-
-    def deco(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
-        cls.name = name
-        cls.defaults = {**LOSS_OPTION_DEFAULTS, **defaults}
-        UNLEARNING_METHODS[name] = cls
-        return cls
-
-    return deco
+from .unlearning_registry import (
+    LOSS_OPTION_DEFAULTS,
+    RETAIN_LOSS_TYPES,
+    UNLEARNING_METHODS,
+    UnlearningMethod,
+    kl_to_reference,
+    register_unlearning_method,
+)
 
 
 def unlearning_method(name: str) -> type[UnlearningMethod]:
-    """The method registered as ``name``."""
+    """The method registered as ``name`` (every method in this package is registered once this
+    module is imported: RMU at its end)."""
     if name not in UNLEARNING_METHODS:
         raise ForgetfulError(f"unknown unlearning method '{name}'; choose from {', '.join(UNLEARNING_METHODS)}")
     return UNLEARNING_METHODS[name]
@@ -138,17 +65,6 @@ def simnpo_loss(nll: torch.Tensor, tokens: torch.Tensor, beta: float, delta: flo
     """``mean_i -(2 / beta) * log sigmoid(beta * (nll_i / tokens_i - delta))``: NPO's loss on the
     length-normalised NLL, with no reference (a row without trained tokens counts one token)."""
     return (-2.0 / beta * F.logsigmoid(beta * (nll / tokens.clamp(min=1) - delta))).mean()
-
-
-def kl_to_reference(model, ref_model, part: dict) -> torch.Tensor:
-    """``kl_div(log p_θ, log p_ref, reduction="batchmean", log_target=True)`` over every position
-    of the batch, padding included, as open-unlearning computes its KL retain loss."""
-    kwargs = {"input_ids": part["input_ids"], "attention_mask": part.get("attention_mask"), "use_cache": False}
-    with torch.no_grad():
-        ref = F.log_softmax(ref_model(**kwargs).logits.float(), dim=-1)
-    cur = F.log_softmax(model(**kwargs).logits.float(), dim=-1)
-    vocab = cur.shape[-1]
-    return F.kl_div(cur.reshape(-1, vocab), ref.reshape(-1, vocab), reduction="batchmean", log_target=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,6 +126,7 @@ __all__ = [
     "GradAscent",
     "GradDiff",
     "NPO",
+    "RMU",
     "SimNPO",
     "UnlearningMethod",
     "kl_to_reference",
@@ -219,6 +136,8 @@ __all__ = [
     "unlearning_method",
 ]
 
-# RMU lives in its own module (it needs the decoder stack); importing it here registers it wherever the
-# registry is imported, whatever the import order
-from . import rmu  # noqa: E402, F401
+# RMU lives in its own module (it needs the decoder stack) and is registered here, after the methods
+# above: whichever module is imported first, the registry then lists every method in the same order
+from .rmu import RMU  # noqa: E402
+
+register_unlearning_method("rmu", retain_loss_type="EMBED_DIFF")(RMU)
