@@ -22,6 +22,9 @@ The decoder layers are found generically (:func:`~forgetful.models.layers.decode
 with no more than ``7`` layers gets its last one when ``rmu_layer`` is not given, and an explicit
 layer it does not have is an error. The forward passes stop after layer ``L`` (the later layers
 and the LM head have no part in the loss), so under DDP the trainer looks for unused parameters.
+
+The class is registered as ``rmu`` by :mod:`.unlearning_methods` (which imports this module), so
+that the registry lists every method in one order whatever is imported first.
 """
 
 from __future__ import annotations
