@@ -4,7 +4,8 @@
 #   .whl/          wheels of packages the machine lacks (datasets, rouge-score, gguf, and the loss kernels
 #                  cut-cross-entropy and liger-kernel of requirements-gpu.txt: without them bench_selective
 #                  records their rows as skipped)
-#   .device_data/  a copy of ../shared/data (WikiText-2, TOFU)
+#   .device_data/  the files of ../shared/data a phase reads (wikitext2/; tofu/: the forget10, retain90, holdout10,
+#                  retain_perturbed, real_authors, world_facts files and their _perturbed ones, full.json: 3.6 MB)
 #   .gguf_parts/   the real model's GGUF file (98 MB) in parts (`split -b 32m FILE .gguf_parts/smollm2.gguf.part`):
 #                  a call carries 64 MiB with the checkout (14 MiB of it committed results), so three parts travel
 #                  in three calls made one right after the other (the machine keeps /root while warm, ~30 s)
