@@ -134,7 +134,8 @@ case "$phase" in
     TOFU_RECIPE="--recipe smollm2 --eval-batch-size 256 --disable-tqdm true"
     (timeout -k 30 "$budget" bash -c "
        for run in ${TOFU_RUNS:-retain full full_forget_answers full_grad_diff full_npo full_simnpo full_rmu full_forget_facts full_goldfish}; do
-         if [ -f $R/runs/tofu_real/\$run/tofu_eval.json ]; then continue; fi
+         # done: both files there, the rule by which tofu-experiment reuses a run (skipped here to save its start-up)
+         if [ -f $R/runs/tofu_real/\$run/run.json ] && [ -f $R/runs/tofu_real/\$run/tofu_eval.json ]; then continue; fi
          if [ \$((SECONDS + $run_s)) -gt $budget ]; then echo \"\$run: not started, \$SECONDS s of $budget gone\"; continue; fi
          python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \\
            --forget-split forget10 --only \$run ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}

@@ -340,12 +340,14 @@ def test_gpu_session_tofu_starts_a_run_only_if_it_fits_the_budget(tmp_path):
     (shim / "python3").write_text(
         "#!/bin/sh\n# stand-in for the experiment: write the run's evaluation after 2 s\n"
         'while [ $# -gt 0 ]; do case "$1" in --out) out=$2;; --only) run=$2;; esac; shift; done\n'
-        'sleep 2; mkdir -p "$out/$run"; echo "$run" >> "$out/../started"; echo {} > "$out/$run/tofu_eval.json"\n'
+        'sleep 2; mkdir -p "$out/$run"; echo "$run" >> "$out/../started"\n'
+        'echo {} > "$out/$run/run.json"; echo {} > "$out/$run/tofu_eval.json"\n'
     )
     (shim / "python3").chmod(0o755)
     work = tmp_path / "work"
     (work / "runs" / "tofu_real" / "retain").mkdir(parents=True)
-    (work / "runs" / "tofu_real" / "retain" / "tofu_eval.json").write_text("{}")
+    for done in ("run.json", "tofu_eval.json"):  # retain is done: the experiment would reuse it
+        (work / "runs" / "tofu_real" / "retain" / done).write_text("{}")
     env = {
         **os.environ,
         "PATH": f"{shim}:{os.environ['PATH']}",

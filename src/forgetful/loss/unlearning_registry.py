@@ -3,8 +3,9 @@ registers it by name, and the option defaults every method shares. The methods t
 :mod:`.unlearning_methods` (the token-likelihood ones) and :mod:`.rmu`; look one up with
 :func:`forgetful.loss.unlearning_methods.unlearning_method`, which sees every method once imported.
 
-It is its own module so that a method defined elsewhere (RMU) can register without importing the
-other methods, and the methods module can import every method without a cycle."""
+It is its own module so that a method defined in another module (RMU, :mod:`.rmu`) can subclass
+the base class without importing the other methods, and the methods module can import it and
+register it without an import cycle."""
 
 from __future__ import annotations
 
