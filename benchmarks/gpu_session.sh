@@ -127,9 +127,9 @@ case "$phase" in
     budget=${BUDGET:-520}
     # a run is started only if RUN_SECONDS (one run's start-up, training and evaluation, with margin) still fit in
     # the budget: a run cut by the timeout is lost, a run not started waits for the next call. Measured at the recipe
-    # (tofu_real/2026-12-05, one H100): a finetuning run 104 s of training + 45-100 s of evaluation, ~195-205 s in
-    # all; an unlearning run ~100-145 s; an H200 is somewhat faster
-    run_s=${RUN_SECONDS:-210}
+    # (tofu_real/2026-12-05, one H100; ~17 s of start-up each): a finetuning run 104-130 s of training + 45-100 s of
+    # evaluation, ~180-220 s in all (the first on a machine the longest); an unlearning run ~110-140 s
+    run_s=${RUN_SECONDS:-230}
     # the built-in small model's recipe (lr 1e-4, 5 epochs, 32 rows x 1 step, the rest open-unlearning's: SmolLM2
     # memorises TOFU with it; at open-unlearning's lr 1e-5 it barely learns it). Named, not auto: MODEL is a file path.
     # Each --only call writes results.json, report.md and the plot with the runs there so far (and the missing ones)
