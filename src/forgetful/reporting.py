@@ -27,6 +27,12 @@ def write_text(text: str, path: str | os.PathLike) -> None:
     write_text_atomic(text, path)
 
 
+def as_json_values(obj):
+    """``obj`` as :func:`write_json` writes and ``json.load`` reads it back (tuples as lists, paths as
+    strings, ...): for comparing what is in memory with what is in a file."""
+    return json.loads(json.dumps(obj, default=_jsonable))
+
+
 def _jsonable(o):
     if hasattr(o, "item"):
         return o.item()
@@ -174,13 +180,15 @@ def plot_scatter(
     title: str = "",
     logx: bool = False,
     references: dict[str, tuple[float | None, float | None]] | None = None,
+    y_intervals: dict[str, tuple[float, float]] | None = None,
 ):
     """Points named in a legend (a marker and colour each, with their values), so names never
-    overprint however close the points lie; the y axis is zoomed to the points (padded when they
-    are all equal, e.g. a model utility of 0 everywhere). ``logx``: a log x axis, on which x values
-    of 0 (or below) are drawn at a floor a decade under the smallest positive one, the x label
-    saying so. ``references``: labelled dashed lines at a point's x and/or y (None: no line), e.g.
-    the target a method should reach. Returns the figure (closed, for inspection)."""
+    overprint however close the points lie; the y axis is zoomed to the points and their intervals
+    (padded when they are all equal, e.g. a model utility of 0 everywhere). ``logx``: a log x axis,
+    on which x values of 0 (or below) are drawn at a floor a decade under the smallest positive
+    one, the x label saying so. ``references``: labelled dashed lines at a point's x and/or y (None:
+    no line), e.g. the target a method should reach. ``y_intervals``: a (low, high) whisker per
+    named point, e.g. a bootstrap interval. Returns the figure (closed, for inspection)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     floor = None
     if logx:
@@ -189,17 +197,24 @@ def plot_scatter(
         if any(x <= 0 for x, _ in points.values()):
             xlabel = f"{xlabel}; 0 drawn at {floor:.0e}"
     markers = "osD^vP*Xh<>"
+    intervals = y_intervals or {}
     for i, (name, (x, y)) in enumerate(points.items()):
+        x_drawn = x if floor is None else max(x, floor)
+        color = plt.cm.tab10(i % 10)
         ax.scatter(
-            [x if floor is None else max(x, floor)],
+            [x_drawn],
             [y],
             s=70,
             marker=markers[i % len(markers)],
-            color=plt.cm.tab10(i % 10),
+            color=color,
             alpha=0.85,
             label=f"{name} ({fmt(x)}, {fmt(y)})",
         )
+        if name in intervals:
+            low, high = intervals[name]
+            ax.errorbar([x_drawn], [y], yerr=[[y - low], [high - y]], fmt="none", ecolor=color, capsize=3, lw=1)
     ys = [y for _, y in points.values() if math.isfinite(y)]
+    ys += [v for lh in intervals.values() for v in lh if math.isfinite(v)]
     for i, (label, (x, y)) in enumerate((references or {}).items()):
         style = dict(color="0.35", linestyle=("--", ":", "-.")[i % 3], linewidth=1)
         name = f"{label} ({fmt(x) if x is not None else '-'}, {fmt(y) if y is not None else '-'})"

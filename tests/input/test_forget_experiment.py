@@ -115,6 +115,9 @@ def test_the_fair_protocol_experiment_end_to_end(tiny_model_dir, tmp_path):
     assert (out / "policies" / "residual_0.5" / "policy_config.json").is_file()
     assert (out / "policies" / "residual_0.5" / "training.png").is_file()
     assert (out / "report.md").is_file() and (out / "nll_zero_shot.png").is_file()
+    # one process wrote every run: one configuration, naming them all
+    (entry,) = found["configs"]
+    assert set(entry["runs"]) == runs and entry["config"]["keep"] == "0.5" and entry["config"]["training"]["seed"] == 0
     # a second call finds every run done and changes nothing
     before = (out / "results.json").read_text()
     assert main(args) == 0 and (out / "results.json").read_text() == before
@@ -189,3 +192,21 @@ def test_the_paired_bootstrap_resamples_whole_groups():
     assert low == pytest.approx(-1.0) and high == pytest.approx(0.0)
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap(a, {**b, "group": [0, 1, 1, 1]})
+
+
+def test_results_keep_the_configuration_of_every_run():
+    """Processes of other keep ratios share a folder: each run is filed under the configuration
+    that wrote it, a run written again moves, an entry left empty goes."""
+    from forgetful.input.experiment_results import _configs_with
+
+    a, b = {"keep": "0.5", "training": {"seed": 0}}, {"keep": "0.25", "training": {"seed": 0}}
+    configs = _configs_with({}, "zero_shot_0.5", a)
+    configs = _configs_with({"configs": configs}, "ft_identity", a)
+    configs = _configs_with({"configs": configs}, "zero_shot_0.25", b)
+    assert configs == [
+        {"config": a, "runs": ["zero_shot_0.5", "ft_identity"]},
+        {"config": b, "runs": ["zero_shot_0.25"]},
+    ]
+    configs = _configs_with({"configs": configs}, "zero_shot_0.25", a)  # run again by the first configuration
+    assert configs == [{"config": a, "runs": ["zero_shot_0.5", "ft_identity", "zero_shot_0.25"]}]
+    assert _configs_with({"config": a, "rows": []}, "r", b) == [{"config": b, "runs": ["r"]}]  # the older layout

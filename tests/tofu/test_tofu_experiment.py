@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from forgetful.errors import ForgetfulError
 from forgetful.tofu.experiment import (
     TofuExperimentConfig,
     TofuTrainingArguments,
+    add_utility_intervals,
     plan_runs,
     run_tofu_experiment,
     unlearning_args,
 )
-from forgetful.tofu.metrics import forget_quality
+from forgetful.tofu.metrics import UTILITY_SETS, forget_quality, utility_contributions
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ROW_KEYS = {"run", "forget_quality", "model_utility", "privleak", "forget_rouge", "forget_truth_ratio"}
+ROW_KEYS |= {f"{s}_{m}" for s in ("retain", "real_authors", "world_facts") for m in ("prob", "rouge", "truth_ratio")}
 
 
 def _config(model_dir, out, **kw) -> TofuExperimentConfig:
@@ -123,6 +126,14 @@ def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path, monkeypatch):
         assert row["forget_quality"] == pytest.approx(
             forget_quality(per["forget"]["truth_ratio"], retain["forget"]["truth_ratio"])
         )
+        # so is model utility, and its interval holds it
+        utility = json.loads((out / name / "utility_per_example.json").read_text())
+        nine = np.concatenate([utility_contributions(utility)[s].mean(0) for s in UTILITY_SETS])
+        assert row["model_utility"] == pytest.approx(0.0 if nine.min() <= 0 else 9 / np.sum(1 / nine)), name
+        low, high = row["model_utility_ci"]
+        assert low <= row["model_utility"] <= high, name
+        if rows["full"]["model_utility"] > 0:
+            assert row["utility_vs_full"] == pytest.approx(row["model_utility"] / rows["full"]["model_utility"])
     assert rows["retain"]["forget_quality"] == pytest.approx(1.0) and rows["retain"]["privleak"] == pytest.approx(0.0)
     assert (
         rows["full_npo"]["kind"] == "unlearn"
@@ -176,6 +187,43 @@ def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path, monkeypatch):
     assert (out / "utility_vs_forget_quality.png").stat().st_size > 1000
 
 
+def test_utility_intervals_and_the_ratio_to_the_full_run():
+    """Rows get model utility's interval and, against a full run of non-zero utility, the ratio with
+    its paired interval; runs scored on other numbers of questions are refused with the fix."""
+    rng = np.random.default_rng(0)
+
+    def evaluation(scale, sizes=(30, 8, 9)):
+        return {
+            s: {k: (scale * rng.uniform(0.2, 0.9, n)).tolist() for k in ("prob", "rouge")}
+            | {"truth_ratio": rng.uniform(0.1, 0.8, n).tolist()}
+            for s, n in zip(UTILITY_SETS, sizes)
+        }
+
+    evals = {"full": evaluation(1.0), "retain": evaluation(0.9), "worse": evaluation(0.5)}
+    rows = [{"run": r, "model_utility": summarize_utility(e)} for r, e in evals.items()]
+    add_utility_intervals(rows, evals, seed=0)
+    by = {r["run"]: r for r in rows}
+    for row in rows:
+        low, high = row["model_utility_ci"]
+        assert low < row["model_utility"] < high
+        assert row["utility_vs_full"] == pytest.approx(row["model_utility"] / by["full"]["model_utility"])
+    assert by["full"]["utility_vs_full_ci"] == pytest.approx([1.0, 1.0])
+    low, high = by["worse"]["utility_vs_full_ci"]
+    assert low < by["worse"]["utility_vs_full"] < high < 1.0
+    # without a full run: intervals, no ratio
+    rows = [{"run": "retain", "model_utility": by["retain"]["model_utility"]}]
+    add_utility_intervals(rows, evals, seed=0)
+    assert "model_utility_ci" in rows[0] and "utility_vs_full" not in rows[0]
+    evals["short"] = evaluation(1.0, sizes=(30, 8, 5))
+    with pytest.raises(ForgetfulError, match="evaluate every run with the same --max-eval-examples"):
+        add_utility_intervals([{"run": r, "model_utility": 0.3} for r in evals], evals, seed=0)
+
+
+def summarize_utility(per_example: dict) -> float:
+    nine = np.concatenate([utility_contributions(per_example)[s].mean(0) for s in UTILITY_SETS])
+    return float(9 / np.sum(1 / nine))
+
+
 def test_cli_unlearn_with_evaluation(tiny_model_dir, tmp_path):
     from forgetful.cli import main
 
@@ -203,6 +251,8 @@ def test_cli_recipe_with_a_flag_over_it(tiny_model_dir, tmp_path, capsys):
     argv += ["--recipe", "smollm2", "--learning-rate", "1e-5", "--max_steps", "1", "--only", "retain"]
     argv += ["--max-eval-examples", "2", "--max-new-tokens", "2", "--eval-batch-size", "4", "--disable-tqdm", "true"]
     assert main(argv) == 0
+    # --disable-tqdm silences the model loader's bars too (transformers' "Loading weights")
+    assert "Loading weights" not in capsys.readouterr().err
     row = json.loads((out / "retain" / "run.json").read_text())
     assert (row["lr"], row["effective_batch_size"], row["steps"]) == (1e-5, 32, 1)
     assert main([a for a in argv if a not in ("--learning-rate", "1e-5")]) == 0

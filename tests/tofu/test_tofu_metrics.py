@@ -11,18 +11,21 @@ from scipy.stats import ks_2samp
 from forgetful.rouge import rouge_l_recall
 from forgetful.tofu.metrics import (
     EPS,
+    bootstrap_model_utility,
     extraction_strength,
     forget_quality,
     mia_auc,
     min_k_score,
     model_utility,
     normalised_probability,
+    percentile_interval,
     privleak,
     probability,
     roc_auc,
     truth_ratio,
     truth_ratio_forget,
     truth_ratio_utility,
+    utility_contributions,
 )
 
 LN2, LN4 = math.log(2.0), math.log(4.0)
@@ -158,6 +161,81 @@ def test_model_utility_harmonic_mean_of_nine():
 def test_model_utility_zero_when_any_is_zero():
     values = [0.9, 0.5, 0.3, 0.8, 0.0, 0.2, 0.7, 0.4, 0.1]
     assert model_utility(_utility_summary(values)) == 0.0
+
+
+def _utility_sets(rng, sizes=(40, 10, 12)) -> dict:
+    """Per-example utility values of one run: probabilities, ROUGE and truth ratios in (0, 1)."""
+    return {
+        s: {k: rng.uniform(0.05, 0.95, n).tolist() for k in ("prob", "rouge", "truth_ratio")}
+        for s, n in zip(("retain", "real_authors", "world_facts"), sizes)
+    }
+
+
+def test_utility_contributions_average_to_the_nine_parts_of_model_utility():
+    sets = _utility_sets(np.random.default_rng(0))
+    sets["retain"]["truth_ratio"][0] = 1.7  # R > 1: contributes 0, not a negative value
+    parts = utility_contributions(sets)
+    summary = {
+        s: {
+            "prob": float(np.mean(sets[s]["prob"])),
+            "rouge": float(np.mean(sets[s]["rouge"])),
+            "truth_ratio": truth_ratio_utility(sets[s]["truth_ratio"]),
+        }
+        for s in parts
+    }
+    assert parts["retain"][0, 2] == 0.0 and parts["retain"].shape == (40, 3)
+    nine = np.concatenate([parts[s].mean(0) for s in ("retain", "real_authors", "world_facts")])
+    assert model_utility(summary) == pytest.approx(9 / np.sum(1 / nine), rel=1e-12)
+
+
+def test_bootstrap_of_constant_values_is_the_model_utility_every_time():
+    sets = {s: {k: [v] * n for k in ("prob", "rouge", "truth_ratio")} for s, n, v in
+            (("retain", 30, 0.4), ("real_authors", 7, 0.6), ("world_facts", 9, 0.2))}  # fmt: skip
+    # per set: probability v, ROUGE v, 1 - R = 1 - v
+    expected = 9 / (2 / 0.4 + 1 / 0.6 + 2 / 0.6 + 1 / 0.4 + 2 / 0.2 + 1 / 0.8)
+    mu = bootstrap_model_utility({"a": sets}, samples=50)["a"]
+    assert mu.shape == (50,)
+    np.testing.assert_allclose(mu, expected, rtol=1e-12)
+
+
+def test_bootstrap_is_paired_across_runs():
+    """Run b's every per-example part is half of run a's, so its utility is half on any set of
+    questions: the paired ratio is 0.5 in every resample, though each run's own interval is wide."""
+    a = _utility_sets(np.random.default_rng(1))
+    b = {
+        s: {
+            "prob": [x / 2 for x in v["prob"]],
+            "rouge": [x / 2 for x in v["rouge"]],
+            "truth_ratio": [1 - (1 - r) / 2 for r in v["truth_ratio"]],  # max(0, 1 - R) halved
+        }
+        for s, v in a.items()
+    }
+    mu = bootstrap_model_utility({"a": a, "b": b}, samples=400, seed=3)
+    np.testing.assert_allclose(mu["b"] / mu["a"], 0.5, rtol=1e-9)
+    low, high = percentile_interval(mu["a"])
+    assert high - low > 0.01  # the resamples differ
+    # the point estimate lies inside its interval; another seed gives other resamples
+    summary = {s: {"prob": np.mean(v["prob"]), "rouge": np.mean(v["rouge"]),
+                   "truth_ratio": truth_ratio_utility(v["truth_ratio"])} for s, v in a.items()}  # fmt: skip
+    assert low < model_utility(summary) < high
+    assert not np.array_equal(bootstrap_model_utility({"a": a}, samples=400, seed=4)["a"], mu["a"])
+
+
+def test_bootstrap_zero_part_and_its_errors():
+    sets = _utility_sets(np.random.default_rng(2))
+    sets["world_facts"]["rouge"] = [0.0] * 12  # a part that is 0 in every resample: utility 0, as model_utility
+    assert not bootstrap_model_utility({"a": sets}, samples=20)["a"].any()
+    other = _utility_sets(np.random.default_rng(2), sizes=(40, 10, 11))
+    with pytest.raises(ValueError, match="different numbers of examples"):
+        bootstrap_model_utility({"a": sets, "b": other})
+    with pytest.raises(ValueError, match="a utility set has no examples"):
+        bootstrap_model_utility({"a": _utility_sets(np.random.default_rng(2), sizes=(4, 0, 3))})
+    assert bootstrap_model_utility({}) == {}
+
+
+def test_percentile_interval_hand_computed():
+    assert percentile_interval(np.arange(101.0)) == pytest.approx((2.5, 97.5))
+    assert percentile_interval(np.arange(101.0), level=0.5) == pytest.approx((25.0, 75.0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         module_name, help_text = COMMANDS[command]
         module = importlib.import_module(f"{__name__}.{module_name}")
         options, given = parse_command_line(command, module.ARGUMENTS, rest, help_text)
+        _model_loading_bars(options)
         # a command whose defaults depend on other options (tofu-experiment's recipe) takes the options the user set
         takes_given = "given" in inspect.signature(module.run).parameters
         module.run(*options, **({"given": given} if takes_given else {}))
@@ -87,6 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _close_process_group()
     return 0
+
+
+def _model_loading_bars(options) -> None:
+    """``--disable-tqdm true`` silences transformers' own bars too ("Loading weights" of every
+    ``from_pretrained``), not only the training loop's: a log in a file gets none of them."""
+    from transformers.utils import logging
+
+    if any(getattr(o, "disable_tqdm", False) for o in options):
+        logging.disable_progress_bar()
+    else:
+        logging.enable_progress_bar()
 
 
 def _close_process_group() -> None:

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ForgetfulError
-from ..reporting import markdown_table, plot_ranked_bars, write_json, write_text
+from ..reporting import as_json_values, markdown_table, plot_ranked_bars, write_json, write_text
 from .evaluation import paired_bootstrap
 from .policies import mask_names, parse_strategy
 from .reinforce import ForgetTrainingConfig
@@ -51,7 +51,9 @@ def read_results(out: Path) -> tuple[dict, list[dict]]:
 
 def record_run(out: Path, run: str, rows: list[dict], per_example: dict, env: dict, config, training) -> list[dict]:
     """Replace ``run``'s rows and examples in the folder's files (atomically, under the lock) and
-    write the report again; returns every row."""
+    write the report again; returns every row. ``results.json`` keeps every configuration that
+    wrote a run, with the runs it wrote (``configs``): processes of other keep ratios or strategy
+    lists share the folder."""
     with _locked(out):
         _, found = read_results(out)
         found = [r for r in found if r["run"] != run] + rows
@@ -59,12 +61,25 @@ def record_run(out: Path, run: str, rows: list[dict], per_example: dict, env: di
         examples[run] = per_example
         add_intervals(found, examples, config.bootstrap, training.seed)
         write_json(examples, out / "per_example.json")
-        write_json(
-            {"env": env, "config": {**asdict(config), "training": asdict(training)}, "rows": found},
-            out / "results.json",
-        )
+        config_values = as_json_values({**asdict(config), "training": asdict(training)})
+        configs = _configs_with(_read_json(out / "results.json", {}), run, config_values)
+        write_json({"env": env, "configs": configs, "rows": found}, out / "results.json")
         _report(found, config, training, out)
     return found
+
+
+def _configs_with(results, run: str, config: dict) -> list[dict]:
+    """The ``configs`` of a results file with ``run`` moved to ``config``'s entry (made if new); an
+    entry left without runs is dropped. A file of an older layout (one ``config``) has none."""
+    entries = results.get("configs", []) if isinstance(results, dict) else []
+    entries = [{**e, "runs": [r for r in e["runs"] if r != run]} for e in entries]
+    entries = [e for e in entries if e["runs"]]
+    same = next((e for e in entries if e["config"] == config), None)
+    if same is None:
+        entries.append({"config": config, "runs": [run]})
+    else:
+        same["runs"].append(run)
+    return entries
 
 
 def add_intervals(rows: list[dict], examples: dict, resamples: int, seed: int) -> None:

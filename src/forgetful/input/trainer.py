@@ -350,7 +350,7 @@ class ForgetMaskTrainer(TrainerIO):
         )
         running: dict[str, float] = {}
         stopped = False
-        with StopOnSignal() as signals:
+        with StopOnSignal(checkpoint=bool(args.output_dir)) as signals:
             while self.state.epoch < len(self.phases):
                 phase = self.phases[self.state.epoch]
                 order = self._epoch_order(self.state.epoch)

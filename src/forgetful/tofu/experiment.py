@@ -11,10 +11,14 @@ measured against the retain run. The finetuning recipe is named by ``recipe`` (:
 open-unlearning's, ``configs/experiment/finetune/tofu/default.yaml``, or the built-in small
 model's); the unlearning defaults are open-unlearning's (``configs/experiment/unlearn/tofu/default.yaml``).
 
-Each run writes ``OUT/<run>/`` (``model/``, ``run.json``, ``tofu_eval.json``,
-``forget_per_example.json``) as soon as it finishes, so ``--only`` can split the experiment over
-several calls; runs already there are reused. With every run present: ``results.json`` (one row per
-run, the recipes), ``report.md`` and ``utility_vs_forget_quality.png`` (log scale).
+Each run writes ``OUT/<run>/`` (``model/``, ``run.json``, ``tofu_eval.json``, and two small files
+to commit: ``forget_per_example.json`` for forget quality and privleak, ``utility_per_example.json``
+for model utility) as soon as it finishes, so ``--only`` can split the experiment over several
+calls; runs already there are reused. With the retain run present: ``results.json`` (one row per
+run, the recipes), ``report.md`` and ``utility_vs_forget_quality.png`` (log scale). Each row's
+model utility carries a 95% interval over the questions asked and, beside the full run's, the
+ratio to it with a paired interval (:func:`~forgetful.tofu.metrics.bootstrap_model_utility`): the
+runs are single seeds, so this is the uncertainty of the evaluation, not of the training.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ..measure import run_environment
 from ..models import bf16_native, load_model
 from ..reporting import markdown_table, write_json
 from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, summarize
+from .metrics import UTILITY_SETS, bootstrap_model_utility, percentile_interval
 from .options import TofuDataOptions, TofuEvalOptions, copy_options
 from .recipes import apply_recipe, check_recipe
 from .reference import reference_from_results
@@ -226,11 +231,8 @@ def _row_from_summary(row: dict, summary: dict) -> dict:
         forget_rouge=summary["forget"]["rouge"],
         forget_prob=summary["forget"]["prob"],
         forget_truth_ratio=summary["forget"]["truth_ratio"],
-        retain_rouge=summary["retain"]["rouge"],
-        retain_prob=summary["retain"]["prob"],
-        retain_truth_ratio=summary["retain"]["truth_ratio"],
-        real_authors_rouge=summary["real_authors"]["rouge"],
-        world_facts_rouge=summary["world_facts"]["rouge"],
+        # model utility's nine parts: which of them moves the harmonic mean
+        **{f"{s}_{m}": summary[s][m] for s in UTILITY_SETS for m in ("prob", "rouge", "truth_ratio")},
     )
     return row
 
@@ -245,6 +247,39 @@ def _compact(per_example: dict) -> dict:
     if "holdout" in per_example:
         out["holdout"] = {"min_k": per_example["holdout"]["min_k"]}
     return out
+
+
+def _compact_utility(per_example: dict) -> dict:
+    """What model utility and its interval need, per example of each utility set (a small file to
+    commit)."""
+    keys = ("prob", "rouge", "truth_ratio")
+    return {"meta": per_example["meta"], **{s: {k: per_example[s][k] for k in keys} for s in UTILITY_SETS}}
+
+
+UTILITY_BOOTSTRAP_SAMPLES = 2000
+
+
+def add_utility_intervals(rows: list[dict], evals: dict, seed: int) -> None:
+    """Each row's model utility with its 95% bootstrap interval over the questions and, when the
+    full run is there with a non-zero utility, its ratio to the full run's with the paired
+    interval (the same resampled questions for both runs)."""
+    try:
+        samples = bootstrap_model_utility(
+            {r["run"]: evals[r["run"]] for r in rows}, samples=UTILITY_BOOTSTRAP_SAMPLES, seed=seed
+        )
+    except ValueError as exc:
+        raise ForgetfulError(
+            f"model utility's interval compares runs on the same questions, but {exc}: evaluate every run with "
+            "the same --max-eval-examples (delete the runs evaluated otherwise to run them again)"
+        ) from None
+    full_row = next((r for r in rows if r["run"] == "full"), None)
+    full = samples.get("full")
+    for row in rows:
+        utility = samples[row["run"]]
+        row["model_utility_ci"] = list(percentile_interval(utility))
+        if full_row is not None and full_row["model_utility"] > 0 and full.min() > 0:
+            row["utility_vs_full"] = row["model_utility"] / full_row["model_utility"]
+            row["utility_vs_full_ci"] = list(percentile_interval(utility / full))
 
 
 def run_tofu_experiment(
@@ -357,6 +392,7 @@ def run_tofu_experiment(
         per_example["meta"]["model"] = str(run_dir / "model")
         write_json(per_example, run_dir / "tofu_eval.json")
         write_json(_compact(per_example), run_dir / "forget_per_example.json")
+        write_json(_compact_utility(per_example), run_dir / "utility_per_example.json")
         evals[run.name] = per_example
         row = {
             "run": run.name,
@@ -382,6 +418,9 @@ def run_tofu_experiment(
         summary = summarize(evals[row["run"]], reference)
         write_json(summary, out / row["run"] / "tofu_summary.json")
         _row_from_summary(row, summary)
+        if not (out / row["run"] / "utility_per_example.json").is_file():  # a run evaluated before the file existed
+            write_json(_compact_utility(evals[row["run"]]), out / row["run"] / "utility_per_example.json")
+    add_utility_intervals(rows, evals, seed=training.seed)
     if "unlearn" not in recipes and any(r["kind"] == "unlearn" for r in rows):
         method = next(r["strategy"] for r in rows if r["kind"] == "unlearn")
         recipes["unlearn"] = _unlearning_recipe(unlearning_args(a, training, method, str(out / "checkpoints")))
@@ -398,5 +437,11 @@ def run_tofu_experiment(
         out / "results.json",
     )
     write_report(out, a, recipes, rows, missing, env)
-    print(markdown_table(rows, ["run", "forget_quality", "model_utility", "privleak", "forget_rouge"], digits=4))
+    print(
+        markdown_table(
+            rows,
+            ["run", "forget_quality", "model_utility", "model_utility_ci", "utility_vs_full", "privleak"],
+            digits=4,
+        )
+    )
     return {"runs": rows, "missing_runs": missing}

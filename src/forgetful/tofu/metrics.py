@@ -8,7 +8,9 @@ ratio ``R = geomean(p_perturbed) / (p_correct + 1e-10)`` with length-normalised 
 Aggregates: forget truth ratio = mean ``min(R, 1/(R + 1e-10))``, other sets mean
 ``max(0, 1 - R)``; forget quality = KS-test p-value between the raw per-example forget ``R`` of
 the model and of the retain model; model utility = harmonic mean of {probability, ROUGE, truth
-ratio} x {retain, real authors, world facts} (0 when one is 0).
+ratio} x {retain, real authors, world facts} (0 when one is 0); its uncertainty over the questions
+asked: a paired bootstrap that resamples each utility set's questions, the same resamples for every
+run (:func:`bootstrap_model_utility`).
 
 Membership and memorisation on the forget set: the Min-K% score (the mean NLL of the ``k = 40%``
 least likely answer tokens, the last scored token left out), the AUC of forget (label 0) against
@@ -77,6 +79,55 @@ def model_utility(summary: dict) -> float:
     if min(values) <= 0:
         return 0.0
     return float(hmean(values))
+
+
+def utility_contributions(per_example: dict) -> dict[str, np.ndarray]:
+    """Per utility set, an ``[examples, 3]`` array of each example's probability, ROUGE and
+    ``max(0, 1 - R)``: the nine parts of model utility are its column means."""
+    out = {}
+    for name in UTILITY_SETS:
+        s = per_example[name]
+        r = np.asarray(s["truth_ratio"], dtype=np.float64)
+        prob, rouge = (np.asarray(s[k], dtype=np.float64) for k in ("prob", "rouge"))
+        out[name] = np.stack([prob, rouge, np.maximum(0.0, 1.0 - r)], axis=1)
+    return out
+
+
+def bootstrap_model_utility(
+    per_example_by_run: dict[str, dict], *, samples: int = 2000, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Model utility of every run on ``samples`` bootstrap resamples of each utility set's
+    questions, ``[samples]`` per run. Paired: resample ``b`` asks every run the same questions, so
+    ``mu[a][b] / mu[c][b]`` is a resample of the ratio of two runs' utilities. Every run must have
+    been evaluated on the same number of examples per set (the same questions, in the same order)."""
+    contributions = {run: utility_contributions(pe) for run, pe in per_example_by_run.items()}
+    if not contributions:
+        return {}
+    sizes = {run: {s: len(c[s]) for s in UTILITY_SETS} for run, c in contributions.items()}
+    first = next(iter(sizes.values()))
+    if any(n != first for n in sizes.values()):
+        raise ValueError(f"the runs were evaluated on different numbers of examples: {sizes}")
+    if any(n == 0 for n in first.values()):
+        raise ValueError(f"a utility set has no examples: {first}")
+    from scipy.stats import hmean
+
+    rng = np.random.default_rng(seed)
+    picks = {s: rng.integers(0, n, size=(samples, n)) for s, n in first.items()}
+    out = {}
+    for run, c in contributions.items():
+        parts = np.concatenate([c[s][picks[s]].mean(axis=1) for s in UTILITY_SETS], axis=1)  # [samples, 9]
+        utility = np.zeros(samples)
+        positive = parts.min(axis=1) > 0  # 0 when a part is 0, as model_utility
+        utility[positive] = hmean(parts[positive], axis=1)
+        out[run] = utility
+    return out
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap values (percentile method)."""
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])
+    return float(low), float(high)
 
 
 MIN_K = 0.4  # open-unlearning's mia_min_k

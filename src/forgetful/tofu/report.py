@@ -5,7 +5,8 @@ Forget quality spans about 1e-17 (a memorised forget set) to 1 (indistinguishabl
 model), so it is drawn on a log axis (an exact 0 at a floor a decade under the smallest positive
 value, the axis label saying so); model utility differs little between runs, so its axis is zoomed
 to the runs. Runs are named in a legend with their values, so close points never overprint their
-names; the retain run, the target every method aims at, is drawn as reference lines too.
+names; the retain run, the target every method aims at, is drawn as reference lines too. Model
+utility's 95% interval over the questions is drawn as a whisker on each point.
 """
 
 from __future__ import annotations
@@ -13,20 +14,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..reporting import markdown_table, plot_scatter, write_text
+from .metrics import UTILITY_SETS
 
 PLOT_FILE = "utility_vs_forget_quality.png"
+UTILITY_PARTS = tuple(f"{s}_{m}" for s in UTILITY_SETS for m in ("prob", "rouge", "truth_ratio"))
 REPORT_COLUMNS = (
     "run",
     "kind",
     "strategy",
     "forget_quality",
     "model_utility",
+    "model_utility_ci",
+    "utility_vs_full",
+    "utility_vs_full_ci",
     "forget_truth_ratio",
     "forget_prob",
     "privleak",
     "extraction_strength",
     "forget_rouge",
-    "retain_rouge",
     "trained_share",
     "epochs",
     "steps",
@@ -37,8 +42,8 @@ REPORT_COLUMNS = (
 
 
 def plot_utility_vs_forget_quality(rows: list[dict], path: str | Path, title: str):
-    """Every run with a forget quality as a point; the retain run's values as reference lines.
-    Returns the figure (closed)."""
+    """Every run with a forget quality as a point, with its model utility's interval where the row
+    has one; the retain run's values as reference lines. Returns the figure (closed)."""
     scored = [r for r in rows if r.get("forget_quality") is not None]
     retain = next((r for r in scored if r["run"] == "retain"), None)
     references = {"retain (target)": (retain["forget_quality"], retain["model_utility"])} if retain else None
@@ -50,6 +55,7 @@ def plot_utility_vs_forget_quality(rows: list[dict], path: str | Path, title: st
         title=title,
         logx=True,
         references=references,
+        y_intervals={r["run"]: tuple(r["model_utility_ci"]) for r in scored if r.get("model_utility_ci")},
     )
 
 
@@ -91,16 +97,30 @@ def report_text(a, recipes: dict, rows: list[dict], missing: list[str], env: dic
         "",
         "Forget quality: KS-test p-value of the forget truth ratios against the retain run (1 = indistinguishable "
         "from never having trained on the forget set). Model utility: harmonic mean of the nine retain / real-authors "
-        "/ world-facts metrics. Privleak: Min-K% AUC of forget vs holdout relative to the retain run's (0 = like the "
+        "/ world-facts metrics, with its 95% bootstrap interval over the questions (`model_utility_ci`) and its ratio to "
+        "the full run's (`utility_vs_full`, paired interval: the same resampled questions for both; single seeds, "
+        "so no interval covers the training's randomness). Privleak: Min-K% AUC of forget vs holdout relative to the retain run's (0 = like the "
         "retain model). Metrics as open-unlearning computes them. Epochs and steps as trained, lr the peak "
         "learning rate, seconds of training and of evaluation.",
         "",
         markdown_table([_readable(r) for r in rows], REPORT_COLUMNS, digits=4),
+        "Model utility part by part (probability, ROUGE-L recall and truth ratio on each utility set; the harmonic "
+        "mean is pulled most by its smallest parts):",
+        "",
+        markdown_table(rows, ("run", *UTILITY_PARTS), headers=("run", *(_short(c) for c in UTILITY_PARTS)), digits=4),
     ]
     if missing:
         lines += [f"Runs not done yet: {', '.join(missing)}.", ""]
     lines += [f"![model utility vs forget quality]({PLOT_FILE})", ""]
     return "\n".join(lines)
+
+
+def _short(part: str) -> str:
+    """A utility part's column header: ``real_authors_truth_ratio`` -> ``real authors TR``."""
+    for metric, short in (("_truth_ratio", " TR"), ("_prob", " prob"), ("_rouge", " ROUGE")):
+        if part.endswith(metric):
+            return part.removesuffix(metric).replace("_", " ") + short
+    return part
 
 
 def _readable(row: dict) -> dict:

@@ -19,12 +19,15 @@ from ..errors import TrainingInterrupted  # noqa: F401  (raised by the trainers,
 
 
 class StopOnSignal:
-    """Context manager: while active, SIGINT and SIGTERM set :attr:`requested` instead of raising."""
+    """Context manager: while active, SIGINT and SIGTERM set :attr:`requested` instead of raising.
+    ``checkpoint``: whether the trainer writes a checkpoint when it stops (not without an output
+    folder), so the message printed on the signal tells the truth."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint: bool = True) -> None:
         self.requested = False
+        self.checkpoint = checkpoint
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -46,9 +49,9 @@ class StopOnSignal:
             self._restore()
             raise KeyboardInterrupt
         self.requested = True
+        then = "saving a checkpoint" if self.checkpoint else "no checkpoint: the run has no output folder"
         print(
-            f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-            "(send it again to stop at once)",
+            f"\n{signal.Signals(signum).name}: stopping after this step, {then} (send it again to stop at once)",
             file=sys.stderr,
             flush=True,
         )
