@@ -136,6 +136,7 @@ def _cases(d: Path, model: str):
         (fg + ["--keep", "0"], "keep ratios must lie in (0, 1]"),
         (fg + ["--exploration", "a,b"], "exploration entries are numbers"),
         (fg + ["--exploration", ","], "exploration is empty"),
+        (fg + ["--exploration", "0.5,,0"], "exploration '0.5,,0' has an empty entry"),
         (fg + ["--method", "two_step", "--exploration", "0.5"], "true (LM epoch) or false"),
         (fg + ["--mask", "transformer"], "unknown mask 'transformer'"),
         (fg + ["--budget", "100000"], "larger than the shortest context"),
@@ -174,7 +175,7 @@ def _cases(d: Path, model: str):
     ]
 
 
-N_CASES = 55  # the parametrisation below runs each case by index
+N_CASES = 56  # the parametrisation below runs each case by index
 
 
 def test_there_are_at_least_twenty_cases(files, tiny_model_dir):

@@ -67,9 +67,12 @@ ARGUMENTS = (TrainForgetArguments, ForgetTrainingConfig)
 
 
 def parse_exploration(text: str, method: str) -> list:
-    parts = [p.strip().lower() for p in str(text).split(",") if p.strip()]
-    if not parts:
+    """One entry per epoch; an empty entry is refused, not dropped: ``0.5,,0`` is a typo, not two epochs."""
+    parts = [p.strip().lower() for p in str(text).split(",")]
+    if not any(parts):
         raise ForgetfulError("exploration is empty: give one entry per epoch, e.g. 0.75,0.5,0.25,0")
+    if not all(parts):
+        raise ForgetfulError(f"exploration {text!r} has an empty entry: give one entry per epoch, e.g. 0.75,0.5,0.25,0")
     if method == "two_step":
         table = {"true": True, "1": True, "lm": True, "false": False, "0": False, "policy": False}
         if any(p not in table for p in parts):
