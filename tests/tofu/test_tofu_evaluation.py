@@ -400,3 +400,35 @@ def test_cli_eval_tofu_user_error_exits_2(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "max_new_tokens and eval_batch_size must be positive" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_row_scores_equal_the_per_example_metrics():
+    """The batched per-row scores of score_answers against the hand-tested one-example metrics, on
+    rows of 0, 1, 2 and many tokens, ties among log-probabilities and runs of right predictions."""
+    import torch
+
+    from forgetful.tofu.metrics import extraction_strength, min_k_score
+    from forgetful.tofu.scoring import row_scores
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 0, 1, 2, 17, 3, 0, 40, 8]
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    lp = -torch.rand(len(rows), generator=gen) * 6
+    lp[3:5] = -1.5  # ties
+    correct = torch.rand(len(rows), generator=gen) < 0.6
+    correct[-12:] = True  # a long run that ends the last row
+    nll, min_k, extraction = row_scores(lp, correct, rows, len(lengths))
+    start = 0
+    for r, n in enumerate(lengths):
+        tokens, right = lp[start : start + n].numpy(), correct[start : start + n].numpy()
+        start += n
+        if n == 0:
+            assert np.isnan(nll[r].item())
+        else:
+            assert nll[r].item() == pytest.approx(-tokens.astype(np.float64).mean(), rel=1e-12)
+        assert min_k[r].item() == pytest.approx(min_k_score(tokens[:-1]), rel=1e-6, abs=1e-12), r
+        # extraction strength from the predictions: a right one equals its label
+        labels = np.arange(n)
+        predictions = np.where(right, labels, -1)
+        assert extraction[r].item() == pytest.approx(extraction_strength(predictions[:-1], labels[:-1]), abs=1e-12), r
+    assert extraction[len(lengths) - 1].item() > 0.25  # the run of right predictions shows

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.tofu import DEFAULT_MAX_LENGTH, TofuTemplate, encode_qa, encode_question
 from ..nll import IGNORE_INDEX, lm_head_on, prediction_positions
 from ..tokens import pad_sequences, pad_token_id
-from .metrics import MIN_K, extraction_strength, min_k_score
+from .metrics import MIN_K
 
 # --------------------------------------------------------------------------------------------
 # Batched scoring and generation
@@ -70,19 +70,51 @@ def score_answers(
                 logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
             logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
             targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-            token_lp = logp.gather(1, targets[:, None])[:, 0].cpu().numpy()
-            preds = logp.argmax(-1).cpu().numpy()
-            targets = targets.cpu().numpy()
-            rows = positions.nonzero()[:, 0].cpu().numpy()
-            for r in range(len(batch)):
-                sel = rows == r
-                lp, pr, tg = token_lp[sel], preds[sel], targets[sel]
-                nll[i + r] = -lp.astype(np.float64).sum() / len(lp) if len(lp) else float("nan")
-                mink[i + r] = min_k_score(lp[:-1], k)
-                es[i + r] = extraction_strength(pr[:-1], tg[:-1])
+            token_lp = logp.gather(1, targets[:, None])[:, 0]
+            rows = positions.nonzero()[:, 0]  # row-major, as the logits and targets
+            scores = row_scores(token_lp, logp.argmax(-1) == targets, rows, len(batch), k)
+            for out, values in zip((nll, mink, es), scores):
+                out[i : i + len(batch)] = values.cpu().numpy()
     finally:
         model.train(was_training)
     return AnswerScores(nll, mink, es)
+
+
+def row_scores(
+    token_logprobs: torch.Tensor, correct: torch.Tensor, rows: torch.Tensor, n_rows: int, k: float = MIN_K
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, from its scored tokens given flat in row-major order (``rows``: each token's row,
+    ascending; ``correct``: whether the greedy prediction of the token was it): the mean NLL (NaN
+    for a row without tokens), and over every token but the last, the Min-K% score
+    (:func:`~.metrics.min_k_score`) and the extraction strength
+    (:func:`~.metrics.extraction_strength`). Float64, on the tokens' device, no loop over rows."""
+    device = token_logprobs.device
+    counts = torch.bincount(rows, minlength=n_rows)
+    lp = token_logprobs.double()
+    nll = -torch.zeros(n_rows, dtype=torch.float64, device=device).index_add_(0, rows, lp) / counts
+    nll = nll.masked_fill(counts == 0, float("nan"))
+    # every row's tokens in a row of a padded [rows, longest] table
+    first = torch.cumsum(counts, 0) - counts
+    column = torch.arange(len(rows), device=device) - first[rows]
+    width = int(counts.max()) if len(rows) else 0
+    n = (counts - 1).clamp(min=0)  # the tokens but the last
+    inside = torch.arange(width, device=device)[None] < n[:, None]
+    table = torch.full((n_rows, width), float("inf"), dtype=torch.float64, device=device)
+    table[rows, column] = lp
+    lowest = table.masked_fill(~inside, float("inf")).sort(dim=1).values
+    # k as open-unlearning takes it: max(1, int(k * n)) lowest log-probabilities; 0 for no tokens
+    num_k = torch.floor(n.double() * k).long().clamp(min=1)
+    low = torch.arange(width, device=device)[None] < num_k[:, None]
+    min_k = torch.where(n > 0, -lowest.masked_fill(~low, 0).sum(1) / num_k, 0.0)
+    # extraction strength: k = n - (the length of the run of correct predictions that ends the row), n - 1
+    # when the last is wrong; padding counts as correct, so it never breaks a run that ends the row
+    right = torch.ones((n_rows, width), dtype=torch.bool, device=device)
+    right[rows, column] = correct
+    right |= ~inside  # the last token, left out, counts as correct too
+    ending_run = right.flip(1).long().cumprod(1).sum(1) - (width - n)
+    start = torch.where(ending_run > 0, n - ending_run, n - 1)
+    extraction = torch.where(n > 0, 1.0 - start.double() / n.clamp(min=1), 0.0)
+    return nll, min_k, extraction
 
 
 def answer_nll(
