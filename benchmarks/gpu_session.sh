@@ -128,8 +128,9 @@ case "$phase" in
     # a run is started only if RUN_SECONDS (one run's start-up, training and evaluation, with margin) still fit in
     # the budget: a run cut by the timeout is lost, a run not started waits for the next call. Measured at the recipe
     # (tofu_real/2026-12-05, one H100; ~17 s of start-up each): a finetuning run 104-130 s of training + 45-100 s of
-    # evaluation, ~180-220 s in all (the first on a machine the longest); an unlearning run ~110-140 s
-    run_s=${RUN_SECONDS:-230}
+    # evaluation, ~180-220 s in all (the first on a machine the longest); an unlearning run 43-52 s of training +
+    # 39-78 s of evaluation, ~100-150 s in all: so an unlearning run is gated by UNLEARN_SECONDS
+    run_s=${RUN_SECONDS:-230} unlearn_s=${UNLEARN_SECONDS:-160}
     # the built-in small model's recipe (lr 1e-4, 5 epochs, 32 rows x 1 step, the rest open-unlearning's: SmolLM2
     # memorises TOFU with it; at open-unlearning's lr 1e-5 it barely learns it). Named, not auto: MODEL is a file path.
     # Each --only call writes results.json, report.md and the plot with the runs there so far (and the missing ones)
@@ -138,7 +139,8 @@ case "$phase" in
        for run in ${TOFU_RUNS:-retain full full_forget_answers full_grad_diff full_npo full_simnpo full_rmu full_forget_facts full_goldfish}; do
          # done: both files there, the rule by which tofu-experiment reuses a run (skipped here to save its start-up)
          if [ -f $R/runs/tofu_real/\$run/run.json ] && [ -f $R/runs/tofu_real/\$run/tofu_eval.json ]; then continue; fi
-         if [ \$((SECONDS + $run_s)) -gt $budget ]; then echo \"\$run: not started, \$SECONDS s of $budget gone\"; continue; fi
+         need=$run_s; case \$run in full_grad_ascent|full_grad_diff|full_npo|full_simnpo|full_rmu) need=$unlearn_s ;; esac
+         if [ \$((SECONDS + need)) -gt $budget ]; then echo \"\$run: not started, \$SECONDS s of $budget gone\"; continue; fi
          python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \\
            --forget-split forget10 --only \$run ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
        done

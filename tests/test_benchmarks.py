@@ -333,8 +333,9 @@ def test_gpu_session_joins_the_gguf_parts_carried_over_three_calls(tmp_path):
 
 
 def test_gpu_session_tofu_starts_a_run_only_if_it_fits_the_budget(tmp_path):
-    """The tofu phase skips runs already evaluated, starts the next one while RUN_SECONDS still fit in
-    BUDGET, and names the runs it left for the next call (a stand-in python3 'trains' for 2 s)."""
+    """The tofu phase skips runs already evaluated, starts the next one while its seconds still fit in
+    BUDGET (RUN_SECONDS for a finetuning run, UNLEARN_SECONDS for an unlearning one), and names the
+    runs it left for the next call (a stand-in python3 'trains' for 2 s)."""
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "python3").write_text(
@@ -353,14 +354,17 @@ def test_gpu_session_tofu_starts_a_run_only_if_it_fits_the_budget(tmp_path):
         "PATH": f"{shim}:{os.environ['PATH']}",
         "OUT": str(tmp_path / "out"),
         "WORK": str(work),
-        "BUDGET": "3",
-        "RUN_SECONDS": "2",
-        "TOFU_RUNS": "retain full full_npo",
+        "BUDGET": "7",
+        "RUN_SECONDS": "6",
+        "UNLEARN_SECONDS": "3",
+        "TOFU_RUNS": "retain full full_npo full_goldfish",
     }
     proc = subprocess.run(
         ["bash", str(BENCH / "gpu_session.sh"), "tofu"], cwd=BENCH.parent, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    assert (work / "runs" / "started").read_text().split() == ["full"]  # retain was there; full_npo did not fit
-    assert "full_npo: not started" in proc.stdout
+    # retain was there; full fit (0 + 6 <= 7 s), then the unlearning run by its own seconds (2 + 3), not 2 + 6;
+    # then a finetuning run no longer fit
+    assert (work / "runs" / "started").read_text().split() == ["full", "full_npo"]
+    assert "full_goldfish: not started" in proc.stdout
     assert (tmp_path / "out" / "tofu_real.tgz").is_file()
