@@ -368,3 +368,40 @@ def test_gpu_session_tofu_starts_a_run_only_if_it_fits_the_budget(tmp_path):
     assert (work / "runs" / "started").read_text().split() == ["full", "full_npo"]
     assert "full_goldfish: not started" in proc.stdout
     assert (tmp_path / "out" / "tofu_real.tgz").is_file()
+
+
+def test_tofu_seeds_summary_over_seed_folders(tmp_path):
+    """Per run and seed the figures of each results.json, then mean / min / max over seeds, for the
+    runs every folder has; two folders of one seed are refused."""
+
+    def experiment(name, seed, rows):
+        folder = tmp_path / name
+        folder.mkdir()
+        runs = [
+            {"run": r, "forget_quality": fq, "model_utility": mu, "utility_vs_full": ratio} for r, fq, mu, ratio in rows
+        ]
+        (folder / "results.json").write_text(json.dumps({"training_args": {"seed": seed}, "runs": runs}))
+        return str(folder)
+
+    a = experiment(
+        "s0", 0, [("full", 1e-16, 0.36, 1.0), ("full_forget_answers", 1.0, 0.33, 0.93), ("full_npo", 1e-9, 0.3, 0.84)]
+    )
+    b = experiment("s1", 1, [("full", 2e-16, 0.35, 1.0), ("full_forget_answers", 0.9, 0.34, 0.97)])
+    _run("tofu_seeds.py", a, b, "--out", str(tmp_path / "seeds.json"))
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1] and list(summary["runs"]) == ["full", "full_forget_answers"]  # npo: one seed only
+    answers = summary["runs"]["full_forget_answers"]
+    assert answers["per_seed"]["1"] == {"forget_quality": 0.9, "model_utility": 0.34, "utility_vs_full": 0.97}
+    assert answers["utility_vs_full"] == {"mean": pytest.approx(0.95), "min": 0.93, "max": 0.97}
+    assert answers["forget_quality"]["min"] == 0.9
+    assert (
+        "| full_forget_answers | 1.0000 | 0.9000 | 0.3300 | 0.3400 | 0.9300 | 0.9700 | 0.9500 [0.9300, 0.9700] |"
+        in (tmp_path / "seeds.md").read_text()
+    )
+    again = experiment("s0_again", 0, [("full", 1e-16, 0.36, 1.0)])
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "tofu_seeds.py"), a, again, "--out", str(tmp_path / "x.json")],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "two folders were trained with the same seed: [0, 0]" in proc.stderr
