@@ -432,3 +432,28 @@ def test_row_scores_equal_the_per_example_metrics():
         predictions = np.where(right, labels, -1)
         assert extraction[r].item() == pytest.approx(extraction_strength(predictions[:-1], labels[:-1]), abs=1e-12), r
     assert extraction[len(lengths) - 1].item() > 0.25  # the run of right predictions shows
+
+
+def test_summary_carries_model_utility_interval_and_one_line():
+    """summarize adds model utility's 95% bootstrap interval over the questions, around the value;
+    summary_line prints it with forget quality (n/a without a retain run) and privleak."""
+    from forgetful.tofu.evaluation import summarize, summary_line
+
+    rng = np.random.default_rng(0)
+
+    def scored(n, forget=False):
+        s = {k: rng.uniform(0.1, 0.9, n).tolist() for k in ("rouge", "prob", "truth_ratio")}
+        return s | ({"min_k": rng.uniform(1, 3, n).tolist(), "extraction_strength": [0.5] * n} if forget else {})
+
+    per = {"forget": scored(20, True), "retain": scored(40), "real_authors": scored(10), "world_facts": scored(12)}
+    per["holdout"] = {"min_k": rng.uniform(1, 3, 20).tolist()}
+    summary = summarize(per)
+    low, high = summary["model_utility_ci"]
+    assert 0 < low < summary["model_utility"] < high < 1
+    line = summary_line(summary)
+    assert line.startswith(
+        f"model utility {summary['model_utility']:.4f} (95% over the questions: {low:.4f}-{high:.4f})"
+    )
+    assert "forget quality n/a (no --retain-eval); privleak " in line and line.endswith(
+        f"forget ROUGE {np.mean(per['forget']['rouge']):.3f}"
+    )

@@ -12,7 +12,7 @@ import torch
 
 from ..models import load_model
 from ..reporting import write_json
-from ..tofu.evaluation import TofuEvalConfig, evaluate_tofu
+from ..tofu.evaluation import TofuEvalConfig, evaluate_tofu, summary_line
 from ..tofu.open_unlearning import to_open_unlearning
 
 
@@ -48,10 +48,5 @@ def run(a: EvalTofuArguments, config: TofuEvalConfig) -> dict:
         ev, short = to_open_unlearning(per_example, summary)
         write_json(ev, out / "TOFU_EVAL.json")
         write_json(short, out / "TOFU_SUMMARY.json")
-    fq = summary["forget_quality"]
-    print(
-        f"model utility {summary['model_utility']:.4f}; forget quality "
-        f"{'n/a (no --retain-eval)' if fq is None else f'{fq:.4g}'}; privleak {summary['privleak']:.2f}; "
-        f"forget ROUGE {summary['forget']['rouge']:.3f}"
-    )
+    print(summary_line(summary))
     return summary

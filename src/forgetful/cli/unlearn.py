@@ -11,7 +11,7 @@ import torch
 from ..loss.unlearning import UnlearningConfig
 from ..models import load_model
 from ..reporting import write_json
-from ..tofu.evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu
+from ..tofu.evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, summary_line
 from ..tofu.unlearning import TofuUnlearnConfig, unlearn_tofu
 
 ARGUMENTS = (TofuUnlearnConfig, UnlearningConfig)
@@ -43,10 +43,6 @@ def run(c: TofuUnlearnConfig, args: UnlearningConfig) -> dict:
         per_example["meta"]["model"] = c.out
         write_json(per_example, Path(c.out) / "tofu_eval.json")
         write_json(summary, Path(c.out) / "tofu_summary.json")
-        fq = summary["forget_quality"]
-        print(
-            f"model utility {summary['model_utility']:.4f}; forget quality "
-            f"{'n/a (no --retain-eval)' if fq is None else f'{fq:.4g}'}; forget ROUGE {summary['forget']['rouge']:.3f}"
-        )
+        print(summary_line(summary))
         results["summary"] = summary
     return results

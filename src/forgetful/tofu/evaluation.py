@@ -39,10 +39,12 @@ from ..errors import ForgetfulError
 from ..rouge import rouge_scores
 from .metrics import (
     EVAL_SETS,
+    bootstrap_model_utility,
     forget_quality,
     mia_auc,
     model_utility,
     normalised_probability,
+    percentile_interval,
     privleak,
     probability,
     truth_ratio,
@@ -169,6 +171,9 @@ def summarize(per_example: dict, reference: RetainReference | None = None) -> di
             "examples": len(s["rouge"]),
         }
     summary["model_utility"] = model_utility(summary)
+    # over the questions asked (the experiment compares runs with a paired one: tofu.experiment)
+    samples = bootstrap_model_utility({"model": per_example})["model"]
+    summary["model_utility_ci"] = list(percentile_interval(samples))
     summary["forget_quality"] = (
         forget_quality(per_example["forget"]["truth_ratio"], reference.forget_truth_ratio)
         if reference is not None
@@ -182,6 +187,20 @@ def summarize(per_example: dict, reference: RetainReference | None = None) -> di
         summary["privleak"] = privleak(auc, ref_auc)
         summary["extraction_strength"] = float(np.mean(per_example["forget"]["extraction_strength"]))
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    """The summary in one line, as the commands print it."""
+    low, high = summary["model_utility_ci"]
+    fq = summary["forget_quality"]
+    parts = [
+        f"model utility {summary['model_utility']:.4f} (95% over the questions: {low:.4f}-{high:.4f})",
+        f"forget quality {'n/a (no --retain-eval)' if fq is None else f'{fq:.4g}'}",
+    ]
+    if summary.get("privleak") is not None:
+        parts.append(f"privleak {summary['privleak']:.2f}")
+    parts.append(f"forget ROUGE {summary['forget']['rouge']:.3f}")
+    return "; ".join(parts)
 
 
 def load_eval_sets(config: TofuEvalConfig) -> dict[str, list[dict]]:
