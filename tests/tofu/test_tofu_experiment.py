@@ -18,7 +18,13 @@ from forgetful.tofu.experiment import (
     run_tofu_experiment,
     unlearning_args,
 )
-from forgetful.tofu.metrics import UTILITY_SETS, forget_quality, utility_contributions
+from forgetful.tofu.metrics import (
+    UTILITY_SETS,
+    bootstrap_model_utility,
+    forget_quality,
+    percentile_interval,
+    utility_contributions,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -206,6 +212,9 @@ def test_utility_intervals_and_the_ratio_to_the_full_run():
     for row in rows:
         low, high = row["model_utility_ci"]
         assert low < row["model_utility"] < high
+        # the interval a run's tofu_summary.json has (summarize: the same resampling, one run alone)
+        alone = bootstrap_model_utility({"x": evals[row["run"]]})["x"]
+        assert row["model_utility_ci"] == list(percentile_interval(alone))
         assert row["utility_vs_full"] == pytest.approx(row["model_utility"] / by["full"]["model_utility"])
     assert by["full"]["utility_vs_full_ci"] == pytest.approx([1.0, 1.0])
     low, high = by["worse"]["utility_vs_full_ci"]

@@ -48,7 +48,7 @@ from ..measure import run_environment
 from ..models import bf16_native, load_model
 from ..reporting import markdown_table, write_json
 from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, summarize
-from .metrics import UTILITY_SETS, bootstrap_model_utility, percentile_interval
+from .metrics import UTILITY_METRICS, UTILITY_SETS, bootstrap_model_utility, percentile_interval
 from .options import TofuDataOptions, TofuEvalOptions, copy_options
 from .recipes import apply_recipe, check_recipe
 from .reference import reference_from_results
@@ -232,7 +232,7 @@ def _row_from_summary(row: dict, summary: dict) -> dict:
         forget_prob=summary["forget"]["prob"],
         forget_truth_ratio=summary["forget"]["truth_ratio"],
         # model utility's nine parts: which of them moves the harmonic mean
-        **{f"{s}_{m}": summary[s][m] for s in UTILITY_SETS for m in ("prob", "rouge", "truth_ratio")},
+        **{f"{s}_{m}": summary[s][m] for s in UTILITY_SETS for m in UTILITY_METRICS},
     )
     return row
 
@@ -252,21 +252,16 @@ def _compact(per_example: dict) -> dict:
 def _compact_utility(per_example: dict) -> dict:
     """What model utility and its interval need, per example of each utility set (a small file to
     commit)."""
-    keys = ("prob", "rouge", "truth_ratio")
-    return {"meta": per_example["meta"], **{s: {k: per_example[s][k] for k in keys} for s in UTILITY_SETS}}
+    return {"meta": per_example["meta"], **{s: {k: per_example[s][k] for k in UTILITY_METRICS} for s in UTILITY_SETS}}
 
 
-UTILITY_BOOTSTRAP_SAMPLES = 2000
-
-
-def add_utility_intervals(rows: list[dict], evals: dict, seed: int) -> None:
+def add_utility_intervals(rows: list[dict], evals: dict, seed: int = 0) -> None:
     """Each row's model utility with its 95% bootstrap interval over the questions and, when the
     full run is there with a non-zero utility, its ratio to the full run's with the paired
-    interval (the same resampled questions for both runs)."""
+    interval (the same resampled questions for both runs). ``seed`` is the resampling's; at its
+    default a row's interval is the one its ``tofu_summary.json`` has (:func:`.evaluation.summarize`)."""
     try:
-        samples = bootstrap_model_utility(
-            {r["run"]: evals[r["run"]] for r in rows}, samples=UTILITY_BOOTSTRAP_SAMPLES, seed=seed
-        )
+        samples = bootstrap_model_utility({r["run"]: evals[r["run"]] for r in rows}, seed=seed)
     except ValueError as exc:
         raise ForgetfulError(
             f"model utility's interval compares runs on the same questions, but {exc}: evaluate every run with "
@@ -420,7 +415,7 @@ def run_tofu_experiment(
         _row_from_summary(row, summary)
         if not (out / row["run"] / "utility_per_example.json").is_file():  # a run evaluated before the file existed
             write_json(_compact_utility(evals[row["run"]]), out / row["run"] / "utility_per_example.json")
-    add_utility_intervals(rows, evals, seed=training.seed)
+    add_utility_intervals(rows, evals)
     if "unlearn" not in recipes and any(r["kind"] == "unlearn" for r in rows):
         method = next(r["strategy"] for r in rows if r["kind"] == "unlearn")
         recipes["unlearn"] = _unlearning_recipe(unlearning_args(a, training, method, str(out / "checkpoints")))

@@ -29,6 +29,7 @@ import numpy as np
 EPS = 1e-10  # as in open-unlearning
 EVAL_SETS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
+UTILITY_METRICS = ("prob", "rouge", "truth_ratio")  # per utility set: model utility's nine parts
 
 
 def probability(avg_nll: np.ndarray) -> np.ndarray:
@@ -75,7 +76,7 @@ def model_utility(summary: dict) -> float:
     """Harmonic mean of probability, ROUGE and truth ratio on retain, real authors, world facts."""
     from scipy.stats import hmean
 
-    values = [summary[s][m] for s in UTILITY_SETS for m in ("prob", "rouge", "truth_ratio")]
+    values = [summary[s][m] for s in UTILITY_SETS for m in UTILITY_METRICS]
     if min(values) <= 0:
         return 0.0
     return float(hmean(values))

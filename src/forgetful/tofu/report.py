@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..reporting import markdown_table, plot_scatter, write_text
-from .metrics import UTILITY_SETS
+from .metrics import UTILITY_METRICS, UTILITY_SETS
 
 PLOT_FILE = "utility_vs_forget_quality.png"
-UTILITY_PARTS = tuple(f"{s}_{m}" for s in UTILITY_SETS for m in ("prob", "rouge", "truth_ratio"))
+UTILITY_PARTS = tuple(f"{s}_{m}" for s in UTILITY_SETS for m in UTILITY_METRICS)
 REPORT_COLUMNS = (
     "run",
     "kind",
