@@ -15,8 +15,9 @@ SmolLM2-135M-Instruct (batch 16 x 2048) and the Llama-3.2-1B shape (batch 4 x 20
 * ``cce_gathered``: CCE with its defaults on the hidden states of the trained positions only (what
   a user gets by gathering them before calling it).
 * ``forgetful_<backend>``: :func:`forgetful.nll.token_nll` with ``loss_backend`` dense, chunked,
-  cce (``filter_eps=None``), liger and auto, summed over the global count, as
-  ``SelectiveLossTrainer.compute_loss`` does.
+  cce (``filter_eps=None``), liger and auto and ``summed=True``, summed over the global count, as
+  ``SelectiveLossTrainer.compute_loss`` does (chunked and liger then compute the head's gradients
+  in the forward: three head matmuls, not four).
 
 A peer runs only when its package imports (else ``skipped`` with the reason; GPU-only methods on
 the CPU too); a method that fails (out of memory) gets an ``error`` and the run goes on.

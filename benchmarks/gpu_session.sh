@@ -23,7 +23,8 @@
 # BENCH_EXTRA: options appended (they win: smaller sizes for a dry run on a CPU). Times are estimates:
 # bench_forgetting  the compute-bound setting (SmolLM2 shape, n = 4096, batch 16, keeps 0.5 / 0.25), eager
 #              and regional compile, 5 rounds -> bench_forgetting_smollm2_h200.json (about 4 min)
-# bench_selective  every loss backend and the peers at densities 1 / 0.5 / 0.1 on the real SmolLM2
+# bench_selective  tests/test_nll_backends_gpu.py first (gpu_tests.log; pytest's wheels in .whl/), then
+#              every loss backend and the peers at densities 1 / 0.5 / 0.1 on the real SmolLM2
 #              ($GGUF, after `model`; 16 x 2048) and the Llama-1B shape (random weights; 4 x 2048), with
 #              grad_cosine against the fp32 dense reference -> selective_backends.json (about 5 min; if it
 #              stops at its limit, BENCH_EXTRA="--models llama-1b:4x2048" in a second call measures the rest)
@@ -74,6 +75,10 @@ case "$phase" in
     ;;
   bench_forgetting|bench_selective|bench_masks)
     limit=${BENCH_LIMIT:-380}
+    if [ "$phase" = bench_selective ]; then  # the loss backends against float64 on this GPU before timing them
+      python3 -m pytest -q -p no:cacheprovider tests/test_nll_backends_gpu.py > "$out/gpu_tests.log" 2>&1
+      echo "GPU tests exit $?"; tail -n 5 "$out/gpu_tests.log"
+    fi
     declare -A bench_args=(
       [bench_forgetting]="--arch smollm2 --lengths 4096 --batch 16 --keeps 0.5,0.25 --modes eager,compile \
         --compile regional --rounds 5 --repeats 5 --profile --out $out/bench_forgetting_smollm2_h200.json"

@@ -107,7 +107,9 @@ class Bench:
         if method.startswith("forgetful_"):
             spec = head_spec(self.head, config=model.config)
             backend = method.removeprefix("forgetful_")
-            return lambda hidden: linear_nll(hidden[self.positions], self.targets, spec, backend).sum() / self.count
+            return lambda hidden: (
+                linear_nll(hidden[self.positions], self.targets, spec, backend, summed=True).sum() / self.count
+            )
         if method == "liger_all":
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -141,7 +143,7 @@ class Bench:
             loss_fn = lambda: model(input_ids=ids, labels=labels, use_cache=False).loss  # noqa: E731
         elif method.startswith("forgetful_"):
             backend = method.removeprefix("forgetful_")
-            loss_fn = lambda: token_nll(model, ids, labels, loss_backend=backend).nll.sum() / self.count  # noqa: E731
+            loss_fn = lambda: token_nll(model, ids, labels, loss_backend=backend, summed=True).nll.sum() / self.count  # noqa: E731
         else:
             head_loss = self.head_loss(method)
             loss_fn = lambda: head_loss(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)  # noqa: E731

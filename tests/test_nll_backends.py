@@ -43,18 +43,23 @@ def _leaf(x):
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("rows", [1, 7, 64], ids=["rows1", "rows7", "one-chunk"])
-def test_chunked_function_matches_cross_entropy(bias, softcap, rows):
+@pytest.mark.parametrize(
+    "summed,uniform", [(False, False), (True, True), (True, False)], ids=["weighted", "summed-mean", "summed-weighted"]
+)
+def test_chunked_function_matches_cross_entropy(bias, softcap, rows, summed, uniform):
     g = torch.Generator().manual_seed(0)
     n, d = 37, 16
     h = torch.randn(n, d, generator=g)
     w = torch.randn(VOCAB, d, generator=g) * 0.5
     b = torch.randn(VOCAB, generator=g) if bias else None
     t = torch.randint(0, VOCAB, (n,), generator=g)
-    up = torch.rand(n, generator=g) + 0.5  # per-token upstream gradients, not all ones (REINFORCE, weights)
+    # per-token upstream gradients, not all ones (REINFORCE, weights), or one weight (a mean)
+    up = torch.full((n,), 1 / n) if uniform else torch.rand(n, generator=g) + 0.5
     ref_in = [_leaf(h), _leaf(w)] + ([_leaf(b)] if bias else [])
     got_in = [_leaf(h), _leaf(w)] + ([_leaf(b)] if bias else [])
     ref = _reference(ref_in[0], ref_in[1], ref_in[2] if bias else None, t, softcap)
-    got = ChunkedLinearNLL.apply(got_in[0], got_in[1], got_in[2] if bias else None, t, softcap, rows, torch.float32)
+    b_in = got_in[2] if bias else None
+    got = ChunkedLinearNLL.apply(got_in[0], got_in[1], b_in, t, softcap, rows, torch.float32, summed)
     assert got.dtype == torch.float32 and got.shape == (n,)
     assert torch.allclose(got, ref, atol=1e-6, rtol=1e-6)
     (ref * up).sum().backward()
@@ -62,6 +67,39 @@ def test_chunked_function_matches_cross_entropy(bias, softcap, rows):
     for a, b_ in zip(ref_in, got_in):
         assert torch.allclose(b_.grad, a.grad, atol=1e-5, rtol=0)
     assert ref_in[1].grad.abs().max() > 1e-3  # the check above compares real gradients
+
+
+@pytest.mark.parametrize("summed,uniform,passes", [(False, True, 2), (True, True, 1), (True, False, 2)])
+def test_summed_chunked_makes_one_pass_when_the_weights_are_uniform(monkeypatch, summed, uniform, passes):
+    """``summed`` computes the gradients with the forward's logits (three matmuls, not four), and only
+    a uniform upstream gradient uses them: the backward's check decides, not the hint."""
+    calls = []
+    real = lk._chunked_pass
+    monkeypatch.setattr(lk, "_chunked_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    h, w = _leaf(torch.randn(20, 8, generator=g)), _leaf(torch.randn(VOCAB, 8, generator=g))
+    t = torch.randint(0, VOCAB, (20,), generator=g)
+    nll = ChunkedLinearNLL.apply(h, w, None, t, None, 6, torch.float32, summed)
+    up = torch.full((20,), 0.3) if uniform else torch.linspace(0.1, 1, 20)
+    (nll * up).sum().backward()
+    assert len(calls) == passes
+
+
+def test_summed_chunked_survives_a_second_backward_and_skips_gradients_without_grad():
+    """The forward's gradients are scaled in place once: a second backward (``retain_graph``)
+    recomputes; a forward that needs no gradient computes none."""
+    g = torch.Generator().manual_seed(4)
+    h, w = _leaf(torch.randn(20, 8, generator=g)), _leaf(torch.randn(VOCAB, 8, generator=g))
+    t = torch.randint(0, VOCAB, (20,), generator=g)
+    loss = ChunkedLinearNLL.apply(h, w, None, t, None, 6, torch.float32, True).mean()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    ref_h, ref_w = _leaf(h), _leaf(w)
+    (2 * _reference(ref_h, ref_w, None, t).mean()).backward()
+    assert torch.allclose(h.grad, ref_h.grad, atol=1e-6) and torch.allclose(w.grad, ref_w.grad, atol=1e-6)
+    with torch.no_grad():
+        out = linear_nll(h, t, HeadSpec(w, None, lambda x: F.linear(x, w)), "chunked", summed=True)
+    assert not out.requires_grad and torch.allclose(out, _reference(h, w, None, t), atol=1e-5)
 
 
 def test_chunked_bf16_under_autocast_is_close_to_dense_and_keeps_float32_gradients():
@@ -373,9 +411,10 @@ def test_sparse_logits_false_is_a_dense_option(tiny_llama):
 
 @pytest.fixture
 def fake_kernels(monkeypatch):
-    """Stand-ins for ``cut_cross_entropy.linear_cross_entropy`` and Liger's functional fused linear
-    CE: keyword-only where forgetful must use keywords, computing the reference NLL; every call
-    is recorded. CUDA is declared usable, so the CPU runs the GPU code paths."""
+    """Stand-ins for ``cut_cross_entropy.linear_cross_entropy`` and Liger's chunked fused linear CE
+    forward (``fused_linear_cross_entropy_forward``, which :class:`LigerLinearNLL` drives): keyword-only
+    where forgetful must use keywords, computing the reference NLL (and Liger's gradients); every
+    call is recorded. CUDA is declared usable, so the CPU runs the GPU code paths."""
     calls: dict[str, list] = {"cce": [], "liger": []}
 
     def linear_cross_entropy(*, e, c, targets, ignore_index, softcap, reduction, filter_eps):
@@ -385,23 +424,34 @@ def fake_kernels(monkeypatch):
         assert e.dtype == c.dtype in (torch.bfloat16, torch.float16)  # PyPI CCE: no float32 backward
         return _reference(e.float(), c.float(), None, targets, softcap)
 
-    def liger_fused_linear_cross_entropy(
-        input, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None
-    ):
+    def fused_linear_cross_entropy_forward(
+        _input, weight, target, *, bias=None, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None,
+        token_grad_output=None, compute_gradients=None, weight_requires_grad=None,
+    ):  # fmt: skip
+        """Liger's chunked forward: the per-token loss, and with ``compute_gradients`` the gradients
+        for ``token_grad_output`` (ones when None), here by the chunked backend's own pass."""
         calls["liger"].append(
-            dict(input=input, weight=weight, bias=bias, reduction=reduction, softcap=softcap, accum_dtype=accum_dtype)
-        )
-        assert input.dim() == 2 and input.is_contiguous()
-        return _reference(input, weight, bias, target, softcap)
+            dict(
+                input=_input, weight=weight, bias=bias, reduction=reduction, softcap=softcap, accum_dtype=accum_dtype,
+                ignore_index=ignore_index, token_grad_output=token_grad_output, compute_gradients=compute_gradients,
+            )
+        )  # fmt: skip
+        assert _input.dim() == 2 and _input.is_contiguous() and reduction == "none"
+        up = None
+        if compute_gradients:
+            up = torch.ones(len(target)) if token_grad_output is None else token_grad_output.float()
+        needs = (True, bool(weight_requires_grad), bias is not None)
+        nll, _, dh, dw, db = lk._chunked_pass(_input, weight, bias, target, softcap, 8, _input.dtype, up, needs=needs)
+        return nll, None, None, None, dh, None if dw is None else dw.to(weight.dtype), db
 
     cce = types.ModuleType("cut_cross_entropy")
     cce.linear_cross_entropy = linear_cross_entropy
-    functional = types.ModuleType("liger_kernel.transformers.functional")
-    functional.liger_fused_linear_cross_entropy = liger_fused_linear_cross_entropy
+    fused = types.ModuleType("liger_kernel.ops.fused_linear_cross_entropy")
+    fused.fused_linear_cross_entropy_forward = fused_linear_cross_entropy_forward
     monkeypatch.setitem(sys.modules, "cut_cross_entropy", cce)
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", types.ModuleType("liger_kernel.transformers"))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops", types.ModuleType("liger_kernel.ops"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.fused_linear_cross_entropy", fused)
     monkeypatch.setattr(lk, "cuda_usable", lambda device: True)
     monkeypatch.setattr(lk, "kernel_available", lambda name: True)
     return calls
@@ -434,17 +484,57 @@ def test_cce_refuses_float32_and_a_bias_with_one_line(fake_kernels):
     assert fake_kernels["cce"] == []
 
 
-def test_liger_gets_the_scored_rows_with_per_token_reduction_bias_and_softcap(fake_kernels):
+def _liger_model():
     model = _hf("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, final_logit_softcapping=0.7)
     model.lm_head = nn.Linear(32, VOCAB, bias=True)
+    return model
+
+
+def _grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_liger_gets_the_scored_rows_with_per_token_reduction_bias_and_softcap(fake_kernels):
+    model = _liger_model()
     ids, attn, labels = _batch(VOCAB, seed=12)
     got = token_nll(model, ids, labels, attention_mask=attn, loss_backend="liger")
-    ref = token_nll(model, ids, labels, attention_mask=attn, loss_backend="chunked")
     (call,) = fake_kernels["liger"]
     assert call["reduction"] == "none" and call["softcap"] == 0.7 and call["bias"] is model.lm_head.bias
     assert call["weight"] is model.lm_head.weight  # no copy: Liger keeps float32 weight gradients itself
     assert call["accum_dtype"] is torch.float32  # bf16 weights too: one rounding of their gradient, as dense
+    assert call["ignore_index"] == -100 and not call["compute_gradients"]  # per-token weights unknown yet
+    up = torch.rand(got.nll.shape, generator=torch.Generator().manual_seed(0)) + 0.5
+    (got.nll * up).sum().backward()
+    liger_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    ref = token_nll(model, ids, labels, attention_mask=attn, loss_backend="chunked")
+    (ref.nll * up).sum().backward()
     assert torch.allclose(got.nll, ref.nll, atol=1e-5)
+    recompute = fake_kernels["liger"][1]  # the backward: each token's weight folded in by Liger
+    assert recompute["compute_gradients"] and torch.equal(recompute["token_grad_output"], up)
+    for name, g in _grads(model).items():
+        assert torch.allclose(liger_grads[name], g, atol=1e-5), name
+
+
+@pytest.mark.parametrize("uniform", [True, False], ids=["mean", "weighted"])
+def test_liger_summed_computes_the_gradients_in_the_forward_and_checks_the_weights(fake_kernels, uniform):
+    """``summed``: one Liger pass (three head matmuls) when the caller does reduce with one weight;
+    when it does not, the backward notices and recomputes with each token's weight (still exact)."""
+    model = _liger_model()
+    ids, attn, labels = _batch(VOCAB, seed=14)
+    got = token_nll(model, ids, labels, attention_mask=attn, loss_backend="liger", summed=True)
+    n = got.nll.numel()
+    up = torch.full((n,), 1 / n) if uniform else torch.rand(n, generator=torch.Generator().manual_seed(1))
+    (got.nll * up).sum().backward()
+    liger_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    (token_nll(model, ids, labels, attention_mask=attn, loss_backend="chunked").nll * up).sum().backward()
+    calls = fake_kernels["liger"]
+    assert calls[0]["compute_gradients"] and calls[0]["token_grad_output"] is None
+    assert len(calls) == (1 if uniform else 2)
+    for name, g in _grads(model).items():
+        assert torch.allclose(liger_grads[name], g, atol=1e-6), name
+        assert g.abs().max() > 0, name
 
 
 @pytest.mark.parametrize("backend", ["cce", "liger"])

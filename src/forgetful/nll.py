@@ -149,7 +149,11 @@ class _HeadLoss:
 
 @contextlib.contextmanager
 def head_loss_on(
-    model: nn.Module, select: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, backend: str
+    model: nn.Module,
+    select: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    backend: str,
+    summed: bool = False,
 ) -> Iterator[_HeadLoss]:
     """Within the block, the model's LM head computes the per-token NLL of ``targets`` from the
     hidden states ``select(hidden)`` (``[N, d]``) with ``backend`` and returns it (as
@@ -170,7 +174,7 @@ def head_loss_on(
                 f"the LM head got {h.shape[0]} scored positions for {targets.shape[0]} labels: use loss_backend='dense'"
             )
         spec = head_spec(module, lambda x: original(x, *args, **kwargs), config)
-        nll = linear_nll(h, targets, spec, backend)
+        nll = linear_nll(h, targets, spec, backend, summed=summed)
         out = nll.view(1, nll.shape[0], 1)
         result.outputs.append(out)
         return out
@@ -240,6 +244,7 @@ def token_nll(
     sparse_logits: bool = True,
     target_length: int | None = None,
     loss_backend: str = "dense",
+    summed: bool = False,
 ) -> TokenNLL:
     """NLL of every token whose label is not -100 (labels as HF causal LMs take them: unshifted,
     token ``t`` predicted from position ``t - 1``). Logits are computed only at the predicting
@@ -255,7 +260,9 @@ def token_nll(
     ``loss_backend`` (:mod:`forgetful.nll_backends`): ``dense`` computes the scored logits at once
     through the model's own head; ``chunked``, ``cce`` and ``liger`` compute the head and the
     cross-entropy together without ``[N, vocab]`` logits; ``auto`` picks one. ``sparse_logits=False``
-    (full logits) is a ``dense`` (or ``auto``) option."""
+    (full logits) is a ``dense`` (or ``auto``) option. ``summed``: the caller reduces the NLL with
+    one weight for every token (a sum or a mean): a speed hint for ``chunked`` and ``liger``
+    (:func:`~forgetful.nll_backends.linear_nll`)."""
     check_loss_backend(loss_backend, input_ids.device)
     if target_length is not None and sparse_logits:
         loss_backend = resolve_loss_backend(loss_backend, input_ids.device, targets_at_end=True)
@@ -295,7 +302,7 @@ def token_nll(
                 )
             return hidden[positions]
 
-    with head_loss_on(model, select, targets, loss_backend) as head:
+    with head_loss_on(model, select, targets, loss_backend, summed) as head:
         _forward(model, input_ids, attention_mask, position_ids, **extra)
     return TokenNLL(head.nll, rows, batch)
 

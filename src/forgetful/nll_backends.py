@@ -303,27 +303,84 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.add_(a @ b)
 
 
-class ChunkedLinearNLL(torch.autograd.Function):
-    """``nll[i] = logsumexp(z_i) - z_i[t_i]`` with ``z = cap * tanh((h W^T + b) / cap)``, computed
-    ``rows`` rows at a time. Saves ``h``, the weight and the per-row log-sum-exp; the backward
-    recomputes each chunk's logits. The matmuls run in ``dtype`` (the autocast dtype under
-    autocast), softmax and gradients of the logits in float32, the weight gradient is accumulated
-    in float32."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, softcap, rows, dtype):
-        with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
-            n = h.shape[0]
+def _chunked_pass(h, weight, bias, targets, softcap, rows, dtype, grad_nll=None, lse=None, needs=(True, True, True)):
+    """One pass over ``h`` in chunks of ``rows`` rows: the per-token NLL and log-sum-exp (when ``lse``
+    is not given), and with ``grad_nll`` (``[N]``, the upstream gradient of each token's NLL) the
+    gradients of ``sum(grad_nll * nll)`` w.r.t. ``h``, the weight and the bias (those ``needs`` asks
+    for). The matmuls run in ``dtype``, softmax and the logits' gradient in float32, the weight and
+    bias gradients are summed over the chunks in float32. Returns ``(nll, lse, dh, dw, db)``."""
+    with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        n = h.shape[0]
+        nll = None
+        if lse is None:
             nll = torch.empty(n, dtype=torch.float32, device=h.device)
             lse = torch.empty(n, dtype=torch.float32, device=h.device)
-            for s in range(0, n, rows):
-                z, _ = _capped_logits(h[s : s + rows].to(dtype), w, b, softcap)
+        grads = grad_nll is not None
+        dh = torch.empty_like(h) if grads and needs[0] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads and needs[1] else None
+        db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if grads and needs[2] else None
+        for s in range(0, n, rows):
+            hc, tc = h[s : s + rows].to(dtype), targets[s : s + rows]
+            z, t = _capped_logits(hc, w, b, softcap)
+            if nll is not None:
                 lse_c = torch.logsumexp(z, dim=-1)
                 lse[s : s + rows] = lse_c
-                nll[s : s + rows] = lse_c - z.gather(1, targets[s : s + rows, None]).squeeze(1)
-                del z
+                nll[s : s + rows] = lse_c - z.gather(1, tc[:, None]).squeeze(1)
+            if not grads:
+                continue
+            p = z.sub_(lse[s : s + rows, None]).exp_()  # softmax, in place of the logits
+            del z
+            p[torch.arange(p.shape[0], device=p.device), tc] -= 1.0
+            p.mul_(grad_nll[s : s + rows, None])
+            if t is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh^2
+                p.mul_(t.square_().neg_().add_(1.0))
+                del t
+            if db is not None:
+                db += p.sum(0)
+            dz = p.to(dtype)
+            del p
+            if dh is not None:
+                dh[s : s + rows] = dz @ w
+            if dw is not None:
+                _accumulate(dw, dz.T, hc)
+            del dz, hc
+    return nll, lse, dh, dw, db
+
+
+def _use_forward_grads(ctx, grad_nll: torch.Tensor) -> tuple | None:
+    """The gradients a ``summed`` forward computed for a weight of one per token, scaled by the
+    upstream gradient when it is the same for every token (one host synchronisation: the check is
+    what keeps the shortcut exact), or ``None`` when the backward must recompute: the forward did not
+    compute them, the upstream gradients differ between tokens, or this is a second backward through
+    the graph (``retain_graph``: the first one scaled them in place)."""
+    grads = getattr(ctx, "forward_grads", None)
+    ctx.forward_grads = None
+    if grads is None:
+        return None
+    c = grad_nll[:1]
+    if not bool((grad_nll == c).all()):
+        return None
+    return tuple(None if g is None else g.mul_(c.to(g.dtype)) for g in grads)
+
+
+class ChunkedLinearNLL(torch.autograd.Function):
+    """``nll[i] = logsumexp(z_i) - z_i[t_i]`` with ``z = cap * tanh((h W^T + b) / cap)``, computed
+    ``rows`` rows at a time (:func:`_chunked_pass`). Saves ``h``, the weight and the per-row
+    log-sum-exp; the backward recomputes each chunk's logits (four head matmuls in all). With
+    ``summed`` (the caller reduces the NLL with one weight for every token: a sum or a mean) the
+    forward also computes the gradients for a weight of one (three matmuls in all, the gradients of
+    ``h`` and of the head held until the backward), which the backward scales when the upstream
+    gradient is indeed uniform and recomputes otherwise."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, softcap, rows, dtype, summed=False):
+        needs = ctx.needs_input_grad[:3]
+        ones = torch.ones(h.shape[0], device=h.device) if summed and any(needs) else None
+        nll, lse, dh, dw, db = _chunked_pass(h, weight, bias, targets, softcap, rows, dtype, ones, needs=needs)
+        if ones is not None:
+            ctx.forward_grads = (dh, dw, db)
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.softcap, ctx.rows, ctx.dtype = softcap, rows, dtype
         return nll
@@ -331,38 +388,19 @@ class ChunkedLinearNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_nll):
         h, weight, bias, targets, lse = ctx.saved_tensors
-        softcap, rows, dtype = ctx.softcap, ctx.rows, ctx.dtype
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
-            grad_nll = grad_nll.float()
-            dh = torch.empty_like(h) if need_h else None
-            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-            for s in range(0, h.shape[0], rows):
-                hc = h[s : s + rows].to(dtype)
-                z, t = _capped_logits(hc, w, b, softcap)
-                p = z.sub_(lse[s : s + rows, None]).exp_()  # softmax, in place of the logits
-                del z
-                p[torch.arange(p.shape[0], device=p.device), targets[s : s + rows]] -= 1.0
-                p.mul_(grad_nll[s : s + rows, None])
-                if t is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh^2
-                    p.mul_(t.square_().neg_().add_(1.0))
-                    del t
-                if db is not None:
-                    db += p.sum(0)
-                dz = p.to(dtype)
-                del p
-                if dh is not None:
-                    dh[s : s + rows] = dz @ w
-                if dw is not None:
-                    _accumulate(dw, dz.T, hc)
-                del dz, hc
+        grad_nll = grad_nll.float()
+        grads = _use_forward_grads(ctx, grad_nll)
+        if grads is None:
+            needs = ctx.needs_input_grad[:3]
+            _, _, *grads = _chunked_pass(
+                h, weight, bias, targets, ctx.softcap, ctx.rows, ctx.dtype, grad_nll, lse, needs
+            )
+        dh, dw, db = grads
         return (
             dh,
             dw.to(weight.dtype) if dw is not None else None,
             db.to(bias.dtype) if db is not None else None,
+            None,
             None,
             None,
             None,
@@ -440,26 +478,56 @@ def _cce_nll(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor) -> torch.Te
     ).float()
 
 
-def _liger_nll(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+class LigerLinearNLL(torch.autograd.Function):
+    """Per-token NLL through Liger's fused linear cross-entropy (its chunked forward and Triton
+    cross-entropy kernel, ``reduction="none"``, the head's weight and bias gradients summed over its
+    chunks in float32 and rounded to their dtype once, as ``dense``'s single matmul rounds them).
+    Liger's own autograd function, given ``reduction="none"``, recomputes every chunk in the backward
+    (four head matmuls); with ``summed`` this one computes the gradients in the forward for a weight
+    of one per token, as Liger's mean and sum do (three matmuls), and the backward scales them when
+    the upstream gradient is uniform, else recomputes with each token's weight through Liger's
+    ``token_grad_output`` (:func:`_use_forward_grads`)."""
 
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, h, weight, bias, targets, softcap, summed=False):
+        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
+        needs = ctx.needs_input_grad[:3]
+        speculate = bool(summed and any(needs))
+        loss, *_, dh, dw, db = fused_linear_cross_entropy_forward(
+            h, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="none", softcap=softcap,
+            accum_dtype=torch.float32, compute_gradients=speculate, weight_requires_grad=needs[1],
+        )  # fmt: skip
+        if speculate:
+            ctx.forward_grads = (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None)
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.softcap = softcap
+        return loss
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_nll):
+        grads = _use_forward_grads(ctx, grad_nll.float())
+        if grads is None:
+            from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
+            h, weight, bias, targets = ctx.saved_tensors
+            needs = ctx.needs_input_grad[:3]
+            *_, dh, dw, db = fused_linear_cross_entropy_forward(
+                h, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="none", softcap=ctx.softcap,
+                accum_dtype=torch.float32, token_grad_output=grad_nll, compute_gradients=True,
+                weight_requires_grad=needs[1],
+            )  # fmt: skip
+            grads = (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None)
+        return (*grads, None, None, None)
+
+
+def _liger_nll(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor, summed: bool) -> torch.Tensor:
     weight = _needs_weight(spec, "liger")
-    bias = spec.bias
     if not torch.is_autocast_enabled(h.device.type) and h.dtype != weight.dtype:
         h = h.to(weight.dtype)  # under autocast Liger's matmuls cast (and keep float32 weight gradients)
-    # accum_dtype: the head's weight (and bias) gradient summed over Liger's row chunks in float32, cast to
-    # the weight's dtype once at the end, as dense's single matmul rounds it; without it, bf16 weights get
-    # one bf16 rounding per chunk (about V / d chunks)
-    return liger_fused_linear_cross_entropy(
-        h.contiguous(),
-        weight,
-        targets,
-        bias=bias,
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-        softcap=spec.softcap,
-        accum_dtype=torch.float32,
-    ).float()
+    return LigerLinearNLL.apply(h.contiguous(), weight, spec.bias, targets, spec.softcap, summed).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,11 +536,21 @@ def _liger_nll(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 def linear_nll(
-    h: torch.Tensor, targets: torch.Tensor, spec: HeadSpec, backend: str = "chunked", *, rows: int | None = None
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    spec: HeadSpec,
+    backend: str = "chunked",
+    *,
+    rows: int | None = None,
+    summed: bool = False,
 ) -> torch.Tensor:
     """Per-token NLL ``[N]`` (float32, connected to the graph) of ``targets`` given the hidden
     states ``h [N, d]`` of the scored positions and the head ``spec``. ``backend``: ``dense``,
-    ``chunked``, ``cce``, ``liger`` or ``auto``; ``rows`` overrides the chunk size of ``chunked``."""
+    ``chunked``, ``cce``, ``liger`` or ``auto``; ``rows`` overrides the chunk size of ``chunked``.
+    ``summed``: the caller reduces the NLL with one weight for every token (a sum or a mean, as the
+    selective-loss Trainer does), so ``chunked`` and ``liger`` compute the gradients in the forward
+    (three head matmuls instead of four); a speed hint only, the backward checks it (one host
+    synchronisation) and recomputes when the tokens' upstream gradients differ."""
     check_loss_backend(backend, h.device)
     if spec.scale is not None:
         h = h * spec.scale
@@ -486,8 +564,8 @@ def linear_nll(
     if backend == "cce":
         return _cce_nll(spec, h, targets)
     if backend == "liger":
-        return _liger_nll(spec, h, targets)
+        return _liger_nll(spec, h, targets, summed)
     if weight is None:
         return _chunked_calls(spec, h, targets, rows or chunk_rows(spec.vocab))
     rows = rows or chunk_rows(weight.shape[0])
-    return ChunkedLinearNLL.apply(h, weight, spec.bias, targets, spec.softcap, rows, dtype)
+    return ChunkedLinearNLL.apply(h, weight, spec.bias, targets, spec.softcap, rows, dtype, summed)

@@ -319,6 +319,7 @@ class SelectiveLossTrainer(Trainer):
             position_ids=inputs.get("position_ids"),
             sparse_logits=getattr(self.args, "sparse_logits", True),
             loss_backend=self.loss_backend,
+            summed=True,  # the loss below is the sum over a count: one weight for every token
         )
         total = out.nll.sum()
         if getattr(self.args, "loss_average", "tokens") == "micro_batch":
