@@ -20,16 +20,24 @@ positions ``h [N, d]``, the LM head and the targets ``[N]`` and returns the per-
   dtype=e.dtype)`` in ``cce_backward.py``) and has no float32 accumulation (later CCE builds'
   ``accum_e_fp32`` / ``accum_c_fp32``, not on PyPI). So ``cce`` is available by name, never chosen by
   ``auto``.
-* ``liger``: Liger's fused linear cross-entropy (``liger_kernel`` 0.8.5, ``reduction="none"``,
-  whose backward recomputes the logits and weighs every token's gradient): CUDA only. Called with
-  ``accum_dtype=float32``: the head weight gradient is summed over its row chunks in float32 and
-  rounded to the weight's dtype once, and each chunk's hidden-state gradient is one matmul, as
-  ``dense`` computes them.
+* ``liger``: Liger's fused linear cross-entropy (``liger_kernel`` 0.8.5: its chunked forward
+  ``fused_linear_cross_entropy_forward`` with ``reduction="none"`` and its Triton cross-entropy
+  kernel, driven by :class:`LigerLinearNLL`): CUDA only. Called with ``accum_dtype=float32``: the
+  head weight gradient is summed over its row chunks in float32 and rounded to the weight's dtype
+  once, and each chunk's hidden-state gradient is one matmul, as ``dense`` computes them.
 * ``auto`` (the default everywhere, :data:`DEFAULT_LOSS_BACKEND`): ``dense`` when every row is
   scored on its last few tokens only (REINFORCE's targets: the model's own ``logits_to_keep``, no
   host synchronisation), else ``liger`` on CUDA when it is installed and the head is one weight
   matrix, else ``chunked``: the fused kernel whose gradients are those of ``dense`` up to rounding,
   else the exact pure-PyTorch one. It never fails because a GPU package is missing.
+
+``summed=True`` (:func:`linear_nll`, :func:`forgetful.nll.token_nll`): the caller reduces the
+per-token NLL with one weight for every token (the selective-loss Trainer's sum over a global
+count). ``chunked`` and ``liger`` then compute the gradients in the forward, while each chunk's
+logits are there (three head matmuls in all instead of four), and hold them until the backward,
+which scales them by the upstream gradient after checking that it is the same for every token (one
+host synchronisation); otherwise it recomputes with each token's weight. The hint saves time and
+never changes a gradient.
 
 The GPU kernels are the optional extra ``forgetful[gpu]``; they are imported only when asked for.
 """
