@@ -80,3 +80,42 @@ def shared_data():
         if base.is_dir():
             return base
     pytest.skip("../shared/data is not available")
+
+
+def install_liger_stand_in(monkeypatch) -> list[dict]:
+    """A CPU stand-in for Liger's chunked fused linear cross-entropy forward
+    (``liger_kernel.ops.fused_linear_cross_entropy.fused_linear_cross_entropy_forward``, CUDA-only):
+    its keyword signature and return tuple, the per-token loss and, with ``compute_gradients``, the
+    gradients for ``token_grad_output`` (ones when None), computed by the chunked backend's own
+    pass. Returns the list every call's arguments are recorded in."""
+    import sys
+    import types
+
+    import forgetful.nll_backends as lk
+
+    calls: list[dict] = []
+
+    def fused_linear_cross_entropy_forward(
+        _input, weight, target, *, bias=None, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None,
+        token_grad_output=None, compute_gradients=None, weight_requires_grad=None,
+    ):  # fmt: skip
+        calls.append(
+            dict(
+                input=_input, weight=weight, bias=bias, reduction=reduction, softcap=softcap, accum_dtype=accum_dtype,
+                ignore_index=ignore_index, token_grad_output=token_grad_output, compute_gradients=compute_gradients,
+            )
+        )  # fmt: skip
+        assert _input.dim() == 2 and _input.is_contiguous() and reduction == "none"
+        up = None
+        if compute_gradients:
+            up = torch.ones(len(target)) if token_grad_output is None else token_grad_output.float()
+        needs = (True, bool(weight_requires_grad), bias is not None)
+        nll, _, dh, dw, db = lk._chunked_pass(_input, weight, bias, target, softcap, 8, _input.dtype, up, needs=needs)
+        return nll, None, None, None, dh, None if dw is None else dw.to(weight.dtype), db
+
+    fused = types.ModuleType("liger_kernel.ops.fused_linear_cross_entropy")
+    fused.fused_linear_cross_entropy_forward = fused_linear_cross_entropy_forward
+    for name in ("liger_kernel", "liger_kernel.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.fused_linear_cross_entropy", fused)
+    return calls

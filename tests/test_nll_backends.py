@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import install_liger_stand_in
 from torch import nn
 
 import forgetful.nll_backends as lk
@@ -412,10 +413,9 @@ def test_sparse_logits_false_is_a_dense_option(tiny_llama):
 @pytest.fixture
 def fake_kernels(monkeypatch):
     """Stand-ins for ``cut_cross_entropy.linear_cross_entropy`` and Liger's chunked fused linear CE
-    forward (``fused_linear_cross_entropy_forward``, which :class:`LigerLinearNLL` drives): keyword-only
-    where forgetful must use keywords, computing the reference NLL (and Liger's gradients); every
-    call is recorded. CUDA is declared usable, so the CPU runs the GPU code paths."""
-    calls: dict[str, list] = {"cce": [], "liger": []}
+    forward (``conftest.install_liger_stand_in``): keyword-only where forgetful must use keywords,
+    computing the reference NLL (and Liger's gradients); every call is recorded. CUDA is declared usable, so the CPU runs the GPU code paths."""
+    calls: dict[str, list] = {"cce": [], "liger": install_liger_stand_in(monkeypatch)}
 
     def linear_cross_entropy(*, e, c, targets, ignore_index, softcap, reduction, filter_eps):
         calls["cce"].append(
@@ -424,34 +424,9 @@ def fake_kernels(monkeypatch):
         assert e.dtype == c.dtype in (torch.bfloat16, torch.float16)  # PyPI CCE: no float32 backward
         return _reference(e.float(), c.float(), None, targets, softcap)
 
-    def fused_linear_cross_entropy_forward(
-        _input, weight, target, *, bias=None, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None,
-        token_grad_output=None, compute_gradients=None, weight_requires_grad=None,
-    ):  # fmt: skip
-        """Liger's chunked forward: the per-token loss, and with ``compute_gradients`` the gradients
-        for ``token_grad_output`` (ones when None), here by the chunked backend's own pass."""
-        calls["liger"].append(
-            dict(
-                input=_input, weight=weight, bias=bias, reduction=reduction, softcap=softcap, accum_dtype=accum_dtype,
-                ignore_index=ignore_index, token_grad_output=token_grad_output, compute_gradients=compute_gradients,
-            )
-        )  # fmt: skip
-        assert _input.dim() == 2 and _input.is_contiguous() and reduction == "none"
-        up = None
-        if compute_gradients:
-            up = torch.ones(len(target)) if token_grad_output is None else token_grad_output.float()
-        needs = (True, bool(weight_requires_grad), bias is not None)
-        nll, _, dh, dw, db = lk._chunked_pass(_input, weight, bias, target, softcap, 8, _input.dtype, up, needs=needs)
-        return nll, None, None, None, dh, None if dw is None else dw.to(weight.dtype), db
-
     cce = types.ModuleType("cut_cross_entropy")
     cce.linear_cross_entropy = linear_cross_entropy
-    fused = types.ModuleType("liger_kernel.ops.fused_linear_cross_entropy")
-    fused.fused_linear_cross_entropy_forward = fused_linear_cross_entropy_forward
     monkeypatch.setitem(sys.modules, "cut_cross_entropy", cce)
-    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
-    monkeypatch.setitem(sys.modules, "liger_kernel.ops", types.ModuleType("liger_kernel.ops"))
-    monkeypatch.setitem(sys.modules, "liger_kernel.ops.fused_linear_cross_entropy", fused)
     monkeypatch.setattr(lk, "cuda_usable", lambda device: True)
     monkeypatch.setattr(lk, "kernel_available", lambda name: True)
     return calls

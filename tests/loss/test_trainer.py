@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import install_liger_stand_in
 from datasets import Dataset
 
 from forgetful.errors import ForgetfulError
@@ -249,29 +250,13 @@ def test_use_liger_kernel_without_liger_or_cuda_is_refused_in_one_line(tmp_path)
 
 def test_use_liger_kernel_is_honoured_through_the_liger_backend(tiny_llama, tmp_path, monkeypatch):
     """The selective loss bypasses the model's own loss, so --use_liger_kernel must not be silently
-    ignored: its fused linear cross-entropy computes the trained tokens' NLL (a CPU stand-in for the
-    CUDA kernel here, with Liger's functional signature)."""
-    import sys
-    import types
-
+    ignored: Liger's fused linear cross-entropy computes the trained tokens' NLL (a CPU stand-in for
+    its CUDA forward here), with the gradients in the forward (the loss is a sum over a count)."""
     import transformers.trainer
 
     import forgetful.nll_backends as lk
 
-    calls = []
-
-    def liger_fused_linear_cross_entropy(
-        input, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None
-    ):
-        assert accum_dtype is torch.float32
-        calls.append(reduction)
-        return F.cross_entropy(F.linear(input, weight, bias).float(), target, reduction=reduction)
-
-    functional = types.ModuleType("liger_kernel.transformers.functional")
-    functional.liger_fused_linear_cross_entropy = liger_fused_linear_cross_entropy
-    for name in ("liger_kernel", "liger_kernel.transformers"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
+    calls = install_liger_stand_in(monkeypatch)
     monkeypatch.setattr(lk, "cuda_usable", lambda device: True)
     monkeypatch.setattr(lk, "kernel_available", lambda name: True)
     patched = []
@@ -284,12 +269,13 @@ def test_use_liger_kernel_is_honoured_through_the_liger_backend(tiny_llama, tmp_
     trainer = SelectiveLossTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     assert trainer.loss_backend == "liger"
     trainer.train()
-    assert patched == [model] and calls == ["none"]  # the Trainer applied Liger; the loss went through it
+    assert patched == [model] and len(calls) == 1  # the Trainer applied Liger; the loss went through it
+    assert calls[0]["compute_gradients"] and calls[0]["accum_dtype"] is torch.float32  # summed: one pass
     batch = trainer.data_collator(ds.to_list())
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch))
         ref = manual_masked_ce(model, batch)
-    assert calls == ["none", "none"]
+    assert len(calls) == 2 and not calls[1]["compute_gradients"]  # no gradient asked for, none computed
     assert torch.allclose(loss, ref, atol=1e-6, rtol=1e-6), (loss, ref)
 
 
