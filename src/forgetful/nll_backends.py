@@ -560,6 +560,8 @@ def linear_nll(
     (three head matmuls instead of four); a speed hint only, the backward checks it (one host
     synchronisation) and recomputes when the tokens' upstream gradients differ."""
     check_loss_backend(backend, h.device)
+    # inside an autograd Function's forward needs_input_grad ignores no_grad: no gradients for evaluation
+    summed = summed and torch.is_grad_enabled()
     if spec.scale is not None:
         h = h * spec.scale
     weight = spec.weight
