@@ -97,12 +97,13 @@ def install_liger_stand_in(monkeypatch) -> list[dict]:
 
     def fused_linear_cross_entropy_forward(
         _input, weight, target, *, bias=None, ignore_index=-100, reduction="mean", softcap=None, accum_dtype=None,
-        token_grad_output=None, compute_gradients=None, weight_requires_grad=None,
+        token_grad_output=None, compute_gradients=None, weight_requires_grad=None, chunk_mem_const=1,
     ):  # fmt: skip
         calls.append(
             dict(
                 input=_input, weight=weight, bias=bias, reduction=reduction, softcap=softcap, accum_dtype=accum_dtype,
                 ignore_index=ignore_index, token_grad_output=token_grad_output, compute_gradients=compute_gradients,
+                chunk_mem_const=chunk_mem_const,
             )
         )  # fmt: skip
         assert _input.dim() == 2 and _input.is_contiguous() and reduction == "none"
