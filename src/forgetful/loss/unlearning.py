@@ -307,9 +307,11 @@ class UnlearningTrainer(SelectiveLossTrainer):
         if self.retain_dataset is not None:
             validate_loss_masks(self.retain_dataset, "retain_dataset")
 
-    def batch_nll(self, model, part: dict) -> TokenNLL:
+    def batch_nll(self, model, part: dict, summed: bool = False) -> TokenNLL:
         """The per-token NLL of the trained tokens of one collated part (forget or retain rows),
-        through the run's loss backend and sparse-logits option: what every method's NLL is made of."""
+        through the run's loss backend and sparse-logits option: what every method's NLL is made of.
+        ``summed``: the method reduces it with one weight for every token (a mean), a speed hint
+        (:func:`~forgetful.nll.token_nll`)."""
         return token_nll(
             model,
             part["input_ids"],
@@ -317,6 +319,7 @@ class UnlearningTrainer(SelectiveLossTrainer):
             attention_mask=part.get("attention_mask"),
             sparse_logits=self.args.sparse_logits,
             loss_backend=self.loss_backend,
+            summed=summed,
         )
 
     @torch.no_grad()

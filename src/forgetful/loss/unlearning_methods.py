@@ -80,7 +80,7 @@ class GradAscent(UnlearningMethod):
     uses_retain = False
 
     def forget_loss(self, model, inputs):
-        return -self.trainer.batch_nll(model, inputs["forget"]).mean()
+        return -self.trainer.batch_nll(model, inputs["forget"], summed=True).mean()
 
 
 @register_unlearning_method("grad_diff")

@@ -59,7 +59,7 @@ class UnlearningMethod:
     def retain_loss(self, model, retain: dict) -> torch.Tensor:
         if self.args.retain_loss_type == "KL":
             return kl_to_reference(model, self.trainer.ref_model, retain)
-        return self.trainer.batch_nll(model, retain).mean()
+        return self.trainer.batch_nll(model, retain, summed=True).mean()
 
     def losses(self, model, inputs: dict) -> dict[str, torch.Tensor]:
         """The loss of one micro-batch (``loss``) and its parts."""
