@@ -506,9 +506,9 @@ class LigerLinearNLL(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, softcap, summed=False):
         needs = ctx.needs_input_grad[:3]
         speculate = bool(summed and any(needs))
-        loss, dh, dw, db = _liger_pass(h, weight, bias, targets, softcap, speculate, needs)
+        loss, *grads = _liger_pass(h, weight, bias, targets, softcap, speculate, needs)
         if speculate:
-            ctx.forward_grads = (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None)
+            ctx.forward_grads = tuple(grads)
         ctx.save_for_backward(h, weight, bias, targets)
         ctx.softcap = softcap
         return loss
@@ -520,9 +520,7 @@ class LigerLinearNLL(torch.autograd.Function):
         dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         grads = _use_forward_grads(ctx, grad_nll.float(), dtypes)
         if grads is None:
-            needs = ctx.needs_input_grad[:3]
-            _, dh, dw, db = _liger_pass(h, weight, bias, targets, ctx.softcap, True, needs, grad_nll)
-            grads = (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None)
+            _, *grads = _liger_pass(h, weight, bias, targets, ctx.softcap, True, ctx.needs_input_grad[:3], grad_nll)
         dh, dw, db = grads
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(bias.dtype) if db is not None else None
@@ -539,10 +537,10 @@ LIGER_CHUNK_ELEMENTS = 1 << 26
 
 def _liger_pass(h, weight, bias, targets, softcap, grads, needs, grad_nll=None):
     """Liger's chunked forward: the per-token loss and, with ``grads``, the gradients for
-    ``grad_nll`` (one per token when None). The weight is cast to the autocast dtype once here, not
-    in every chunk's two matmuls; its gradient comes back in that dtype, summed in float32 and
-    rounded once (as ``dense``'s bf16 matmul rounds it), which also halves what a ``summed`` forward
-    holds for a float32 weight. Chunks of about :data:`LIGER_CHUNK_ELEMENTS` logits, through Liger's
+    ``grad_nll`` (one per token when None) that ``needs`` asks for (None for the others). The
+    weight is cast to the autocast dtype once here, not in every chunk's two matmuls; its gradient
+    comes back in that dtype, summed in float32 and rounded once (as ``dense``'s bf16 matmul rounds
+    it), which also halves what a ``summed`` forward holds for a float32 weight. Chunks of about :data:`LIGER_CHUNK_ELEMENTS` logits, through Liger's
     ``chunk_mem_const``."""
     from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
 
@@ -558,13 +556,13 @@ def _liger_pass(h, weight, bias, targets, softcap, grads, needs, grad_nll=None):
         accum_dtype=torch.float32, token_grad_output=grad_nll, compute_gradients=grads,
         weight_requires_grad=needs[1], chunk_mem_const=max(1, math.ceil(vocab * rows / (d * max(n, 1)))),
     )  # fmt: skip
-    return loss, dh, dw, db
+    return loss, *(g if need else None for g, need in zip((dh, dw, db), needs))
 
 
 def _liger_nll(spec: HeadSpec, h: torch.Tensor, targets: torch.Tensor, summed: bool) -> torch.Tensor:
     weight = _needs_weight(spec, "liger")
     if not torch.is_autocast_enabled(h.device.type) and h.dtype != weight.dtype:
-        h = h.to(weight.dtype)  # under autocast Liger's matmuls cast (and keep float32 weight gradients)
+        h = h.to(weight.dtype)  # under autocast _liger_pass casts the weight to the autocast dtype instead
     return LigerLinearNLL.apply(h.contiguous(), weight, spec.bias, targets, spec.softcap, summed).float()
 
 
