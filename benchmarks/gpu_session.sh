@@ -67,7 +67,7 @@ case "$phase" in
     stash_parts
     echo "$FORGETFUL_COMMIT" > "$R/commit"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    python3 -c "import torch, transformers, datasets, rouge_score, gguf, forgetful.input.experiment, forgetful.tofu.experiment; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'gpus', torch.cuda.device_count())"
+    python3 -c "import torch, transformers, datasets, rouge_score, gguf, scipy, forgetful.input.experiment, forgetful.tofu.experiment; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'scipy', scipy.__version__, 'gpus', torch.cuda.device_count())"
     python3 -c "import importlib.util as u; print('loss kernels:', {m: u.find_spec(m) is not None for m in ('cut_cross_entropy', 'liger_kernel', 'triton')})"
     ;;
   bench)
@@ -102,29 +102,30 @@ case "$phase" in
     ;;
   forget)
     budget=${BUDGET:-520}
-    # POLICY_LR / ENTROPY: the policy's REINFORCE learning rate and entropy bonus (2026-12-04: 1e-3 and 0.01; the
-    # validation NLL peaked at step 100 of 500 while the entropy collapsed, see forget_real/2026-12-04)
-    common="--model $MODEL --eval-batch-size 50 --batch-size 8 --num-samples ${SAMPLES:-8} --lm-learning-rate 2e-5 \
+    # Issue 33's runs: every process is one task and keep ratio (FORGET_TASKS: text, multihop, tofu_qa; KEEPS), sharing
+    # one folder per task; finished runs are kept, so calling again continues. LEARNERS, SEEDS, STEPS (policy steps),
+    # ONLY (a --only list) and FORGET_EXTRA (appended: it wins) change the runs; defaults: zero-shot, every learner,
+    # seeds 0,1,2, 300 steps, keep 0.25.
+    common="--model $MODEL --eval-batch-size 32 --batch-size 8 --num-samples ${SAMPLES:-8} --lm-learning-rate 2e-5 \
       --policy-learning-rate ${POLICY_LR:-1e-3} --entropy-coef ${ENTROPY:-0.01} --train-examples ${TRAIN:-1600} \
-      --warm-rows ${WARM_ROWS:-256} --disable-tqdm true"
+      --learners ${LEARNERS:-reinforce,relaxed,supervised} --seeds ${SEEDS:-0,1,2} --policy-steps ${STEPS:-300} \
+      --policy-eval-steps ${EVAL_STEPS:-100} --val-examples ${VAL:-96} --disable-tqdm true"
     declare -A task_args=(
-      [tofu_qa]="--task tofu_qa --data $DATA/tofu --max-new-tokens 32"
+      [tofu_qa]="--task tofu_qa --data $DATA/tofu --held-out-authors 40 --max-new-tokens 32"
+      [multihop]="--task multihop"
       [text]="--task text --train-file $DATA/wikitext2/valid.txt --eval-file $DATA/wikitext2/test.txt \
-        --context-length 1024 --target-length 32 --stride 256 --eval-examples 200"
+        --context-length 1024 --target-length 32 --stride 256 --unread-length 32"
     )
-    for task in ${FORGET_TASKS:-tofu_qa}; do
-      first=1
-      for keep in ${KEEPS:-0.5 0.25}; do
-        # ft_identity does not depend on the keep ratio: the first process of a task runs it
-        ft=""; [ $first = 1 ] || ft="--finetuned ${FT_NO_IDENTITY:-lexical@unit,attention_score@unit,recency@unit,random@unit,self_information@unit,random,recency,lexical,attention_score,self_information}"
-        first=0
+    for task in ${FORGET_TASKS:-text multihop}; do
+      for keep in ${KEEPS:-0.25}; do
+        only=""; [ -n "${ONLY:-}" ] && only="--only ${ONLY//KEEP/$keep}"
         (timeout -k 30 "$budget" python3 -m forgetful forget-experiment $common ${task_args[$task]} \
-           --out "$R/runs/forget_$task" --keep "$keep" $ft ${FORGET_EXTRA:-} \
+           --out "$R/runs/forget_$task" --keep "$keep" $only ${FORGET_EXTRA:-} \
            > "$out/forget_${task}_$keep.log" 2>&1; true) &
       done
     done
     wait
-    for task in ${FORGET_TASKS:-tofu_qa}; do pack "forget_$task"; done
+    for task in ${FORGET_TASKS:-text multihop}; do pack "forget_$task"; done
     tail -n 4 "$out"/forget_*.log | quiet
     ls -la "$out"
     ;;

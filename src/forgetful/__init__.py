@@ -35,6 +35,8 @@ _EXPORTS = {
     "register_mask": "forgetful.input.policies",
     "create_random_forgetting_mask": "forgetful.input.compression",
     "apply_mask": "forgetful.input.compression",
+    "compress": "forgetful.input.compress",
+    "generate": "forgetful.input.compress",
     "load_forget_examples": "forgetful.input.examples",
     "ForgetMaskTrainer": "forgetful.input.trainer",
     "ForgetTrainingConfig": "forgetful.input.reinforce_config",

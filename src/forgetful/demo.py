@@ -29,7 +29,8 @@ import torch
 from .data.locations import data_root
 from .data.sources import load_text_corpus, text_windows, tokenize_stream
 from .errors import ForgetfulError
-from .input.evaluation import add_speedups, evaluate_forgetting, write_report
+from .input.eval_report import add_speedups, write_report
+from .input.evaluation import evaluate_forgetting
 from .input.examples import load_forget_examples
 from .input.options import parse_keep
 from .input.policies import MLPForgetMask, RNNForgetMask

@@ -44,6 +44,8 @@ def _jsonable(o):
 
 
 def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return ""
     if isinstance(v, list | tuple) and v and all(isinstance(x, float) for x in v):
         return "[" + ", ".join(fmt(x, digits) for x in v) + "]"
     if isinstance(v, float):

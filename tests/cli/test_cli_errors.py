@@ -138,7 +138,7 @@ def _cases(d: Path, model: str):
         (fg + ["--exploration", ","], "exploration is empty"),
         (fg + ["--exploration", "0.5,,0"], "exploration '0.5,,0' has an empty entry"),
         (fg + ["--method", "two_step", "--exploration", "0.5"], "true (LM epoch) or false"),
-        (fg + ["--mask", "transformer"], "unknown mask 'transformer'"),
+        (fg + ["--mask", "transformer"], "unknown strategy 'transformer'"),
         (fg + ["--budget", "100000"], "larger than the shortest context"),
         (fg + ["--train-file", str(d / "empty_target.jsonl")], "empty context or target"),
         (fg + ["--train-file", str(d / "short.txt"), "--context-length", "64"], "fewer than one window"),
@@ -150,7 +150,9 @@ def _cases(d: Path, model: str):
         (ev + ["--mask-dir", str(d / "bad_policy")], "not valid JSON"),
         (ev + ["--mask-dir", str(d / "other_policy")], "embeddings of size 48"),
         (ev + ["--mask-dir", str(d / "no_policy_here")], "is not a saved policy"),
-        (ev + ["--strategies", "identity,oracle"], "unknown strategies oracle"),
+        (ev + ["--strategies", "identity,transformer"], "takes strategies that are not learned"),
+        (ev + ["--strategies", "identity,oracle"], "the oracle searches over units"),
+        (ev + ["--strategies", "snapkv:layers=2"], "snapkv has no option layers"),
         (sel + ["--task", "poetry"], "unknown task 'poetry'"),
         (sel + ["--task", "text", "--mask", "random", "--p", "1.0", "--block-size", "32"], "all zeros"),
         (sel + ["--task", "tofu", "--strategy", "forget_everything"], "unknown TOFU strategy"),
@@ -175,7 +177,7 @@ def _cases(d: Path, model: str):
     ]
 
 
-N_CASES = 56  # the parametrisation below runs each case by index
+N_CASES = 58  # the parametrisation below runs each case by index
 
 
 def test_there_are_at_least_twenty_cases(files, tiny_model_dir):

@@ -14,11 +14,11 @@ from forgetful.errors import ForgetfulError
 from forgetful.input.compression import (
     NEG_LARGE,
     CompressedInputs,
-    _eligible,
     apply_mask,
     bernoulli_keep,
     compress_examples,
     create_random_forgetting_mask,
+    eligible_tokens,
     gumbel_topk_keep,
     kept_counts,
     plackett_luce_log_prob,
@@ -282,7 +282,7 @@ def test_random_forgetting_rejects_bad_input():
 def test_exact_budget_samplers_keep_exactly_the_budget(lengths, forget_p, keep_first, seed):
     g = torch.Generator().manual_seed(seed)
     attn = right_padded(lengths)
-    eligible, forced = _eligible(attn, keep_first)
+    eligible, forced = eligible_tokens(attn, keep_first)
     k = kept_counts(attn.sum(-1), forget_p=forget_p, keep_first=keep_first)
     scores = torch.randn(attn.shape, generator=g).masked_fill(~attn, float("-inf"))
 
@@ -311,13 +311,13 @@ def test_exact_budget_samplers_keep_exactly_the_budget(lengths, forget_p, keep_f
 
 def test_topk_keep_without_keep_first_can_drop_token_zero():
     attn = right_padded([4, 4])
-    eligible, forced = _eligible(attn, keep_first=False)
+    eligible, forced = eligible_tokens(attn, keep_first=False)
     assert not forced.any()
     scores = torch.tensor([[0.0, 5.0, 4.0, 3.0], [9.0, 1.0, 2.0, 3.0]])
     keep = topk_keep(scores, torch.tensor([2, 2]), eligible, forced)
     assert keep.tolist() == [[False, True, True, False], [True, False, False, True]]
     # with keep_first, token 0 is forced and counts toward the budget
-    eligible, forced = _eligible(attn, keep_first=True)
+    eligible, forced = eligible_tokens(attn, keep_first=True)
     keep = topk_keep(scores, torch.tensor([2, 2]), eligible, forced)
     assert keep.tolist() == [[True, True, False, False], [True, False, False, True]]
 
@@ -363,7 +363,7 @@ def test_plackett_luce_matches_sequential_softmax():
 def test_gumbel_topk_log_prob_and_entropy_match_manual():
     logits = torch.tensor([[0.3, -0.7, 1.1, 0.0, 2.0, -3.0], [1.0, 0.5, -0.5, 0.2, 0.0, 0.0]])
     attn = right_padded([6, 4], 6)
-    eligible, forced = _eligible(attn, keep_first=True)
+    eligible, forced = eligible_tokens(attn, keep_first=True)
     k = torch.tensor([3, 2])
     noise = torch.rand(4, 2, 6, generator=torch.Generator().manual_seed(5))
     s = gumbel_topk_keep(logits, k, eligible, forced, num_samples=4, noise=noise)
@@ -416,7 +416,7 @@ def test_gumbel_topk_frequencies_match_plackett_luce():
 def test_bernoulli_keep_matches_manual(keep_first):
     logits = torch.tensor([[0.4, -1.0, 2.0, 0.0, -0.3], [3.0, 1.5, -2.5, 0.8, 0.1]])
     attn = right_padded([5, 3], 5)
-    eligible, forced = _eligible(attn, keep_first)
+    eligible, forced = eligible_tokens(attn, keep_first)
     noise = torch.rand(3, 2, 5, generator=torch.Generator().manual_seed(11))
     s = bernoulli_keep(logits.masked_fill(~attn, float("-inf")), eligible, forced, num_samples=3, noise=noise)
     for i in range(3):
@@ -438,7 +438,7 @@ def test_bernoulli_keep_matches_manual(keep_first):
 
 def test_bernoulli_forced_token_contributes_nothing():
     attn = torch.ones(1, 4, dtype=torch.bool)
-    eligible, forced = _eligible(attn, keep_first=True)
+    eligible, forced = eligible_tokens(attn, keep_first=True)
     noise = torch.full((1, 1, 4), 0.999)  # would drop every free token
     base = torch.tensor([[0.0, 1.0, -1.0, 0.5]])
     a = bernoulli_keep(base, eligible, forced, noise=noise)
@@ -470,7 +470,7 @@ def test_sampler_gradients_are_finite_with_padding(mode):
     raw = torch.randn(4, 6, generator=torch.Generator().manual_seed(2), requires_grad=True)
     attn = right_padded([6, 3, 1, 0], 6)
     logits = raw.masked_fill(~attn, float("-inf"))
-    eligible, forced = _eligible(attn, keep_first=True)
+    eligible, forced = eligible_tokens(attn, keep_first=True)
     if mode == "exact":
         k = kept_counts(attn.sum(-1), forget_p=0.5)
         s = gumbel_topk_keep(logits, k, eligible, forced, num_samples=3, generator=torch.Generator().manual_seed(0))

@@ -109,7 +109,8 @@ def test_eval_forget_writes_complete_finite_results(tiny_model_dir, tiny_llama, 
 def test_untimed_evaluation_reports_quality_only(tiny_llama, tmp_path):
     """timing_repeats=0 (a CPU demo): no wall time, speedup or memory anywhere, no speed plot, and the
     quality and FLOP numbers are those of a timed run."""
-    from forgetful.input.evaluation import add_speedups, evaluate_forgetting, write_report
+    from forgetful.input.eval_report import add_speedups, write_report
+    from forgetful.input.evaluation import evaluate_forgetting
     from forgetful.input.examples import load_forget_examples
 
     model, tok = tiny_llama
@@ -149,8 +150,8 @@ def test_peak_memory_tracker_sees_live_tensors():
 def test_greedy_answers_from_the_full_context_equal_transformers_generate(fixture, request):
     """With every token kept, our cached greedy decoding (left padding, explicit positions) gives
     what model.generate gives from each prompt alone."""
-    from forgetful.input.evaluation import generate_answers
     from forgetful.input.examples import ForgetCollator
+    from forgetful.input.generation import generate_answers
 
     model, tok = request.getfixturevalue(fixture)
     g = torch.Generator().manual_seed(0)
@@ -176,7 +177,7 @@ def test_greedy_answers_from_the_full_context_equal_transformers_generate(fixtur
 def test_greedy_answers_from_a_compressed_context_continue_its_original_positions(tiny_llama):
     """A compressed prompt answers as the full prompt with the forgotten tokens masked out (the same
     positions): compared token by token over the first steps."""
-    from forgetful.input.evaluation import greedy_generate
+    from forgetful.input.generation import greedy_generate
 
     model, tok = tiny_llama
     ids = torch.randint(5, 300, (1, 10), generator=torch.Generator().manual_seed(1))
@@ -203,7 +204,7 @@ def test_greedy_answers_from_a_compressed_context_continue_its_original_position
 
 
 def test_the_report_shows_the_full_and_no_context_once(tmp_path):
-    from forgetful.input.evaluation import write_report
+    from forgetful.input.eval_report import write_report
 
     def row(strategy, keep, nll):
         return {

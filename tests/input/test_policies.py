@@ -400,12 +400,15 @@ def test_build_mask_from_the_registry():
     assert mask_names(learned=True) == ["mlp", "cnn_mlp", "rnn", "birnn", "hidden_state", "residual"]
     assert mask_names(learned=False) == [
         "attention_score",
+        "snapkv",
+        "gemfilter",
         "identity",
         "none",
         "random",
         "recency",
         "self_information",
         "lexical",
+        "oracle",
     ]
     assert isinstance(build_mask("mlp", m, hidden_size=8), MLPForgetMask)
     p = build_mask("birnn", m, hidden_size=8)
@@ -417,10 +420,10 @@ def test_build_mask_from_the_registry():
     a = build_mask("random", seed=3).greedy(ids, attn, forget_p=0.5)
     b = build_mask("random", seed=3).greedy(ids, attn, forget_p=0.5)
     assert torch.equal(a, b)
-    with pytest.raises(ForgetfulError, match="unknown mask 'transformer'"):
+    with pytest.raises(ForgetfulError, match="unknown strategy 'transformer'"):
         build_mask("transformer", m)
     with pytest.raises(
-        ForgetfulError, match="unknown mask 'recency'; choose from mlp, cnn_mlp, rnn, birnn, hidden_state, residual"
+        ForgetfulError, match="unknown strategy 'recency'; choose from mlp, cnn_mlp, rnn, birnn, hidden_state, residual"
     ):
         build_mask("recency", m, learned=True)
     with pytest.raises(ForgetfulError, match="needs a causal LM"):

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forgetful.errors import ForgetfulError
-from forgetful.input.compression import _eligible, budget_counts
+from forgetful.input.compression import budget_counts, eligible_tokens
 from forgetful.input.policies import ResidualForgetMask, build_mask, query_mask
 from forgetful.input.policies.residual import standardise
 from forgetful.input.units import (
@@ -73,7 +73,7 @@ def test_greedy_takes_whole_units_by_mean_score_and_the_last_in_part():
     scores = torch.tensor([[0.0, 5.0, 5.0, 1.0, 1.0, 1.0, 9.0, -9.0]])
     units = torch.tensor([[0, 1, 1, 2, 2, 2, 3, 3]])  # unit means: 0, 5, 1, 0
     attn = torch.ones_like(units, dtype=torch.bool)
-    eligible, forced = _eligible(attn, True, None)
+    eligible, forced = eligible_tokens(attn, True, None)
     k = torch.tensor([5])  # token 0 forced, 4 free: unit 1 (2 tokens), then 2 of unit 2's 3
     keep = unit_topk_keep(scores, units, k, eligible, forced)
     assert keep.int().tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
@@ -92,7 +92,7 @@ def test_unit_samplers_keep_exactly_the_budget(lengths, forget_p, size, seed):
     attn = torch.arange(n).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     protect = (torch.rand(attn.shape, generator=g) < 0.2) & attn
     units = unit_ids(f"chunk:{size}", attn)
-    eligible, forced = _eligible(attn, True, protect)
+    eligible, forced = eligible_tokens(attn, True, protect)
     k = budget_counts(attn, forget_p=forget_p, keep_first=True, protect=protect)
     logits = torch.randn(attn.shape, generator=g)
     greedy = unit_topk_keep(logits, units, k, eligible, forced)
@@ -117,7 +117,7 @@ def test_unit_log_prob_is_plackett_luce_of_the_units_touched():
     units = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 3, 3]])
     token_logits = torch.tensor([[0.0, 0.3, -0.2, 0.6, 1.0, 1.0, 1.0, -0.5, 0.1]])
     attn = torch.ones_like(units, dtype=torch.bool)
-    eligible, forced = _eligible(attn, True, None)
+    eligible, forced = eligible_tokens(attn, True, None)
     means = unit_scores(token_logits, units, eligible)[0, :4].tolist()  # unit 0 holds only token 1 then
     assert means == pytest.approx([0.3, 0.2, 1.0, -0.2])
     k = torch.tensor([5])  # 4 free tokens
@@ -146,7 +146,7 @@ def test_unit_sample_frequencies_follow_plackett_luce():
     units = torch.tensor([[0, 0, 1, 1, 2, 2]])
     token_logits = torch.tensor([[0.5, 0.5, -1.0, -1.0, 1.5, 1.5]])
     attn = torch.ones_like(units, dtype=torch.bool)
-    eligible, forced = _eligible(attn, False, None)
+    eligible, forced = eligible_tokens(attn, False, None)
     s = unit_gumbel_keep(
         token_logits, units, torch.tensor([2]), eligible, forced, 20000, torch.Generator().manual_seed(0)
     )
@@ -286,7 +286,7 @@ def test_the_warm_start_fits_the_policy_to_its_labels(tiny_llama):
     losses = [h["listwise_loss"] for h in result.history]
     assert result.rows == 2 and len(losses) == 60 and losses[-1] < 0.5 * losses[0]
     labels, present = leave_one_unit_out(model, batch, units, pad_token_id=0)
-    eligible, _ = _eligible(attn, True, protect)
+    eligible, _ = eligible_tokens(attn, True, protect)
     with torch.no_grad():
         scores = unit_scores(policy.keep_logits(ids, attn, protect=protect, units=units), units, eligible)
     for r in range(2):  # the unit the target needs most is now the policy's first choice
@@ -312,7 +312,7 @@ def test_lexical_overlap_marks_every_id_of_the_query_wherever_else_it_occurs():
 def test_bad_unit_and_residual_options_are_one_clear_error(tiny_llama, tmp_path):
     """Each new way to misuse units, the residual policy, the trainer's new options or the
     experiment's policy stage fails at once with one line that names the fix."""
-    from forgetful.input.experiment import _validation
+    from forgetful.input.experiment import validation_split
     from forgetful.input.policies import AttentionScoreMask, LexicalOverlapMask
     from forgetful.input.policy_training import load_policy
     from forgetful.input.reinforce import ForgetTrainingConfig
@@ -337,23 +337,23 @@ def test_bad_unit_and_residual_options_are_one_clear_error(tiny_llama, tmp_path)
             ResidualForgetMask(model, **kwargs)
     with pytest.raises(ForgetfulError, match="pooling must be avg or max"):
         AttentionScoreMask(model, pooling="median")
-    with pytest.raises(ForgetfulError, match="window and doc_tokens must be at least 1"):
+    with pytest.raises(ForgetfulError, match="window, doc_tokens, rounds and seed_units must be at least 1"):
         LexicalOverlapMask(window=0)
     with pytest.raises(ForgetfulError, match="freeze_lm and freeze_policy together train nothing"):
         ForgetTrainingConfig(freeze_lm=True, freeze_policy=True)
     with pytest.raises(ForgetfulError, match="freeze_policy leaves no epoch that trains the LM"):
         phases("two_step", ResidualForgetMask(model, layer=1), [False], False, freeze_policy=True)
     with pytest.raises(
-        ForgetfulError, match="no trained residual policy for keep 0.5 .* run policy_residual_0.5 first"
+        ForgetfulError, match=r"no trained residual policy \(relaxed, seed 1\) for keep 0.5 .* run its policy run first"
     ):
-        load_policy(tmp_path, "residual", 0.5, model)
+        load_policy(tmp_path, "residual", "relaxed", 1, 0.5, model)
     from datasets import Dataset
 
     rows = Dataset.from_dict({"context_ids": [[1, 2]] * 4, "target_ids": [[3]] * 4})
     with pytest.raises(ForgetfulError, match=r"val_examples \(4\) must leave training rows \(4 in all\)"):
-        _validation(rows, 4, seed=0)
+        validation_split(rows, 4, seed=0)
     with pytest.raises(ForgetfulError, match="val_examples must be at least 1"):
-        _validation(rows, 0, seed=0)
+        validation_split(rows, 0, seed=0)
 
 
 def test_keep_best_needs_held_out_rows(tiny_llama):

@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ForgetfulError
-from ..input.evaluation import BASELINES, add_speedups, evaluate_forgetting, write_report
+from ..input.eval_report import add_speedups, write_report
+from ..input.evaluation import BASELINES, evaluate_forgetting
 from ..input.examples import load_forget_examples
 from ..input.options import TextWindowOptions, parse_keep
-from ..input.policies import LearnedForgetMask, mask_names
+from ..input.policies import LearnedForgetMask, mask_names, parse_strategy
+from ..input.strategy import split_strategies
 from ..models import bf16_autocast, load_model
 
 
@@ -28,11 +30,18 @@ class EvalForgetArguments(TextWindowOptions):
         default=None, metadata={"help": "Held-out text/JSON file; default: embedded biographies."}
     )
     keep: str = field(default="1,0.75,0.5,0.25", metadata={"help": "Keep ratios, comma separated."})
-    strategies: str = field(default=",".join(BASELINES), metadata={"help": "Baselines to include."})
-    max_examples: int = field(default=256, metadata={"help": "At most this many held-out examples."})
-    batch_size: int = field(default=16, metadata={"help": "Rows per evaluation batch."})
+    strategies: str = field(
+        default=",".join(BASELINES),
+        metadata={
+            "help": "Strategies that are not learned, comma separated, each name[:key=value,...][@unit] (e.g. "
+            "recency@sentence, snapkv:layer=4, recency:forget_layer=8, oracle@sentence); unknown names or options are "
+            "refused before anything runs."
+        },
+    )
+    max_examples: int = field(default=256, metadata={"help": "At most this many held-out examples (>= 1)."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per evaluation batch (>= 1)."})
     timing_repeats: int = field(
-        default=5, metadata={"help": "Timed forwards per strategy and keep ratio (0: no timing)."}
+        default=5, metadata={"help": "Timed forwards per strategy and keep ratio (0: no timing; >= 0)."}
     )
     embedded_seed: int = field(default=1234, metadata={"help": "Seed of the embedded held-out examples."})
     seed: int = field(default=0, metadata={"help": "Seed of the random baseline and of generated data."})
@@ -40,13 +49,16 @@ class EvalForgetArguments(TextWindowOptions):
 
     def __post_init__(self):
         self.keep_ratios = parse_keep(self.keep)
-        self.strategy_names = [s.strip() for s in self.strategies.split(",") if s.strip()]
+        self.strategy_names = split_strategies(self.strategies)
         baselines = mask_names(learned=False)
-        unknown = [s for s in self.strategy_names if s not in baselines]
-        if unknown:
-            raise ForgetfulError(f"unknown strategies {', '.join(unknown)}; baselines are {', '.join(baselines)}")
-        if self.batch_size < 1 or self.max_examples < 1 or self.timing_repeats < 1:
-            raise ForgetfulError("batch_size, max_examples and timing_repeats must be positive")
+        for spec in map(parse_strategy, self.strategy_names):
+            if spec.path is not None or spec.name not in baselines:
+                raise ForgetfulError(
+                    f"--strategies takes strategies that are not learned ({', '.join(baselines)}), got '{spec}'; "
+                    "saved policies go to --mask-dir"
+                )
+        if self.batch_size < 1 or self.max_examples < 1 or self.timing_repeats < 0:
+            raise ForgetfulError("batch_size and max_examples must be at least 1, timing_repeats at least 0")
 
 
 ARGUMENTS = (EvalForgetArguments,)

@@ -55,7 +55,9 @@ class TrainForgetArguments(TextWindowOptions):
         (self.keep,) = parse_keep(self.keep)
         self.forget_p = 1.0 - self.keep
         if self.mask not in mask_names(learned=True):
-            raise ForgetfulError(f"unknown mask '{self.mask}'; choose from {', '.join(mask_names(learned=True))}")
+            raise ForgetfulError(
+                f"unknown strategy '{self.mask}'; learned policies are {', '.join(mask_names(learned=True))}"
+            )
 
     def policy_options(self) -> dict:
         """The options of the chosen policy."""

@@ -134,25 +134,31 @@ def text_windows(
     target_length: int,
     stride: int | None = None,
     max_windows: int | None = None,
+    unread_length: int = 0,
 ) -> Dataset:
-    """Cut a token stream into windows: context = ``n`` tokens, target = the next ``m``.
-    Windows do not overlap unless ``stride`` < n + m."""
-    n, m = int(context_length), int(target_length)
-    if n < 1 or m < 1:
-        raise ForgetfulError(f"context and target lengths must be positive, got n={n}, m={m}")
-    window = n + m
+    """Cut a token stream into windows: context = ``n`` tokens, target = the next ``m`` (and, with
+    ``unread_length`` u > 0, ``unread_ids`` = the ``u`` tokens after the target, which nothing
+    trains on: what a keep set chosen for the target does for text it never saw). Windows do not
+    overlap unless ``stride`` < n + m + u."""
+    n, m, u = int(context_length), int(target_length), int(unread_length)
+    if n < 1 or m < 1 or u < 0:
+        raise ForgetfulError(f"context and target lengths must be positive, got n={n}, m={m} (unread {u})")
+    window = n + m + u
     stride = stride or window
     if len(stream) < window:
         raise ForgetfulError(
-            f"the corpus has {len(stream)} tokens, fewer than one window of context {n} + target {m} = {window}; "
-            "use more text or smaller --context-length/--target-length"
+            f"the corpus has {len(stream)} tokens, fewer than one window of context {n} + target {m}"
+            f"{f' + unread {u}' if u else ''} = {window}; use more text or smaller --context-length/--target-length"
         )
     starts = np.arange(0, len(stream) - window + 1, stride)
     if max_windows is not None:
         starts = starts[:max_windows]
     idx = starts[:, None] + np.arange(window)[None, :]
     w = stream[idx]
-    return Dataset.from_dict({"context_ids": w[:, :n].tolist(), "target_ids": w[:, n:].tolist()})
+    columns = {"context_ids": w[:, :n].tolist(), "target_ids": w[:, n : n + m].tolist()}
+    if u:
+        columns["unread_ids"] = w[:, n + m :].tolist()
+    return Dataset.from_dict(columns)
 
 
 def write_jsonl(rows: Sequence[dict], path: str | Path) -> None:

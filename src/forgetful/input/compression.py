@@ -62,7 +62,7 @@ def kept_counts(
     return torch.maximum(torch.minimum(k, lengths), floor)
 
 
-def _eligible(
+def eligible_tokens(
     attention_mask: torch.Tensor, keep_first: bool, protect: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens the sampler may choose, tokens forced in). Token 0 is forced when ``keep_first``;
@@ -109,7 +109,7 @@ def create_random_forgetting_mask(
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     _check_same_shape(input_ids, attention_mask, "attention_mask")
     u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-    eligible, forced = _eligible(attention_mask, keep_first)
+    eligible, forced = eligible_tokens(attention_mask, keep_first)
     return (eligible & (u >= forget_prob)) | forced
 
 
@@ -295,6 +295,7 @@ def compress_examples(
     target_mask: torch.Tensor,
     pad_token_id: int = 0,
     kept_length: int | None = None,
+    forget_layer: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The LM input ``c[K] ++ y`` with original position ids, and labels on the target tokens
     (HF convention, unshifted). ``keep`` is ``[B, n]`` or ``[S, B, n]`` (S samples per row, which
@@ -304,7 +305,9 @@ def compress_examples(
     padded (then token_nll can skip gathering positions). ``kept_length``: the context tokens every
     row keeps, when the caller knows it is the same for every row and no target is padded (exact
     budgets on contexts of one length, ``ForgetMask.kept_per_row``): then nothing is read back from
-    the device."""
+    the device. ``forget_layer`` L > 0: the forgotten tokens are dropped after layer L instead
+    (:mod:`~forgetful.input.depth`): the dict then holds the whole row, packed, and the ``depth``
+    plan that :func:`compressed_nll` follows; its labels are those of the shortened row."""
     if keep.dim() == 3:
         s = keep.shape[0]
         rep = lambda t: t.unsqueeze(0).expand(s, *t.shape).reshape(-1, t.shape[-1])  # noqa: E731
@@ -319,6 +322,8 @@ def compress_examples(
     full_keep = torch.cat([keep.bool() & context_mask.bool(), target_mask.bool()], 1)
     labels = torch.cat([torch.full_like(context_ids, -100), target_ids.masked_fill(~target_mask.bool(), -100)], 1)
     width = None if kept_length is None else kept_length + target_ids.shape[1]
+    if forget_layer:
+        return _at_depth(ids, real, full_keep, positions, labels, target_mask, pad_token_id, width, forget_layer)
     out = apply_mask(ids, full_keep, position_ids=positions, pad_token_id=pad_token_id, width=width)
     # Without padding the attention mask is None: token_nll then reads the rows as plain causal
     # sequences whose position ids have gaps (SDPA's fastest causal kernel, no mask built, eager or
@@ -336,17 +341,61 @@ def compress_examples(
     return result
 
 
+def _at_depth(ids, real, full_keep, positions, labels, target_mask, pad_token_id, width, layer) -> dict:
+    """:func:`compress_examples` for ``forget_layer`` > 0: the row packed (its real tokens first) and
+    the plan that gathers the kept columns after ``layer`` layers."""
+    from .depth import DepthPlan
+
+    full = apply_mask(
+        ids, real, position_ids=positions, pad_token_id=pad_token_id, width=None if width is None else ids.shape[1]
+    )
+    kept = full.gather(full_keep, False)
+    short = apply_mask(full.input_ids, kept, position_ids=full.position_ids, pad_token_id=pad_token_id, width=width)
+    plan = DepthPlan(
+        layer,
+        full_valid=full.attention_mask.bool() if full.padded else None,
+        index=short.index,
+        short_valid=short.attention_mask.bool() if short.padded else None,
+    )
+    every_target = width is not None or (not short.padded and bool(target_mask.all()))
+    return {
+        "input_ids": full.input_ids,
+        "attention_mask": None,
+        "position_ids": full.position_ids,
+        "labels": short.gather(full.gather(labels, -100), -100),
+        "target_length": int(target_mask.shape[1]) if every_target else None,
+        "depth": plan,
+        # for decoders that cannot shorten a row inside (GPT-2): the whole row's labels and a bias
+        # that forgets the dropped columns after the layer, the same result
+        "unshortened": {
+            "labels": full.gather(labels, -100),
+            "bias": torch.where(kept, 0.0, -1e4).masked_fill(~full.attention_mask.bool(), 0.0),
+            "target_length": int(target_mask.shape[1]) if width is not None or not full.padded else None,
+        },
+    }
+
+
 def compressed_nll(model, inputs: dict, loss_backend: str = "dense"):
     """The per-token target NLL (:class:`~forgetful.nll.TokenNLL`) of ``model`` on the output of
-    :func:`compress_examples` (unpadded rows read as causal sequences at their original positions)."""
-    from ..nll import token_nll
+    :func:`compress_examples` (unpadded rows read as causal sequences at their original positions;
+    with a ``depth`` plan, the whole row through the first layers and the kept tokens after them)."""
+    import contextlib
 
-    return token_nll(
-        model,
-        inputs["input_ids"],
-        inputs["labels"],
-        attention_mask=inputs["attention_mask"],
-        position_ids=inputs["position_ids"],
-        target_length=inputs["target_length"],
-        loss_backend=loss_backend,
-    )
+    from ..nll import token_nll
+    from .depth import DepthPlan, depth_forward, shortens_inside
+
+    plan, labels, target_length = inputs.get("depth"), inputs["labels"], inputs["target_length"]
+    if plan is not None and plan.index is not None and not shortens_inside(model):
+        whole = inputs["unshortened"]
+        plan = DepthPlan(plan.layer, full_valid=plan.full_valid, bias=whole["bias"])
+        labels, target_length = whole["labels"], whole["target_length"]
+    with depth_forward(model, plan) if plan is not None else contextlib.nullcontext():
+        return token_nll(
+            model,
+            inputs["input_ids"],
+            labels,
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            target_length=target_length,
+            loss_backend=loss_backend,
+        )

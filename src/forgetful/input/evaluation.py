@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,10 +19,9 @@ from torch import nn
 from ..measure import peak_memory_mb, time_ms
 from ..nll import unwrap_model
 from ..rouge import rouge_l_recall
-from ..tokens import pad_token_id as pad_id_of
-from .compression import apply_mask, compress_examples, compressed_nll
+from .compression import compress_examples, compressed_nll
 from .examples import ForgetBatch, ForgetCollator
-from .flops import forward_flops
+from .flops import body_flops_per_token, decoder_dims, depth_forward_flops, forward_flops
 from .policies import ForgetMask, build_mask
 from .units import whole_units_kept
 
@@ -34,8 +32,9 @@ BASELINES = ("identity", "none", "random", "recency", "self_information", "atten
 def baseline_masks(
     model: nn.Module, seed: int = 0, names: Sequence[str] = BASELINES, device: torch.device | str = "cpu"
 ) -> dict[str, ForgetMask]:
-    """The named baselines, built from the policy registry."""
-    return {name: build_mask(name, model, seed=seed, device=device, learned=False) for name in names}
+    """The named strategies that are not learned (the strategy grammar), by their canonical names."""
+    masks = [build_mask(name, model, seed=seed, device=device, learned=False) for name in names]
+    return {mask.strategy: mask for mask in masks}
 
 
 def batches_of(dataset, batch_size: int, pad_token_id: int, max_batches: int | None = None) -> list[ForgetBatch]:
@@ -50,6 +49,37 @@ def forget_share(keep_ratio: float) -> float:
     return 1.0 - keep_ratio if keep_ratio < 1 else 0.0
 
 
+def choose_keep(
+    mask: ForgetMask,
+    batch: ForgetBatch,
+    *,
+    keep_ratio: float,
+    keep_first: bool = True,
+    pad_token_id: int = 0,
+    autocast=None,
+) -> torch.Tensor:
+    """The strategy's keep mask ``[B, n]`` for ``batch`` at ``keep_ratio``: the greedy top-k of its
+    keep-logits, or the oracle's search (a strategy that reads the target)."""
+    autocast = autocast or contextlib.nullcontext
+    if mask.reads_target:
+        return mask.choose(
+            batch,
+            forget_p=forget_share(keep_ratio),
+            keep_first=keep_first,
+            pad_token_id=pad_token_id,
+            autocast=autocast,
+        )
+    with autocast():
+        return mask.greedy(
+            batch.context_ids,
+            batch.context_mask,
+            forget_p=forget_share(keep_ratio),
+            keep_first=keep_first,
+            protect=batch.protect_mask,
+            units=batch.units(mask.unit),
+        )
+
+
 def score_compressed(
     model: nn.Module,
     mask: ForgetMask,
@@ -58,25 +88,45 @@ def score_compressed(
     keep_ratio: float,
     pad_token_id: int,
     keep_first: bool = True,
+    autocast=None,
 ):
-    """The strategy's greedy keep mask at ``keep_ratio`` and the target NLL of the compressed
-    inputs: ``(keep [B, n], TokenNLL)``."""
-    forget_p = forget_share(keep_ratio)
-    keep = mask.greedy(
-        batch.context_ids,
-        batch.context_mask,
-        forget_p=forget_p,
-        keep_first=keep_first,
-        protect=batch.protect_mask,
-        units=batch.units(mask.unit),
+    """The strategy's keep mask at ``keep_ratio`` and the NLL of the compressed inputs (forgotten at
+    the strategy's ``forget_layer``): ``(keep [B, n], TokenNLL)``. With ``unread_ids`` in the batch
+    (the tokens after the target), the LM reads ``c[K] ++ y ++ z`` and every token of ``y`` and
+    ``z`` is scored, ``y``'s first: the target's NLL is the same as without ``z`` (causal)."""
+    autocast = autocast or contextlib.nullcontext
+    keep = choose_keep(
+        mask, batch, keep_ratio=keep_ratio, keep_first=keep_first, pad_token_id=pad_token_id, autocast=autocast
     )
     kept = None  # known on the host for rows of one length: the gather then never waits for the device
     if batch.context_length is not None and batch.target_length is not None and batch.protect_mask is None:
-        kept = mask.kept_per_row(batch.context_length, forget_p=forget_p, keep_first=keep_first)
+        kept = mask.kept_per_row(batch.context_length, forget_p=forget_share(keep_ratio), keep_first=keep_first)
+    target_ids, target_mask = batch.target_ids, batch.target_mask
+    if batch.unread_ids is not None:
+        target_ids = torch.cat([target_ids, batch.unread_ids], 1)
+        target_mask = torch.cat([target_mask, torch.ones_like(batch.unread_ids, dtype=torch.bool)], 1)
     inputs = compress_examples(
-        batch.context_ids, batch.context_mask, keep, batch.target_ids, batch.target_mask, pad_token_id, kept
+        batch.context_ids,
+        batch.context_mask,
+        keep,
+        target_ids,
+        target_mask,
+        pad_token_id,
+        kept,
+        forget_layer=mask.forget_layer,
     )
-    return keep, compressed_nll(model, inputs)
+    with autocast():
+        return keep, compressed_nll(model, inputs)
+
+
+def _split_unread(out, batch: ForgetBatch):
+    """``(target NLL [B, m], unread NLL [B, u] or None)`` of a batch scored with its unread tokens
+    (every row has its whole target and unread tokens), or the TokenNLL itself without them."""
+    if batch.unread_ids is None:
+        return out, None
+    per_row = out.nll.view(len(batch), -1)
+    m = batch.target_ids.shape[1]
+    return per_row[:, :m], per_row[:, m:]
 
 
 @torch.no_grad()
@@ -96,26 +146,40 @@ def evaluate_strategy(
     """Target NLL (token-weighted mean), perplexity, kept tokens, and - where the data marks fact
     tokens - the share of fact tokens the strategy kept and the share of rows whose marked answer it
     kept whole (``answer_kept``). With ``max_new_tokens``, a ``tokenizer`` and reference answers in
-    the batches: the ROUGE-L recall of greedy answers generated from the compressed context.
+    the batches: the ROUGE-L recall of greedy answers generated from the compressed context. Where
+    the batches carry ``unread_ids``: ``nll_unread``, the NLL of those tokens after the target.
     ``per_example`` holds each row's summed target NLL, target tokens and group (the paired
-    bootstrap's inputs)."""
+    bootstrap's inputs; ``unread_sum`` / ``unread_tokens`` too). An oracle's search statistics are in
+    ``oracle``."""
+    from .generation import generate_answers
+
     device = device or next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
     nll_sum, n_tok, kept, ctx, facts_kept, facts, keeps, rouge = 0.0, 0, 0, 0, 0, 0, [], []
-    row_nll, row_tokens, row_group, answer_kept = [], [], [], []
+    row_nll, row_tokens, row_group, answer_kept, unread_sum, unread_rows, searches = [], [], [], [], [], [], []
     for batch in batches:
         b = batch.to(device)
-        with autocast():
-            keep, out = score_compressed(
-                model, mask, b, keep_ratio=keep_ratio, pad_token_id=pad_token_id, keep_first=keep_first
-            )
+        keep, out = score_compressed(
+            model, mask, b, keep_ratio=keep_ratio, pad_token_id=pad_token_id, keep_first=keep_first, autocast=autocast
+        )
+        target, unread = _split_unread(out, b)
+        if unread is None:
+            nll_sum += float(out.nll.sum())
+            n_tok += out.nll.numel()
+            row_nll.append(out.sum_per_row().float().cpu())
+            row_tokens.append(out.count_per_row().cpu())
+        else:
+            nll_sum += float(target.sum())
+            n_tok += target.numel()
+            row_nll.append(target.sum(-1).float().cpu())
+            row_tokens.append(torch.full((len(b),), target.shape[1]))
+            unread_sum.append(unread.sum(-1).float().cpu())
+            unread_rows.append(torch.full((len(b),), unread.shape[1]))
+        if mask.reads_target:
+            searches.append(mask.last_stats)
         keeps.append(keep)
-        nll_sum += float(out.nll.sum())
-        n_tok += out.nll.numel()
-        row_nll.append(out.sum_per_row().float().cpu())
-        row_tokens.append(out.count_per_row().cpu())
         row_group.append(b.group.cpu() if b.group is not None else torch.full((len(b),), -1))
         kept += int((keep & b.context_mask).sum())
         ctx += int(b.context_mask.sum())
@@ -130,9 +194,20 @@ def evaluate_strategy(
     model.train(was_training)
     n_rows = sum(len(b) for b in batches) if isinstance(batches, list) else None
     nll = nll_sum / max(n_tok, 1)
+    per_example = {
+        "nll_sum": torch.cat(row_nll).tolist() if row_nll else [],
+        "tokens": torch.cat(row_tokens).tolist() if row_tokens else [],
+        "group": torch.cat(row_group).tolist() if row_group else [],
+    }
+    nll_unread = None
+    if unread_sum:
+        per_example["unread_sum"] = torch.cat(unread_sum).tolist()
+        per_example["unread_tokens"] = torch.cat(unread_rows).tolist()
+        nll_unread = sum(per_example["unread_sum"]) / max(sum(per_example["unread_tokens"]), 1)
     return {
         "nll": nll,
         "ppl": math.exp(nll) if nll < 50 else float("inf"),
+        "nll_unread": nll_unread,
         "kept_tokens": kept / n_rows if n_rows else float(kept),
         "context_tokens": ctx / n_rows if n_rows else float(ctx),
         "target_tokens": n_tok,
@@ -140,101 +215,54 @@ def evaluate_strategy(
         "answer_kept": float(torch.cat(answer_kept).float().mean()) if answer_kept else None,
         "rouge": sum(rouge) / len(rouge) if rouge else None,
         "keeps": keeps,  # each batch's keep mask, on the evaluation device
-        "per_example": {
-            "nll_sum": torch.cat(row_nll).tolist() if row_nll else [],
-            "tokens": torch.cat(row_tokens).tolist() if row_tokens else [],
-            "group": torch.cat(row_group).tolist() if row_group else [],
-        },
+        "oracle": _search_summary(searches) if searches else None,
+        "per_example": per_example,
     }
 
 
-@torch.no_grad()
-def greedy_generate(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    next_positions: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    pad_token_id: int,
-) -> torch.Tensor:
-    """Greedy decoding with a KV cache from left-padded prompts whose tokens sit at ``position_ids``
-    (a compressed prompt keeps its original positions); the answer's first token is at
-    ``next_positions``. Returns ``[B, T]`` new tokens, ``pad_token_id`` after a row's EOS."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=unwrap_model(model).config)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-    )
-    positions, mask = next_positions.clone(), attention_mask
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    new = []
-    for _ in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1).masked_fill(done, pad_token_id)
-        new.append(token)
-        if eos_token_id is not None:
-            done |= token == eos_token_id
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=positions[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        positions += 1
-    return torch.stack(new, 1) if new else input_ids.new_zeros(input_ids.shape[0], 0)
-
-
-def generate_answers(
-    model: nn.Module, tokenizer, batch: ForgetBatch, keep: torch.Tensor, *, max_new_tokens: int
-) -> list[str]:
-    """Greedy answers from each row's kept context tokens, at their original positions."""
-    pad = pad_id_of(tokenizer, model)
-    short = apply_mask(batch.context_ids, keep & batch.context_mask, pad_token_id=pad)
-    # right padding -> left padding: shift each row by its padding, so every prompt ends at one column
-    width = short.input_ids.shape[1]
-    source = torch.arange(width, device=keep.device).unsqueeze(0) - (width - short.lengths).unsqueeze(1)
-    real, pick = source >= 0, source.clamp(min=0)
-    ids = short.input_ids.gather(1, pick).masked_fill(~real, pad)
-    positions = short.position_ids.gather(1, pick).masked_fill(~real, 0)
-    new = greedy_generate(
-        model,
-        ids,
-        real.long(),
-        positions,
-        batch.context_mask.sum(-1),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad,
-    )
-    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+def _search_summary(searches: list[dict]) -> dict:
+    start = [x for s in searches for x in s["start_nll"]]
+    final = [x for s in searches for x in s["oracle_nll"]]
+    return {
+        "start_nll": sum(start) / max(len(start), 1),
+        "oracle_nll": sum(final) / max(len(final), 1),
+        "unit_start_nll": sum(x for s in searches for x in s["unit_start_nll"]) / max(len(final), 1),
+        "rows_start_kept": sum(s["rows_start_kept"] for s in searches),
+        "rows_moved": sum(int(m > 0) for s in searches for m in s["moves"]),
+        "moves": sum(m for s in searches for m in s["moves"]),
+        "rounds_max": max(s["rounds"] for s in searches),
+        "exhaustive_rows": sum(s["exhaustive_rows"] for s in searches),
+        "rows": len(final),
+    }
 
 
 def flops_ratios(
-    config, batches: list[ForgetBatch], keeps: list[torch.Tensor], policy_flops_per_token: float
+    config,
+    batches: list[ForgetBatch],
+    keeps: list[torch.Tensor],
+    policy_flops_per_token: float,
+    *,
+    forget_layer: int = 0,
+    shared_layers: int = 0,
 ) -> tuple[float, float]:
     """(total FLOP ratio, attention FLOP ratio) of compressed vs full inputs, summed per example;
-    logits are computed at target positions in both."""
+    logits are computed at target positions in both. ``forget_layer``: the first layers read the
+    whole row (:func:`~.flops.depth_forward_flops`); ``shared_layers``: layers of the policy's own
+    scoring that forgetting at depth computes anyway (subtracted from the policy's cost)."""
+    d = decoder_dims(config)
     full = comp = att_full = att_comp = 0.0
+    early = min(forget_layer, d.layers)
     for batch, keep in zip(batches, keeps):
         n = batch.context_mask.sum(-1).tolist()
         m = batch.target_mask.sum(-1).tolist()
         b = (keep & batch.context_mask).sum(-1).tolist()
         for n_i, m_i, b_i in zip(n, m, b):
+            shared = body_flops_per_token(config, n_i, min(shared_layers, early)) if early else 0.0
             full += forward_flops(config, n_i + m_i, m_i)
-            comp += forward_flops(config, b_i + m_i, m_i) + policy_flops_per_token * n_i
-            att_full += (n_i + m_i) ** 2
-            att_comp += (b_i + m_i) ** 2
+            comp += depth_forward_flops(config, n_i + m_i, b_i + m_i, early, m_i)
+            comp += max(policy_flops_per_token - shared, 0.0) * n_i
+            att_full += d.layers * (n_i + m_i) ** 2
+            att_comp += early * (n_i + m_i) ** 2 + (d.layers - early) * (b_i + m_i) ** 2
     return comp / full, att_comp / att_full
 
 
@@ -245,10 +273,9 @@ def _forward_fn(
 
     @torch.no_grad()
     def run():
-        with autocast():
-            return score_compressed(model, mask, batch, keep_ratio=keep_ratio, pad_token_id=pad, keep_first=keep_first)[
-                1
-            ].nll
+        return score_compressed(
+            model, mask, batch, keep_ratio=keep_ratio, pad_token_id=pad, keep_first=keep_first, autocast=autocast
+        )[1].nll
 
     return run
 
@@ -258,15 +285,7 @@ def _policy_fn(mask: ForgetMask, batch: ForgetBatch, keep_ratio: float, keep_fir
 
     @torch.no_grad()
     def run():
-        with autocast():
-            return mask.greedy(
-                batch.context_ids,
-                batch.context_mask,
-                forget_p=forget_share(keep_ratio),
-                keep_first=keep_first,
-                protect=batch.protect_mask,
-                units=batch.units(mask.unit),
-            )
+        return choose_keep(mask, batch, keep_ratio=keep_ratio, keep_first=keep_first, autocast=autocast)
 
     return run
 
@@ -278,7 +297,7 @@ def evaluate_forgetting(
     *,
     keep_ratios: list[float],
     pad_token_id: int,
-    strategies: tuple[str, ...] = BASELINES,
+    strategies: Sequence[str] = BASELINES,
     batch_size: int = 16,
     keep_first: bool = True,
     timing_repeats: int = 5,
@@ -288,10 +307,15 @@ def evaluate_forgetting(
     tokenizer=None,
     max_new_tokens: int = 0,
     per_example: bool = False,
+    scorer_is_lm: bool = True,
 ) -> list[dict]:
-    """One row per (strategy, keep ratio); see the module docstring. ``timing_repeats=0`` leaves out
-    the wall time and peak memory (where they would only measure noise, e.g. a tiny model on a CPU).
-    ``per_example``: each row also carries its examples' summed NLL, target tokens and groups."""
+    """One row per (strategy, keep ratio); see the module docstring. ``strategies``: names in the
+    strategy grammar (:mod:`~forgetful.input.strategy`), built on ``model``; ``policies``: strategies
+    built elsewhere, by the name to report. ``timing_repeats=0`` leaves out the wall time and peak
+    memory (where they would only measure noise, e.g. a tiny model on a CPU); a strategy that reads
+    the target (the oracle) is never timed. ``per_example``: each row also carries its examples'
+    summed NLL, target tokens and groups. ``scorer_is_lm``: the strategies' scorers read ``model``
+    itself (zero-shot), so forgetting at depth shares its first layers with them in the FLOP count."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -304,6 +328,7 @@ def evaluate_forgetting(
     work = [(name, r) for name in masks for r in keep_ratios]
     bar = tqdm(work, desc="eval-forget", disable=not progress)
     for name, ratio in bar:
+        bar.set_postfix_str(f"{name} @ {ratio:g}")
         mask = masks[name].to(device)
         if mask.name == "random":  # the same random subsets for every run
             mask.generator = torch.Generator(device=device).manual_seed(seed)
@@ -320,9 +345,12 @@ def evaluate_forgetting(
             max_new_tokens=max_new_tokens,
         )
         policy_flops = mask.extra_flops_per_token(int(batches[0].context_ids.shape[1]))
-        fr, afr = flops_ratios(config, batches, quality.pop("keeps"), policy_flops)
+        shared = mask.scorer_layers() if scorer_is_lm else 0
+        fr, afr = flops_ratios(
+            config, batches, quality.pop("keeps"), policy_flops, forget_layer=mask.forget_layer, shared_layers=shared
+        )
         wall = mem = mem_method = policy_ms = None
-        if timing_repeats:
+        if timing_repeats and not mask.reads_target:
             fwd = _forward_fn(model, mask, batches[0], ratio, pad_token_id, keep_first, autocast)
             wall = time_ms(fwd, device, warmup=1, repeats=timing_repeats)
             mem, mem_method = peak_memory_mb(fwd, device)
@@ -331,13 +359,17 @@ def evaluate_forgetting(
             {
                 "strategy": name,
                 "keep_ratio": ratio,
+                "forget_layer": mask.forget_layer,
+                "reference": mask.reads_target or None,
                 "kept_tokens": quality["kept_tokens"],
                 "context_tokens": quality["context_tokens"],
                 "nll": quality["nll"],
                 "ppl": quality["ppl"],
+                "nll_unread": quality["nll_unread"],
                 "fact_recall": quality["fact_recall"],
                 "answer_kept": quality["answer_kept"],
                 "rouge": quality["rouge"],
+                "oracle_search": quality["oracle"],
                 "flops_ratio": fr,
                 "attn_flops_ratio": afr,
                 "wall_ms": wall,
@@ -347,108 +379,9 @@ def evaluate_forgetting(
                 "peak_mem_mb": mem,
                 "mem_method": mem_method,
                 "batch_size": len(batches[0]),
+                "rows": len(quality["per_example"]["nll_sum"]),
                 "device": str(device),
                 **({"per_example": quality["per_example"]} if per_example else {}),
             }
         )
     return rows
-
-
-def add_speedups(rows: list[dict]) -> None:
-    """Speedup of each row against the identity at keep 1 (wall time and FLOPs)."""
-    ref = next((r for r in rows if r["strategy"] == "identity"), None)
-    for r in rows:
-        timed = ref is not None and ref["wall_ms"] and r["wall_ms"]
-        r["speedup"] = ref["wall_ms"] / r["wall_ms"] if timed else None
-        r["flops_speedup_ideal"] = 1.0 / r["flops_ratio"] if r["flops_ratio"] > 0 else None
-
-
-REFERENCES = {"identity": "full context", "none": "no context"}
-
-
-def write_report(rows: list[dict], out: Path, title: str = "Forgetting evaluation", notes: str = "") -> str:
-    """``results.json``, ``report.md`` with the table, and the plots (target NLL vs keep ratio; the
-    measured speedup vs keep ratio when the rows were timed); returns the markdown."""
-    from ..reporting import markdown_table, plot_lines, write_json, write_text
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(rows, out / "results.json")
-    names = [n for n in dict.fromkeys(r["strategy"] for r in rows) if n not in REFERENCES]
-
-    def line(name, key):
-        picked = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["keep_ratio"])
-        return [r["keep_ratio"] for r in picked], [r[key] for r in picked]
-
-    levels = {label: r["nll"] for n, label in REFERENCES.items() for r in rows if r["strategy"] == n}
-    plot_lines(
-        {n: line(n, "nll") for n in names},
-        out / "nll_vs_keep.png",
-        xlabel="keep ratio (share of the context kept)",
-        ylabel="target NLL (nats per token)",
-        title="Target NLL vs kept share of the context",
-        levels=levels,
-    )
-    timed = all(r.get("speedup") is not None for r in rows)
-    if timed:
-        ideal = [r for r in rows if r["strategy"] == "recency"] or rows
-        plot_lines(
-            {n: line(n, "speedup") for n in names},
-            out / "speedup_vs_keep.png",
-            xlabel="keep ratio",
-            ylabel="measured forward speedup",
-            title=f"Speedup vs keep ratio ({rows[0]['device']})",
-            reference=(
-                [r["keep_ratio"] for r in ideal],
-                [r["flops_speedup_ideal"] for r in ideal],
-                "FLOP-ideal (no policy cost)",
-            ),
-        )
-    cols = ["strategy", "keep_ratio", "kept_tokens", "nll", "ppl", "fact_recall", "flops_ratio", "attn_flops_ratio"]
-    if timed:
-        cols += ["wall_ms", "speedup", "peak_mem_mb"]
-    # the full context and no context do not depend on the keep ratio: one row each, not one per ratio
-    shown, seen = [], set()
-    for r in sorted(rows, key=lambda r: (-r["keep_ratio"], r["nll"])):
-        if r["strategy"] in REFERENCES:
-            if r["strategy"] in seen:
-                continue
-            r = {**r, "keep_ratio": "any"}
-            seen.add(r["strategy"])
-        shown.append(r)
-    table = markdown_table(shown, cols)
-    plots = "![target NLL vs keep ratio](nll_vs_keep.png)\n"
-    if timed:
-        plots += "\n![speedup vs keep ratio](speedup_vs_keep.png)\n"
-    md = f"# {title}\n\n{notes}\n\n{table}\n{plots}"
-    write_text(md, out / "report.md")
-    return md
-
-
-def paired_bootstrap(
-    a: dict, b: dict, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
-    """``(difference, low, high)``: the token-weighted mean target NLL of ``a`` minus that of ``b``
-    on the same examples (``per_example`` dicts of :func:`evaluate_strategy`), and its ``level``
-    percentile interval from resampling whole groups (an author's questions; a row without a group
-    is its own) with replacement, paired: one resample picks the same groups for both."""
-    import numpy as np
-
-    groups = np.asarray(a["group"])
-    if len(groups) != len(b["group"]) or (groups != np.asarray(b["group"])).any():
-        raise ValueError("paired bootstrap: the two strategies were not scored on the same examples")
-    groups = np.where(groups < 0, -1 - np.arange(len(groups)), groups)  # ungrouped rows: each its own
-    _, index = np.unique(groups, return_inverse=True)
-    count = int(index.max()) + 1
-    sums = [
-        np.bincount(index, weights=np.asarray(d[k], dtype=np.float64), minlength=count)
-        for d in (a, b)
-        for k in ("nll_sum", "tokens")
-    ]
-    na, ta, nb, tb = sums
-    point = na.sum() / ta.sum() - nb.sum() / tb.sum()
-    rng = np.random.default_rng(seed)
-    picks = rng.multinomial(count, np.full(count, 1.0 / count), size=resamples).astype(np.float64)
-    diff = (picks @ na) / (picks @ ta) - (picks @ nb) / (picks @ tb)
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(diff, [tail, 100 - tail])
-    return float(point), float(low), float(high)

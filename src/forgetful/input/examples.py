@@ -17,6 +17,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from ..data.embedded import biography_examples
+from ..data.multihop import MultihopOptions, multihop_rows
 from ..data.sources import EMBEDDED, load_rows, load_text_corpus, text_windows, tokenize_stream
 from ..errors import ForgetfulError
 from ..tokens import bos_ids, encode_text, overlap_mask, pad_sequences, with_special_tokens
@@ -70,12 +71,14 @@ def tofu_qa_examples(
     answers_per_distractor: int = 2,
     seed: int = 0,
     num_authors: int = 200,
+    held_out: int = TOFU_QA_HELD_OUT,
 ) -> Dataset:
     """Question answering over a passage, from TOFU: for each author, a passage of that author's
     answers in shuffled order mixed with answers of ``distractor_authors`` other authors
     (``answers_per_distractor`` each), then one of the author's questions; the target is its answer.
     Only the passage can be forgotten: the question (and the chat template around it) is protected.
-    ``part="train"``: every author but the last 20; ``"eval"``: the last 20 (forget10's), whose
+    ``part="train"``: every author but the last ``held_out`` (20: forget10's; at most half);
+    ``"eval"``: those, whose
     passages draw distractors from the held-out authors only, so no held-out answer ever reaches
     training. ``fact_mask`` marks the passage tokens of the answer asked about (a strategy that keeps
     them can copy the answer); ``unit_ids`` declares the task's units, one per answer in the passage
@@ -90,7 +93,9 @@ def tofu_qa_examples(
     rows = load_tofu_split(source, "full", num_authors=num_authors, seed=seed)
     per_author = 20
     authors = [rows[i : i + per_author] for i in range(0, len(rows), per_author)]
-    held = min(TOFU_QA_HELD_OUT, len(authors) // 2)
+    if held_out < 1:
+        raise ForgetfulError(f"TOFU-QA holds out at least one author, got held_out={held_out}")
+    held = min(held_out, len(authors) // 2)
     pool = list(range(len(authors) - held)) if part == "train" else list(range(len(authors) - held, len(authors)))
     if len(pool) <= distractor_authors:
         raise ForgetfulError(
@@ -116,7 +121,7 @@ def tofu_qa_examples(
                 spans.append((start, len(passage)))
                 if j == q:  # the author's own answer to the question asked
                     span = (start, len(passage))
-            enc = _encode_passage_question(tokenizer, passage, authors[a][q]["question"])
+            enc = encode_passage_question(tokenizer, passage, authors[a][q]["question"])
             ids, offsets, passage_at = enc
             in_passage = overlap_mask(offsets, [(passage_at, passage_at + len(passage))])
             facts = overlap_mask(offsets, [(passage_at + span[0], passage_at + span[1])])
@@ -146,6 +151,64 @@ def tofu_qa_examples(
     return add_sentence_ids(ds, tokenizer)
 
 
+def multihop_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    part: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    options: MultihopOptions | None = None,
+) -> Dataset:
+    """Multi-hop question answering over a passage (:mod:`forgetful.data.multihop`): the question
+    names a book, the answer is an attribute of its author, and the author (the bridge) appears only
+    in the passage, among distractor chains with the same relations. The columns of
+    :func:`tofu_qa_examples`: ``context_ids`` (passage + question, through the chat template when the
+    tokenizer has one), ``target_ids`` (the answer entity + EOS), ``protect_mask`` (1 outside the
+    passage), ``fact_mask`` (1 on the two hop sentences), ``unit_ids`` (one unit per passage
+    sentence, in reading order; -1 outside the passage), ``group`` (the asked author), ``answer`` and
+    ``sentence_ids``; plus ``hop_units`` (the units of hop 1 and hop 2) and ``attribute`` (the
+    relation asked about). With ``options.answer_cue`` (the default) the answer opens with the row's
+    cue ("The author of <book> was born in", protected) and the target continues it (" Lisbon" +
+    EOS); without it the target is the bare entity, as in TOFU-QA. ``part``: ``"train"`` or
+    ``"eval"`` (disjoint authors); ``n`` rows (default: one per author of the part)."""
+    options = options or MultihopOptions()
+    rows = multihop_rows(n, part=part, seed=seed, options=options)
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "context_ids",
+            "target_ids",
+            "protect_mask",
+            "fact_mask",
+            "unit_ids",
+            "group",
+            "answer",
+            "hop_units",
+            "attribute",
+        )
+    }
+    for row in rows:
+        passage = row.passage
+        ids, offsets, at = encode_passage_question(tokenizer, passage, row.question)
+        spans = [(at + s, at + e) for s, e in row.sentence_spans()]
+        in_passage = overlap_mask(offsets, [(at, at + len(passage))])
+        # the cue opens the answer (the assistant's turn, or after "Answer:"): protected, in no unit
+        cue_text = row.cue if tokenizer.chat_template else " " + row.cue
+        cue = encode_text(tokenizer, cue_text) if options.answer_cue else []
+        pad = [0] * len(cue)
+        cols["context_ids"].append(list(ids) + cue)
+        cols["protect_mask"].append((~in_passage).astype(np.int8).tolist() + [1] * len(cue))
+        cols["fact_mask"].append(overlap_mask(offsets, [spans[h] for h in row.hops]).astype(np.int8).tolist() + pad)
+        cols["unit_ids"].append(_span_units(offsets, spans).tolist() + [-1] * len(cue))
+        answer = row.answer if tokenizer.chat_template and not cue else " " + row.answer
+        cols["target_ids"].append(with_special_tokens(tokenizer, encode_text(tokenizer, answer), bos=False))
+        cols["group"].append(row.group)
+        cols["answer"].append(row.answer)
+        cols["hop_units"].append(list(row.hops))
+        cols["attribute"].append(row.attribute)
+    return add_sentence_ids(Dataset.from_dict(cols), tokenizer)
+
+
 def _span_units(offsets, spans: list[tuple[int, int]]) -> np.ndarray:
     """Index of the span each token overlaps (the first, for a token across two), -1 for none."""
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
@@ -156,7 +219,7 @@ def _span_units(offsets, spans: list[tuple[int, int]]) -> np.ndarray:
     return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
 
 
-def _encode_passage_question(tokenizer, passage: str, question: str) -> tuple[list[int], list, int]:
+def encode_passage_question(tokenizer, passage: str, question: str) -> tuple[list[int], list, int]:
     """Token ids of the prompt (chat template when there is one), their character offsets, and where
     the passage starts in the prompt text."""
     if tokenizer.chat_template:
@@ -185,6 +248,7 @@ def load_forget_examples(
     config_name: str | None = None,
     split: str = "train",
     tofu_qa: str | None = None,
+    unread_length: int = 0,
 ) -> Dataset:
     """Input-forgetting examples from any source.
 
@@ -192,7 +256,8 @@ def load_forget_examples(
     * ``tofu_qa="train"`` or ``"eval"`` with a TOFU source (a folder of ``<split>.json``, the Hub
       name, or ``None`` for the embedded TOFU data): :func:`tofu_qa_examples`;
     * JSON rows with ``context`` and ``target`` fields: question-answer examples;
-    * text (files, folders, Hub datasets): windows of ``context_length`` + ``target_length``.
+    * text (files, folders, Hub datasets): windows of ``context_length`` + ``target_length`` (and
+      ``unread_length`` tokens after the target, ``unread_ids``, scored but never trained on).
     """
     if tofu_qa is not None:
         ds = tofu_qa_examples(tokenizer, source, part=tofu_qa, seed=seed)
@@ -204,7 +269,9 @@ def load_forget_examples(
             ds = qa_examples(rows, tokenizer)
         else:
             corpus = load_text_corpus(source, config_name=config_name, split=split)
-            ds = text_windows(tokenize_stream(corpus, tokenizer), context_length, target_length, stride)
+            ds = text_windows(
+                tokenize_stream(corpus, tokenizer), context_length, target_length, stride, unread_length=unread_length
+            )
     if len(ds) == 0:
         raise ForgetfulError(f"no input-forgetting examples could be made from {source}")
     if max_examples is not None:
@@ -229,6 +296,7 @@ class ForgetBatch:
     sentence_ids: torch.Tensor | None = None  # [B, n] long: sentence of each context token (-1: padding)
     unit_ids: torch.Tensor | None = None  # [B, n] long: the task's unit of each context token (-1: none)
     group: torch.Tensor | None = None  # [B] long: what the row belongs to (its author), for the bootstrap
+    unread_ids: torch.Tensor | None = None  # [B, u] long: the tokens after the target (text windows)
     context_length: int | None = None
     target_length: int | None = None
     answers: tuple[str, ...] | None = None  # reference answers, for ROUGE of generated ones
@@ -243,6 +311,7 @@ class ForgetBatch:
         "sentence_ids",
         "unit_ids",
         "group",
+        "unread_ids",
     )
 
     def _map(self, fn) -> ForgetBatch:
@@ -287,6 +356,11 @@ class ForgetCollator:
                 flags[column] = pad_sequences([r[column] for r in rows], -1)[0]
         if "group" in rows[0]:
             flags["group"] = torch.tensor([int(r["group"]) for r in rows])
+        if "unread_ids" in rows[0]:
+            unread = [r["unread_ids"] for r in rows]
+            if _uniform(unread) is None:
+                raise ForgetfulError("unread_ids must have one length in every row (the tokens after each window)")
+            flags["unread_ids"] = torch.tensor(unread, dtype=torch.long)
         answers = tuple(r["answer"] for r in rows) if "answer" in rows[0] else None
         return ForgetBatch(
             ctx,

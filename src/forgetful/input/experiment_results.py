@@ -1,6 +1,22 @@
 """The forget experiment's folder: ``results.json`` (``env`` and the rows) and ``per_example.json``
-written under one file lock (several processes, one per keep ratio, may share a folder), the paired
-bootstrap intervals of learned rows against the best baseline, and ``report.md`` with its plots."""
+written under one file lock (several processes, one per keep ratio, may share a folder), and the
+paired comparisons of every learned row (:func:`add_comparisons`), which the report
+(:mod:`.experiment_report`) prints.
+
+For a learned row (one policy, learner and seed, at one keep ratio and protocol), each against
+the same held-out rows, paired over their groups (:mod:`.stats`: interval and sign-flip p):
+
+* ``vs_matched``: the best **compute-matched** baseline - the lowest NLL among strategies that are
+  not learned, whose FLOPs ratio is at most the learned row's (the full context, no context and
+  the oracle excepted);
+* ``vs_best``: the best baseline whatever its FLOPs;
+* ``vs_prior``: the policy's own prior (a residual policy over ``recency`` at sentences: the row
+  ``recency@sentence``) - what learning added;
+* ``vs_equal_flops``: the ``flops_matched`` strategy at the keep ratio of the same FLOPs;
+* ``gap`` (zero-shot): ``(matched - learned) / (matched - oracle)`` on the rows the oracle scored,
+  and ``gap_unread`` on the tokens after the target (text), printed where the headroom's interval
+  excludes 0.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +27,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ForgetfulError
-from ..reporting import as_json_values, markdown_table, plot_ranked_bars, write_json, write_text
-from .evaluation import paired_bootstrap
-from .policies import mask_names, parse_strategy
-from .reinforce import ForgetTrainingConfig
+from ..reporting import as_json_values, write_json
+from .policies import is_learned, parse_strategy
+from .stats import NLL, UNREAD, compare, gap_closed
 
-# -- the results folder: shared by processes, one lock ---------------------------------------
+REFERENCES = ("identity", "none")
 
 
 @contextlib.contextmanager
@@ -54,21 +69,23 @@ def record_run(out: Path, run: str, rows: list[dict], per_example: dict, env: di
     write the report again; returns every row. ``results.json`` keeps every configuration that
     wrote a run, with the runs it wrote (``configs``): processes of other keep ratios or strategy
     lists share the folder."""
+    from .experiment_report import write_experiment_report
+
     with _locked(out):
         _, found = read_results(out)
         found = [r for r in found if r["run"] != run] + rows
         examples = _read_json(out / "per_example.json", {})
         examples[run] = per_example
-        add_intervals(found, examples, config.bootstrap, training.seed)
+        add_comparisons(found, examples, config.bootstrap, training.seed)
         write_json(examples, out / "per_example.json")
         config_values = as_json_values({**asdict(config), "training": asdict(training)})
-        configs = _configs_with(_read_json(out / "results.json", {}), run, config_values)
+        configs = configs_with(_read_json(out / "results.json", {}), run, config_values)
         write_json({"env": env, "configs": configs, "rows": found}, out / "results.json")
-        _report(found, config, training, out)
+        write_experiment_report(found, config, training, out)
     return found
 
 
-def _configs_with(results, run: str, config: dict) -> list[dict]:
+def configs_with(results, run: str, config: dict) -> list[dict]:
     """The ``configs`` of a results file with ``run`` moved to ``config``'s entry (made if new); an
     entry left without runs is dropped. A file of an older layout (one ``config``) has none."""
     entries = results.get("configs", []) if isinstance(results, dict) else []
@@ -82,121 +99,89 @@ def _configs_with(results, run: str, config: dict) -> list[dict]:
     return entries
 
 
-def add_intervals(rows: list[dict], examples: dict, resamples: int, seed: int) -> None:
-    """Every learned row: ``ci95`` of its NLL minus the best baseline's at the same protocol and keep
-    ratio (the best baseline: the lowest NLL among strategies that are not learned, the full context
-    excepted), from a paired bootstrap over held-out groups."""
-    learned = set(mask_names(learned=True))
+# -- comparisons ----------------------------------------------------------------------------------
+
+
+def example_key(row: dict) -> str:
+    """The key of a row's examples in ``per_example.json``: strategy and keep ratio, and for a
+    learned policy its learner and seed, for an equal-FLOPs row the policy it matches."""
+    key = f"{row['strategy']}@{row['keep_ratio']:g}"
+    if row.get("learner"):
+        key += f"/{row['learner']}/s{row['seed']}"
+    if row.get("flops_matched_for"):
+        key += f"=flops/{row['flops_matched_for']}"
+    return key
+
+
+def is_baseline(row: dict) -> bool:
+    """A strategy that is not learned, scored at its keep ratio: the peers of learned rows."""
+    return (
+        row["protocol"] in ("zero_shot", "finetuned")
+        and not row.get("reference")
+        and not row.get("flops_matched_for")
+        and row["strategy"] not in REFERENCES
+        and not is_learned(row["strategy"])
+    )
+
+
+def prior_strategy(row: dict) -> str | None:
+    """The baseline a residual policy started from, at its unit: ``recency@sentence`` for
+    ``residual@sentence`` over recency."""
+    prior = row.get("prior")
+    if not prior:
+        return None
+    unit = parse_strategy(row["strategy"]).unit
+    return prior if unit == "token" else f"{prior}@{unit}"
+
+
+def add_comparisons(rows: list[dict], examples: dict, resamples: int, seed: int) -> None:
+    """Every learned row (zero-shot or finetuned): its paired comparisons (see the module
+    docstring), written into the row."""
+    priors = {
+        (r["strategy"], r["learner"], r["seed"], r["keep_ratio"]): r.get("prior")
+        for r in rows
+        if r["protocol"] == "policy_training"
+    }
+
+    def per_example(r):
+        return examples.get(r["run"], {}).get(example_key(r))
+
     for r in rows:
-        if r["protocol"] == "policy_training" or parse_strategy(r["strategy"])[0] not in learned:
+        if r["protocol"] not in ("zero_shot", "finetuned") or not r.get("learner"):
             continue
+        for key in ("vs_matched", "vs_best", "vs_prior", "vs_equal_flops", "gap", "gap_unread"):
+            r.pop(key, None)
+        mine = per_example(r)
+        if mine is None:
+            continue
+        r.setdefault("prior", priors.get((r["strategy"], r["learner"], r["seed"], r["keep_ratio"])))
         peers = [
-            p
-            for p in rows
-            if p["protocol"] == r["protocol"]
-            and p["keep_ratio"] == r["keep_ratio"]
-            and p["strategy"] != "identity"
-            and parse_strategy(p["strategy"])[0] not in learned
+            p for p in rows if p["protocol"] == r["protocol"] and p["keep_ratio"] == r["keep_ratio"] and is_baseline(p)
         ]
-        r.pop("ci95", None)
-        if not peers:
-            continue
-        best = min(peers, key=lambda p: p["nll"])
-        a = examples.get(r["run"], {}).get(f"{r['strategy']}@{r['keep_ratio']:g}")
-        b = examples.get(best["run"], {}).get(f"{best['strategy']}@{best['keep_ratio']:g}")
-        if a is None or b is None:
-            continue
-        diff, lo, hi = paired_bootstrap(a, b, resamples=resamples, seed=seed)
-        r.update(best_baseline=best["strategy"], diff_vs_best=diff, ci95=[lo, hi])
-
-
-# -- the report -----------------------------------------------------------------------------------
-
-COLUMNS = [
-    "strategy",
-    "keep_ratio",
-    "nll",
-    "diff_vs_best",
-    "ci95",
-    "rouge",
-    "answer_kept",
-    "fact_recall",
-    "kept_tokens",
-]
-COLUMNS_TAIL = ["flops_ratio", "policy_share", "lm_sequences", "epochs"]
-
-
-def _report(rows: list[dict], config, training: ForgetTrainingConfig, out: Path) -> None:
-    """``config``: the experiment's :class:`~.experiment.ForgetExperimentConfig`. report.md (policy training, then a table and a plot per protocol: strategies ranked by target
-    NLL per keep ratio, learned policies highlighted with their interval)."""
-    learned = set(mask_names(learned=True))
-    parts = [
-        f"# Input forgetting, fair protocol: {config.task}\n",
-        f"Base LM `{config.model}`. **Zero-shot**: every strategy on the frozen base LM (learned policies were trained "
-        "on it, the LM never). **Finetuned**: each strategy on an LM finetuned on its own keep sets, every LM on the "
-        f"same rows for the same epochs (`lm_sequences`); learned policies frozen meanwhile. LM learning rate "
-        f"{training.lm_learning_rate:g}, batch {training.per_device_batch_size}, seed {training.seed}. `ci95`: paired "
-        "bootstrap over held-out groups of a learned row's NLL minus the best baseline's (`diff_vs_best`); negative "
-        "is better. `policy_share`: the policy's time over the LM forward it serves.\n",
-    ]
-    trained = [r for r in rows if r["protocol"] == "policy_training"]
-    if trained:
-        parts += [
-            "## Policy training\n",
-            "Validation NLL (training rows held out of policy training) of the untrained prior, after the warm start, "
-            "and the best REINFORCE step; `chosen` is the one kept.\n",
-            markdown_table(
-                sorted(trained, key=lambda r: -r["keep_ratio"]),
-                [
-                    "strategy",
-                    "keep_ratio",
-                    "prior",
-                    "val_nll_prior",
-                    "val_nll_warm_start",
-                    "val_nll_best",
-                    "chosen",
-                    "policy_steps",
-                    "num_samples",
-                    "seconds_reinforce",
-                ],
-            ),
-        ]
-        parts += [
-            f"![training at keep {r['keep_ratio']:g}](policies/{r['strategy'].split('@')[0]}_{r['keep_ratio']:g}/training.png)\n"
-            for r in trained
-        ]
-    for protocol in ("zero_shot", "finetuned"):
-        picked = sorted((r for r in rows if r["protocol"] == protocol), key=lambda r: (-r["keep_ratio"], r["nll"]))
-        if not picked:
-            continue
-        shown = [c for c in COLUMNS + COLUMNS_TAIL if any(r.get(c) is not None for r in picked)]
-        parts += [f"## {protocol.replace('_', ' ')}\n", markdown_table(picked, shown)]
-        panels = {}
-        for keep in sorted({r["keep_ratio"] for r in picked}, reverse=True):
-            bars = [
-                {
-                    "label": r["strategy"],
-                    "value": r["nll"],
-                    "highlight": parse_strategy(r["strategy"])[0] in learned,
-                    "interval": None,
-                }
-                for r in picked
-                if r["keep_ratio"] == keep and r["strategy"] not in ("identity", "none")
-            ]
-            panels[f"keep {keep:g}"] = bars
-        references = {
-            label: next(r["nll"] for r in picked if r["strategy"] == name)
-            for label, name in (("full context", "identity"),)
-            if any(r["strategy"] == name for r in picked)
+        matched = [p for p in peers if p["flops_ratio"] <= r["flops_ratio"] + 1e-9]
+        prior = prior_strategy(r)
+        targets = {
+            "vs_matched": min(matched, key=lambda p: p["nll"], default=None),
+            "vs_best": min(peers, key=lambda p: p["nll"], default=None),
+            "vs_prior": next((p for p in peers if p["strategy"] == prior), None),
+            "vs_equal_flops": next((p for p in rows if p.get("flops_matched_for") == r.get("label")), None),
         }
-        if any(panels.values()):
-            plot_ranked_bars(
-                panels,
-                out / f"nll_{protocol}.png",
-                xlabel="target NLL (nats per token)",
-                title=f"{config.task}: {protocol.replace('_', ' ')} (orange: learned)",
-                levels=references,
-            )
-            parts.append(f"![{protocol}](nll_{protocol}.png)\n")
-    parts.append(f"\nConfig: `{asdict(config)}`\n")
-    write_text("\n".join(parts), out / "report.md")
+        for key, other in targets.items():
+            theirs = per_example(other) if other is not None else None
+            if theirs is not None:
+                r[key] = {"baseline": other["strategy"], **compare(mine, theirs, resamples=resamples, seed=seed)}
+        oracle = next(
+            (
+                o
+                for o in rows
+                if o.get("reference") and o["protocol"] == "zero_shot" and o["keep_ratio"] == r["keep_ratio"]
+            ),
+            None,
+        )
+        base = targets["vs_matched"]
+        if r["protocol"] == "zero_shot" and oracle is not None and base is not None and per_example(oracle) is not None:
+            three = [per_example(base), mine, per_example(oracle)]
+            for key, keys in (("gap", NLL), ("gap_unread", UNREAD)):
+                if all(keys[0] in d for d in three):
+                    found = gap_closed(*three, resamples=resamples, seed=seed, keys=keys, rows=oracle["rows"])
+                    r[key] = {"baseline": base["strategy"], "oracle_rows": oracle["rows"], **found}

@@ -66,6 +66,30 @@ def forward_flops(config, length: int, logit_positions: int | None = None) -> fl
     return linear + attention + head
 
 
+def depth_forward_flops(
+    config, full_length: int, kept_length: int, forget_layer: int, logit_positions: int | None = None
+) -> float:
+    """Forward FLOPs of a row forgotten at depth (:mod:`~forgetful.input.depth`): the first
+    ``forget_layer`` layers at ``full_length`` tokens, the others at ``kept_length``, logits at
+    ``logit_positions`` (default every kept position). ``forget_layer`` 0 is input forgetting."""
+    d = decoder_dims(config)
+    early = min(max(forget_layer, 0), d.layers)
+
+    def layers(count: int, length: int) -> float:
+        return 2.0 * count * (d.layer_matmul_params * length + d.hidden * length * length)
+
+    h = kept_length if logit_positions is None else logit_positions
+    return layers(early, full_length) + layers(d.layers - early, kept_length) + 2.0 * d.hidden * d.vocab * h
+
+
+def body_flops_per_token(config, length: int, layers: int) -> float:
+    """FLOPs per token of the first ``layers`` decoder layers over a row of ``length`` tokens (no
+    head): what a scorer that reads early layers pays, and what forgetting at depth shares with it."""
+    d = decoder_dims(config)
+    count = min(max(layers, 0), d.layers)
+    return 2.0 * count * (d.layer_matmul_params + d.hidden * length)
+
+
 def forward_flops_per_token(config, length: int) -> float:
     """Average forward FLOPs per token at ``length`` (logits everywhere)."""
     return forward_flops(config, length) / max(length, 1)

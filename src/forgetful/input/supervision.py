@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ForgetfulError
-from .compression import _eligible, compress_examples, compressed_nll
+from .compression import compress_examples, compressed_nll, eligible_tokens
 from .examples import ForgetBatch
 from .policies import ForgetMask
 from .policies.residual import standardise
@@ -45,7 +45,7 @@ def leave_one_unit_out(
     """``(labels, present)``, both ``[B, n]`` over unit slots: the rise of each row's mean target
     NLL when that unit's tokens leave the full context, and which slots are units of the row."""
     autocast = autocast or contextlib.nullcontext
-    eligible, _ = _eligible(batch.context_mask, keep_first, batch.protect_mask)
+    eligible, _ = eligible_tokens(batch.context_mask, keep_first, batch.protect_mask)
     present = unit_sizes(units, eligible) > 0
     labels = torch.zeros(present.shape, dtype=torch.float32, device=units.device)
     pairs = present.nonzero()  # (row, unit) of every unit to leave out
@@ -133,7 +133,7 @@ def warm_start(
     policy.train()
     for step in tqdm(range(steps), desc="warm-start fit", disable=not progress):
         b, units, target, present = labelled[step % len(labelled)]
-        eligible, _ = _eligible(b.context_mask, keep_first, b.protect_mask)
+        eligible, _ = eligible_tokens(b.context_mask, keep_first, b.protect_mask)
         with autocast():
             logits = policy.keep_logits(b.context_ids, b.context_mask, protect=b.protect_mask, units=units)
         scores = unit_scores(logits.float(), units, eligible)

@@ -31,7 +31,14 @@ from ..nll_backends import training_loss_backend
 from ..tokens import pad_token_id
 from ..training.interrupts import StopOnSignal, TrainingInterrupted
 from . import reinforce_core as core
-from .compression import _eligible, budget_counts, compress_examples, compressed_nll, gumbel_topk_keep, kept_counts
+from .compression import (
+    budget_counts,
+    compress_examples,
+    compressed_nll,
+    eligible_tokens,
+    gumbel_topk_keep,
+    kept_counts,
+)
 from .examples import ForgetBatch, ForgetCollator
 from .policies import ForgetMask, LearnedForgetMask
 from .reinforce_config import (
@@ -200,7 +207,7 @@ class ForgetMaskTrainer(TrainerIO):
         K = noise.shape[0]
         b = batch.to(acc.device)
         noise, rand_noise, explore_rows = noise.to(acc.device), rand_noise.to(acc.device), explore_rows.to(acc.device)
-        eligible, forced = _eligible(b.context_mask, args.keep_first, b.protect_mask)
+        eligible, forced = eligible_tokens(b.context_mask, args.keep_first, b.protect_mask)
         k = budget_counts(b.context_mask, keep_first=args.keep_first, protect=b.protect_mask, **self._budget_kwargs())
         units = b.units(self.inner_policy.unit)
         use_policy = phase.train_policy or not phase.explore >= 1.0
@@ -235,6 +242,7 @@ class ForgetMaskTrainer(TrainerIO):
                 b.target_mask,
                 self.pad_token_id,
                 self._kept_per_row(b, use_policy),
+                forget_layer=self.inner_policy.forget_layer,
             )
             train_lm = phase.train_lm and self.trains_lm
             with torch.set_grad_enabled(train_lm):

@@ -139,7 +139,7 @@ def unit_sizes(units: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(units).scatter_add(-1, _scatter_slots(units, eligible), inside)
 
 
-def _fill_by_unit_order(
+def fill_by_unit_order(
     rank: torch.Tensor, units: torch.Tensor, eligible: torch.Tensor, forced: torch.Tensor, k_free: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep tokens unit by unit in ``rank`` order (``[..., B, n]``, 0 = first), each unit's tokens
@@ -170,7 +170,7 @@ def unit_topk_keep(
     rank = torch.empty_like(order).scatter(
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
     )
-    keep, _ = _fill_by_unit_order(rank, units, eligible, forced, free_budget(k, eligible, forced))
+    keep, _ = fill_by_unit_order(rank, units, eligible, forced, free_budget(k, eligible, forced))
     return keep
 
 
@@ -194,7 +194,7 @@ def unit_gumbel_keep(
     positions = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
     rank = torch.empty_like(order).scatter(-1, order, positions)
     k_free = free_budget(k, eligible, forced)
-    keep, touched = _fill_by_unit_order(rank, units, eligible, forced, k_free)
+    keep, touched = fill_by_unit_order(rank, units, eligible, forced, k_free)
     # tokens in no unit fill what the units could not: they are no draw of the ordering
     touched = torch.minimum(touched, drawable.sum(-1))
     log_prob = plackett_luce_log_prob(finite.expand(order.shape), order, touched)

@@ -211,3 +211,45 @@ class AttentionScoreMask(ForgetMask):
         # the decoder layers it runs (no LM head), and the window's attention scores (small)
         body = forward_flops(config, context_length, logit_positions=0) * used
         return body / max(context_length, 1)
+
+    def scorer_layers(self) -> int:
+        return max(self.layers) + 1 if self.layers else num_layers(self._scorer)
+
+
+def _layer_count(model: nn.Module, layer: int | None, default: int, what: str) -> int:
+    total = num_layers(model)
+    layer = min(default, total) if layer is None else layer
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= total:
+        raise ForgetfulError(f"{what}: layer must lie in 1..{total} (this model's layers), got {layer!r}")
+    return layer
+
+
+@register_mask("snapkv")
+class SnapKVMask(AttentionScoreMask):
+    """SnapKV (Li et al. 2024) as one selection for the whole model, at a depth: the attention the
+    question (the protected tokens after the passage, else the last ``window`` tokens, SnapKV's
+    observation window) pays each token, summed over heads and over the first ``layer`` layers
+    (default: all), average-pooled over ``pool`` neighbours (5, kvpress's kernel), the window kept
+    first. ``layer=L`` runs L layers: the compute-matched peer of a policy that reads L layers."""
+
+    name = "snapkv"
+
+    def __init__(self, scorer_model: nn.Module, layer: int | None = None, window: int = 32, pool: int = 5):
+        layer = _layer_count(scorer_model, layer, num_layers(scorer_model), "snapkv")
+        super().__init__(scorer_model, window=window, layers=list(range(layer)), pool=pool)
+        self.layer = layer
+
+
+@register_mask("gemfilter")
+class GemFilterMask(AttentionScoreMask):
+    """GemFilter (Shi et al. 2024): the attention of the query - the question where the row has one,
+    else its last ``window`` tokens (GemFilter reads the last token) - at ONE early layer, the
+    ``layer``-th (default 12, GemFilter's depth for 32-layer models, or the model's last), summed
+    over heads; no pooling; the top-k kept in reading order. Runs ``layer`` layers."""
+
+    name = "gemfilter"
+
+    def __init__(self, scorer_model: nn.Module, layer: int | None = None, window: int = 1, pool: int = 0):
+        layer = _layer_count(scorer_model, layer, 12, "gemfilter")
+        super().__init__(scorer_model, window=window, layers=[layer - 1], pool=pool)
+        self.layer = layer

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ...errors import ForgetfulError
-from ..compression import KeepSample, _eligible, bernoulli_keep, budget_counts, gumbel_topk_keep, topk_keep
+from ..compression import KeepSample, bernoulli_keep, budget_counts, eligible_tokens, gumbel_topk_keep, topk_keep
+from ..strategy import StrategySpec, parse_strategy
 from ..units import check_unit, unit_gumbel_keep, unit_ids, unit_topk_keep
 
 MODES = ("exact", "bernoulli")
@@ -64,14 +65,29 @@ def mask_names(*, learned: bool | None = None) -> list[str]:
     return [n for n, spec in MASKS.items() if learned is None or spec.learned == learned]
 
 
-def parse_strategy(spec: str) -> tuple[str, str]:
-    """``"lexical@task"`` -> ``("lexical", "task")``; a name without ``@`` selects tokens."""
-    name, _, unit = str(spec).partition("@")
-    return name, check_unit(unit) if unit else "token"
+def is_learned(strategy: str | StrategySpec) -> bool:
+    """Whether a strategy name is a learned policy (a registered learned name, or a saved policy)."""
+    spec = parse_strategy(strategy)
+    return spec.path is not None or (spec.name in MASKS and MASKS[spec.name].learned)
+
+
+def _accepted_options(cls: type) -> set[str] | None:
+    """The keyword options a policy class takes (its ``__init__`` and, through ``**kw``, its
+    parents'); None when some class takes any."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names - {"self", "base_llm_model", "scorer_model", "generator"}
+    return None
 
 
 def build_mask(
-    name: str,
+    name: str | StrategySpec,
     model: nn.Module | None = None,
     *,
     seed: int = 0,
@@ -79,21 +95,57 @@ def build_mask(
     learned: bool | None = None,
     **options,
 ) -> ForgetMask:
-    """The policy registered as ``name``: a learned one reads ``model``'s embeddings, the
-    self-information baseline scores with ``model``, the random baseline draws from a generator
-    seeded with ``seed`` on ``device``. ``learned`` restricts the names accepted. ``name@unit``
-    (``recency@sentence``, ``lexical@task``, ``random@chunk:64``) makes the policy keep whole units
-    (:mod:`~forgetful.input.units`); so does the option ``unit=``."""
-    name, unit = parse_strategy(name)
-    names = mask_names(learned=learned)
-    if name not in names:
-        raise ForgetfulError(f"unknown mask '{name}'; choose from {', '.join(names)}")
-    spec = MASKS[name]
-    unit = options.pop("unit", None) or unit
-    if spec.learned and "unit" in inspect.signature(spec.cls.__init__).parameters:
-        return spec.cls.create(model, seed=seed, device=device, **{**spec.defaults, **options, "unit": unit})
-    mask = spec.cls.create(model, seed=seed, device=device, **{**spec.defaults, **options})
-    return mask.with_unit(unit)
+    """The policy a strategy names (:mod:`~forgetful.input.strategy`'s grammar,
+    ``name[:key=value,...][@unit]``, or a saved policy's folder): a learned one reads ``model``'s
+    embeddings, the scorers (self-information, attention, the oracle) score with ``model``, the
+    random baseline draws from a generator seeded with ``seed`` on ``device``. ``learned``
+    restricts the names accepted. ``@unit`` (or the option ``unit=``) makes the policy keep whole
+    units (:mod:`~forgetful.input.units`); the option ``forget_layer=L`` drops the forgotten tokens
+    after layer ``L`` instead of at the input (:mod:`~forgetful.input.depth`). Keyword ``options``
+    win over the ones in the name."""
+    spec = parse_strategy(name)
+    given = dict(spec.options)
+    merged = {**spec.kwargs, **options}
+    forget_layer = merged.pop("forget_layer", 0)
+    unit = merged.pop("unit", None) or spec.unit
+    if spec.path is not None:
+        from .learned import LearnedForgetMask
+
+        if learned is False:
+            raise ForgetfulError(f"strategy '{spec}' is a learned policy; a baseline is expected here")
+        if merged:
+            raise ForgetfulError(
+                f"a saved policy ({spec.path}) takes only forget_layer and @unit, got {sorted(merged)}"
+            )
+        mask = LearnedForgetMask.from_pretrained(spec.path, model)
+        if unit != "token":
+            mask.with_unit(unit)
+    else:
+        names = mask_names(learned=learned)
+        if spec.name not in names:
+            raise ForgetfulError(f"unknown strategy '{spec.name}'; choose from {', '.join(names)} (or a policy folder)")
+        entry = MASKS[spec.name]
+        accepted = _accepted_options(entry.cls)
+        unknown = sorted(set(merged) - accepted) if accepted is not None else []
+        if unknown:
+            raise ForgetfulError(
+                f"strategy '{spec}': {spec.name} has no option {', '.join(unknown)}; "
+                f"its options: {', '.join(sorted(accepted | {'forget_layer'})) or 'forget_layer'}"
+            )
+        kwargs = {**entry.defaults, **merged}
+        if entry.learned and "unit" in inspect.signature(entry.cls.__init__).parameters:
+            mask = entry.cls.create(model, seed=seed, device=device, **kwargs, unit=unit)
+        else:
+            try:
+                mask = entry.cls.create(model, seed=seed, device=device, **kwargs)
+            except TypeError as exc:
+                raise ForgetfulError(f"strategy '{spec}': {exc}") from None
+            mask.with_unit(unit)
+    if isinstance(forget_layer, bool) or not isinstance(forget_layer, int) or forget_layer < 0:
+        raise ForgetfulError(f"strategy '{spec}': forget_layer must be a layer count >= 0, got {forget_layer!r}")
+    mask.forget_layer = forget_layer
+    mask.spec_options = tuple((k, v) for k, v in sorted(given.items()) if k != "forget_layer")
+    return mask
 
 
 def attention_or_ones(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -135,6 +187,12 @@ class ForgetMask(nn.Module):
     name: ClassVar[str] = "mask"
     #: what is kept or forgotten together (:mod:`~forgetful.input.units`); ``token`` by default
     unit: str = "token"
+    #: drop the forgotten tokens after this many layers (0: at the input; :mod:`~forgetful.input.depth`)
+    forget_layer: int = 0
+    #: the options its strategy name gave (reported in :attr:`strategy`)
+    spec_options: tuple = ()
+    #: a reference that reads the target (the oracle): scored apart, never a baseline
+    reads_target: ClassVar[bool] = False
 
     def keep_logits(
         self,
@@ -166,15 +224,19 @@ class ForgetMask(nn.Module):
 
     @property
     def strategy(self) -> str:
-        """The name this policy is reported under: ``recency``, ``lexical@task``, ..."""
-        return self.name if self.unit == "token" else f"{self.name}@{self.unit}"
+        """The name this policy is reported under, in the strategy grammar: ``recency``,
+        ``lexical@task``, ``snapkv:layer=4@sentence``, ``recency:forget_layer=8``, ..."""
+        options = dict(self.spec_options)
+        if self.forget_layer:
+            options["forget_layer"] = self.forget_layer
+        return str(StrategySpec(self.name, tuple(sorted(options.items())), self.unit))
 
     def _budget(self, attention_mask, forget_p, budget, keep_first, protect=None):
         if forget_p is None and budget is None:
             forget_p = getattr(self, "forget_prob", None)
         return budget_counts(attention_mask, forget_p=forget_p, budget=budget, keep_first=keep_first, protect=protect)
 
-    def _units(self, units: torch.Tensor | None, attn: torch.Tensor) -> torch.Tensor | None:
+    def resolve_units(self, units: torch.Tensor | None, attn: torch.Tensor) -> torch.Tensor | None:
         """The unit ids this policy selects by (None: tokens). ``chunk:N`` units are computed here;
         sentence and task units come with the batch (``ForgetBatch.units``)."""
         if self.unit == "token":
@@ -240,12 +302,12 @@ class ForgetMask(nn.Module):
         units: torch.Tensor | None = None,
     ) -> KeepSample:
         """:meth:`sample` from keep-logits computed elsewhere (e.g. through a DDP wrapper)."""
-        eligible, forced = _eligible(attn, keep_first, protect)
+        eligible, forced = eligible_tokens(attn, keep_first, protect)
         if self.keeps_everything:
             keep = attn.unsqueeze(0).expand(num_samples, *attn.shape)
             zeros = logits.new_zeros(num_samples, attn.shape[0])
             return KeepSample(keep, zeros, zeros[0])
-        units = self._units(units, attn)
+        units = self.resolve_units(units, attn)
         if mode == "bernoulli":
             if units is not None:
                 raise ForgetfulError(f"bernoulli mode keeps tokens one by one; a {self.unit} policy needs mode exact")
@@ -279,10 +341,10 @@ class ForgetMask(nn.Module):
         attn = attention_or_ones(input_ids, attention_mask)
         if self.keeps_everything:
             return attn.clone()
-        eligible, forced = _eligible(attn, keep_first, protect)
+        eligible, forced = eligible_tokens(attn, keep_first, protect)
         k = self._budget(attn, forget_p, budget, keep_first, protect)
         logits = self.keep_logits(input_ids, attn, protect=protect, units=units)
-        units = self._units(units, attn)
+        units = self.resolve_units(units, attn)
         if units is None:
             return topk_keep(logits, k, eligible, forced)
         return unit_topk_keep(logits, units, k, eligible, forced)
@@ -300,6 +362,12 @@ class ForgetMask(nn.Module):
     def extra_flops_per_token(self, context_length: int) -> float:
         """Forward FLOPs the policy adds per context token (0 for free baselines)."""
         return 0.0
+
+    def scorer_layers(self) -> int:
+        """How many of the LM's first decoder layers its scoring runs over the context (0: none).
+        Forgetting at depth after as many layers or more computes them anyway: a pipeline that reuses
+        them pays nothing for them."""
+        return 0
 
     @classmethod
     def create(

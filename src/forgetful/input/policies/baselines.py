@@ -14,7 +14,8 @@ from torch import nn
 
 from ...errors import ForgetfulError, check_probability
 from ...nll import unwrap_model
-from ..compression import KeepSample, _eligible, bernoulli_keep, budget_counts
+from ..compression import KeepSample, bernoulli_keep, budget_counts, eligible_tokens
+from ..units import unit_ids, unit_scores
 from .base import MODES, ForgetMask, attention_or_ones, query_mask, register_mask
 
 
@@ -49,7 +50,7 @@ class NoContextMask(ForgetMask):
         if mode not in MODES:
             raise ForgetfulError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         attn = attention_or_ones(input_ids, attention_mask)
-        _, forced = _eligible(attn, keep_first, protect)
+        _, forced = eligible_tokens(attn, keep_first, protect)
         keep = forced.unsqueeze(0).expand(num_samples, *attn.shape)
         zeros = torch.zeros(num_samples, attn.shape[0], device=input_ids.device)
         return KeepSample(keep, zeros, zeros[0])
@@ -98,7 +99,7 @@ class RandomForgetMask(ForgetMask):
         if mode == "bernoulli" and self.unit == "token":
             p = self.forget_prob if forget_p is None else check_probability("forget_p", forget_p)
             attn = attention_or_ones(input_ids, attention_mask)
-            eligible, forced = _eligible(attn, keep_first, protect)
+            eligible, forced = eligible_tokens(attn, keep_first, protect)
             logit = math.log(max(1 - p, 1e-12)) - math.log(max(p, 1e-12))
             logits = torch.full(attn.shape, logit, device=input_ids.device)
             return bernoulli_keep(logits, eligible, forced, num_samples, generator or self.generator, noise)
@@ -162,6 +163,11 @@ class SelfInformationMask(ForgetMask):
 
         return forward_flops_per_token(unwrap_model(self._scorer).config, context_length)
 
+    def scorer_layers(self) -> int:
+        from ...models.layers import num_layers
+
+        return num_layers(self._scorer)
+
 
 @register_mask("lexical")
 class LexicalOverlapMask(ForgetMask):
@@ -172,15 +178,31 @@ class LexicalOverlapMask(ForgetMask):
     tokens (``D`` of them, at least one), and ``idf = log(1 + (D - f + 0.5) / (f + 0.5))`` with ``f``
     the id's count in the context, at most ``D`` (so words in every run, such as "the", weigh ~0). Ties (most tokens score 0) go to the more recent
     token; the query itself is kept first. A unit's score is its tokens' mean: density of rare shared
-    words, as BM25 normalises by length. Costs nothing but a few scatters."""
+    words, as BM25 normalises by length. Costs nothing but a few scatters.
+
+    ``rounds=2`` (``lexical:rounds=2@task``) reads the question, then what it found: the
+    ``seed_units`` best units of the first round join the query (and are kept first) and every other
+    unit is scored again against the question and them; so the second hop of a question whose
+    bridge entity is not in the question can be found (token-level: seeds are chunks of 16 tokens)."""
 
     name = "lexical"
 
-    def __init__(self, window: int = 32, doc_tokens: int = 32, vocab_size: int | None = None):
+    def __init__(
+        self,
+        window: int = 32,
+        doc_tokens: int = 32,
+        vocab_size: int | None = None,
+        rounds: int = 1,
+        seed_units: int = 2,
+    ):
         super().__init__()
-        if window < 1 or doc_tokens < 1:
-            raise ForgetfulError(f"window and doc_tokens must be at least 1, got {window} and {doc_tokens}")
+        if window < 1 or doc_tokens < 1 or rounds < 1 or seed_units < 1:
+            raise ForgetfulError(
+                f"lexical: window, doc_tokens, rounds and seed_units must be at least 1, got {window}, {doc_tokens}, "
+                f"{rounds}, {seed_units}"
+            )
         self.window, self.doc_tokens, self.vocab_size = window, doc_tokens, vocab_size
+        self.rounds, self.seed_units = rounds, seed_units
 
     @classmethod
     def create(cls, model=None, *, seed=0, device="cpu", **options):
@@ -190,7 +212,19 @@ class LexicalOverlapMask(ForgetMask):
 
     def keep_logits(self, input_ids, attention_mask=None, *, protect=None, units=None):
         attn = attention_or_ones(input_ids, attention_mask)
-        return lexical_scores(input_ids, attn, query_mask(attn, protect, self.window), self.doc_tokens, self.vocab_size)
+        query = query_mask(attn, protect, self.window)
+        scores = lexical_scores(input_ids, attn, query, self.doc_tokens, self.vocab_size)
+        if self.rounds > 1:
+            slots = self.resolve_units(units, attn) if self.unit != "token" else unit_ids("chunk:16", attn)
+        for _ in range(self.rounds - 1):
+            context = attn & ~query & (slots >= 0)
+            per_unit = unit_scores(scores, slots, context)
+            top = per_unit.topk(min(self.seed_units, per_unit.shape[-1]), dim=-1)
+            chosen = top.indices.masked_fill(~torch.isfinite(top.values), -2)  # -2: no unit
+            seeds = (slots.unsqueeze(-1) == chosen.unsqueeze(1)).any(-1) & context
+            query = query | seeds
+            scores = lexical_scores(input_ids, attn, query, self.doc_tokens, self.vocab_size)
+        return scores
 
 
 def lexical_scores(

@@ -90,6 +90,7 @@ class LearnedForgetMask(ForgetMask):
             "num_distance_buckets": self.num_distance_buckets,
             "max_distance": self.max_distance,
             **self._extra_config(),
+            **({"forget_layer": self.forget_layer} if self.forget_layer else {}),
         }
 
     def _extra_config(self) -> dict:
@@ -176,6 +177,7 @@ class LearnedForgetMask(ForgetMask):
         if not isinstance(cfg, dict):
             raise ForgetfulError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
         name = cfg.pop("policy_type", None)
+        forget_layer = cfg.pop("forget_layer", 0)
         learned_names = [n for n, spec in MASKS.items() if spec.learned]
         if name not in learned_names:
             raise ForgetfulError(f"{cfg_path}: unknown policy_type {name!r}; known: {', '.join(learned_names)}")
@@ -200,6 +202,7 @@ class LearnedForgetMask(ForgetMask):
             raise ForgetfulError(
                 f"{w_path} does not match {policy_cls.__name__}: missing {missing}, unexpected {unexpected}"
             )
+        policy.forget_layer = int(forget_layer)
         return policy
 
 
@@ -330,6 +333,9 @@ class HiddenStateForgetMask(LearnedForgetMask):
         window = ((pos >= lengths - self.window) & attention_mask.bool()).unsqueeze(-1).to(h.dtype)
         summary = (h * window).sum(1, keepdim=True) / window.sum(1, keepdim=True).clamp(min=1)
         return self.head(torch.cat([h, h * summary], dim=-1)).squeeze(-1)
+
+    def scorer_layers(self) -> int:
+        return self.layer
 
     def extra_flops_per_token(self, context_length: int) -> float:
         from ..flops import forward_flops

@@ -175,12 +175,15 @@ class ResidualForgetMask(LearnedForgetMask):
         asked = _cross_attend(self.query_proj(x), self.key_proj(x), self.value_proj(x), query, self.hidden_size)
         feats = torch.cat([x, asked, x * asked], dim=-1)
         eligible = attn & ~query
-        unit_of = self._units(units, attn)
+        unit_of = self.resolve_units(units, attn)
         pooled = feats if unit_of is None else _unit_mean(feats, unit_of, eligible)
         correction = self.head(torch.cat([feats, pooled], dim=-1)).squeeze(-1).float()
         scale = self.prior_scale * torch.exp(self.log_scale.float())
         logits = scale * prior + correction
         return logits.masked_fill(~attn, float("-inf"))
+
+    def scorer_layers(self) -> int:
+        return max(self.layer, self._prior.scorer_layers() if self._prior is not None else 0)
 
     def extra_flops_per_token(self, context_length: int) -> float:
         from ..flops import forward_flops
