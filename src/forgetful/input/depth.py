@@ -83,6 +83,13 @@ def _masked_keys_attention(module, query, key, value, attention_mask, **kwargs):
     else:
         valid, bias = plan.full_valid, plan.bias if after else None
     mask = _mask(valid, bias, query.shape[2], key.shape[2], query)
+    if bias is not None and bias.requires_grad and query.is_cuda:
+        # the fused kernels' backward of a mask that needs a gradient fails on CUDA ("LSE is not
+        # correctly aligned", torch 2.11 on an H100): the math kernel computes it
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
 
