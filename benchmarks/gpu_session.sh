@@ -6,6 +6,7 @@
 #                  records their rows as skipped)
 #   .device_data/  the files of ../shared/data a phase reads (wikitext2/; tofu/: the forget10, retain90, holdout10,
 #                  retain_perturbed, real_authors, world_facts files and their _perturbed ones, full.json: 3.6 MB)
+#   .device_runs/  optional: the packs an earlier call returned, unpacked, so a fresh machine continues those runs
 #   .gguf_parts/   the real model's GGUF file (98 MB) in parts (`split -b 32m FILE .gguf_parts/smollm2.gguf.part`):
 #                  a call carries 64 MiB with the checkout (14 MiB of it committed results), so three parts travel
 #                  in three calls made one right after the other (the machine keeps /root while warm, ~30 s)
@@ -64,6 +65,8 @@ case "$phase" in
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     rm -rf "$DATA" && cp -r .device_data "$DATA"
+    # runs an earlier machine finished (the packs of an earlier call, unpacked into .device_runs/): continued here
+    [ -d .device_runs ] && cp -r .device_runs/. "$R/runs/" && ls "$R/runs"
     stash_parts
     echo "$FORGETFUL_COMMIT" > "$R/commit"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
