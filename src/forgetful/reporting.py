@@ -305,3 +305,57 @@ def plot_panels(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+KIND_STYLE = {  # kind -> (colour, marker, legend label)
+    "baseline": ("tab:blue", "o", "baseline"),
+    "learned": ("tab:orange", "D", "learned (mean over seeds; whiskers: min-max)"),
+    "matched": ("tab:green", "s", "equal-FLOPs baseline"),
+}
+
+
+def plot_quality_vs_compute(
+    points: Sequence[dict],
+    path: str | os.PathLike,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    levels: dict[str, float] | None = None,
+    worst_shown: float | None = None,
+) -> None:
+    """Strategies as points ``{"label", "x", "y", "kind", "low"?, "high"?}`` (kinds:
+    :data:`KIND_STYLE`), each named beside its point, whiskers from ``low`` to ``high``; ``levels``:
+    labelled horizontal lines (the full context); points above ``worst_shown`` are listed in a note
+    instead of stretching the axis."""
+    fig, ax = plt.subplots(figsize=(9, 6))
+    shown = [p for p in points if worst_shown is None or p["y"] <= worst_shown]
+    hidden = [p for p in points if p not in shown]
+    seen = set()
+    for i, p in enumerate(sorted(shown, key=lambda p: (p["x"], p["y"]))):
+        colour, marker, legend = KIND_STYLE[p["kind"]]
+        ax.scatter(
+            [p["x"]], [p["y"]], color=colour, marker=marker, s=45, zorder=3, label=None if p["kind"] in seen else legend
+        )
+        seen.add(p["kind"])
+        if p.get("low") is not None:
+            below, above = max(p["y"] - p["low"], 0.0), max(p["high"] - p["y"], 0.0)  # a mean can round past its range
+            ax.errorbar([p["x"]], [p["y"]], yerr=[[below], [above]], fmt="none", ecolor=colour, lw=1)
+        ax.annotate(
+            p["label"],
+            (p["x"], p["y"]),
+            xytext=(6, (i % 3 - 1) * 7),
+            textcoords="offset points",
+            fontsize=6.5,
+            va="center",
+        )
+    for i, (label, y) in enumerate((levels or {}).items()):
+        ax.axhline(y, color="0.35", linestyle=("--", ":")[i % 2], linewidth=1, label=f"{label} ({fmt(y)})")
+    if hidden:
+        note = "off the scale: " + ", ".join(
+            f"{p['label']} ({fmt(p['y'])})" for p in sorted(hidden, key=lambda p: p["y"])
+        )
+        fig.text(0.01, 0.01, note, fontsize=6, wrap=True)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_xlim(left=0)
+    _finish(fig, ax, path, xlabel, ylabel, title)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from forgetful.errors import ForgetfulError
-from forgetful.input.compression import compress_examples, compressed_nll
-from forgetful.input.depth import FORGOTTEN, biased_examples
+from forgetful.input.compression import biased_examples, compress_examples, compressed_nll
+from forgetful.input.depth import FORGOTTEN
 from forgetful.models.layers import num_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -399,3 +399,42 @@ def compressed_nll(model, inputs: dict, loss_backend: str = "dense"):
             target_length=target_length,
             loss_backend=loss_backend,
         )
+
+
+def biased_examples(
+    context_ids: torch.Tensor,
+    context_mask: torch.Tensor,
+    log_keep: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    layer: int = 0,
+    pad_token_id: int = 0,
+) -> dict:
+    """The LM input ``c ++ y`` (packed: each row's real tokens first, original positions), labels on
+    the target, and the plan (:mod:`~forgetful.input.depth`) that adds ``log_keep`` (``[B, n]``: one value per context token, 0 for a
+    token kept as it is, :data:`~forgetful.input.depth.FORGOTTEN` for one dropped) to the attention logits of the context
+    keys in layers ``layer+1..N`` (0-based ``layer..N-1``). For
+    :func:`~forgetful.input.compression.compressed_nll`, like the output of ``compress_examples``;
+    ``log_keep`` keeps its graph, so the NLL has a gradient in it."""
+    from .depth import DepthPlan
+
+    if log_keep.shape != context_ids.shape:
+        raise ForgetfulError(f"log_keep has shape {tuple(log_keep.shape)}, the context {tuple(context_ids.shape)}")
+    ids = torch.cat([context_ids, target_ids], 1)
+    real = torch.cat([context_mask.bool(), target_mask.bool()], 1)
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    labels = torch.cat([torch.full_like(context_ids, -100), target_ids.masked_fill(~target_mask.bool(), -100)], 1)
+    packed = apply_mask(ids, real, position_ids=positions, pad_token_id=pad_token_id)
+    bias = torch.cat([log_keep.float(), torch.zeros(target_ids.shape, device=log_keep.device)], 1)
+    bias = bias.gather(1, packed.index).masked_fill(~packed.attention_mask.bool(), 0.0)
+    valid = packed.attention_mask.bool() if packed.padded else None
+    every_target = not packed.padded and bool(target_mask.all())
+    return {
+        "input_ids": packed.input_ids,
+        "attention_mask": None,
+        "position_ids": packed.position_ids,
+        "labels": packed.gather(labels, -100),
+        "target_length": int(target_ids.shape[1]) if every_target else None,
+        "depth": DepthPlan(layer, full_valid=valid, bias=bias),
+    }

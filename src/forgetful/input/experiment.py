@@ -41,7 +41,7 @@ from ..errors import ForgetfulError, check_choices
 from ..measure import run_environment
 from ..models import bf16_autocast, load_model
 from .examples import load_forget_examples
-from .experiment_results import read_results, record_run
+from .experiment_results import read_results, record_run, rewrite_report
 from .experiment_runs import scored_run
 from .learners import LEARNERS, RelaxedConfig, SupervisedConfig, check_learners
 from .options import TextWindowOptions, parse_keep
@@ -159,6 +159,10 @@ class ForgetExperimentConfig(TextWindowOptions):
         default=None,
         metadata={"help": "Run only these runs now (policy_residual_reinforce_0.5_s0, zero_shot_0.5, ...)."},
     )
+    report_only: bool = field(
+        default=False,
+        metadata={"help": "Run nothing: make the comparisons and report.md of --out again from its files."},
+    )
 
     def __post_init__(self):
         check_choices(self)
@@ -256,6 +260,8 @@ def run_forget_experiment(
         raise ForgetfulError("--out is required: the experiment's folder")
     relaxed, supervised = relaxed or RelaxedConfig(), supervised or SupervisedConfig()
     out = Path(training.output_dir)
+    if config.report_only:
+        return rewrite_report(out, config, training)
     _, rows = read_results(out)
     done = {r["run"] for r in rows} - stale_zero_shot_runs(config, rows)
     only = None if config.only is None else set(names(config.only))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from ..reporting import fmt, markdown_table, plot_ranked_bars, plot_scatter, write_text
+from ..reporting import fmt, markdown_table, plot_quality_vs_compute, plot_ranked_bars, write_text
 from .policies import is_learned
 
 COLUMNS = [
@@ -213,20 +213,50 @@ def _plots(picked: list[dict], protocol: str, config, out: Path) -> list[str]:
         )
         links.append(f"![{protocol}](nll_{protocol}.png)\n")
     for keep in sorted({r["keep_ratio"] for r in picked}, reverse=True):
-        points = {
-            r["label"]: (r["flops_ratio"], r["nll"])
-            for r in picked
-            if r["keep_ratio"] == keep and r["strategy"] not in ("none",) and r.get("flops_ratio") is not None
-        }
+        points = compute_points([r for r in picked if r["keep_ratio"] == keep])
         if len(points) < 2:
             continue
+        at = [r for r in picked if r["keep_ratio"] == keep and r["strategy"] == "identity"]
         name = f"nll_vs_flops_{protocol}_{keep:g}.png"
-        plot_scatter(
+        plot_quality_vs_compute(
             points,
             out / name,
             xlabel="FLOPs ratio to the full context (the strategy's own scoring included)",
             ylabel="target NLL (nats per token)",
             title=f"{config.task}, {protocol.replace('_', ' ')}, keep {keep:g}: quality vs compute",
+            levels={"full context": at[0]["nll"]} if at else None,
+            worst_shown=(at[0]["nll"] + 1.5) if at else None,
         )
         links.append(f"![quality vs FLOPs at keep {keep:g}]({name})\n")
     return links
+
+
+def compute_points(rows: list[dict]) -> list[dict]:
+    """One point per strategy for the quality-vs-FLOPs plot: baselines as they are, each learner's
+    policy as its mean over seeds (whiskers: the seeds' range), each equal-FLOPs keep ratio once;
+    the references (full and no context, the oracle) are left out."""
+    points, learned, matched = [], {}, {}
+    for r in rows:
+        if r["strategy"] in ("identity", "none") or r.get("reference") or r.get("flops_ratio") is None:
+            continue
+        if r.get("learner"):
+            learned.setdefault((r["strategy"], r["learner"]), []).append(r)
+        elif r.get("flops_matched_for"):
+            matched[(r["strategy"], r["keep_ratio_used"])] = r
+        else:
+            points.append({"label": r["strategy"], "x": r["flops_ratio"], "y": r["nll"], "kind": "baseline"})
+    for (strategy, learner), rs in learned.items():
+        ys = [r["nll"] for r in rs]
+        points.append(
+            {
+                "label": f"{strategy} [{learner}, {len(rs)} seed{'s' if len(rs) > 1 else ''}]",
+                "x": sum(r["flops_ratio"] for r in rs) / len(rs),
+                "y": sum(ys) / len(ys),
+                "low": min(ys),
+                "high": max(ys),
+                "kind": "learned",
+            }
+        )
+    for (strategy, used), r in matched.items():
+        points.append({"label": f"{strategy} @ keep {used:g}", "x": r["flops_ratio"], "y": r["nll"], "kind": "matched"})
+    return points

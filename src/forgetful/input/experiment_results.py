@@ -85,6 +85,23 @@ def record_run(out: Path, run: str, rows: list[dict], per_example: dict, env: di
     return found
 
 
+def rewrite_report(out: Path, config, training) -> list[dict]:
+    """The comparisons and ``report.md`` of a folder made again from its ``results.json`` and
+    ``per_example.json`` (after a change to how they are computed); nothing is run."""
+    from .experiment_report import write_experiment_report
+
+    with _locked(out):
+        env, found = read_results(out)
+        if not found:
+            raise ForgetfulError(f"{out} holds no results to report on")
+        examples = _read_json(out / "per_example.json", {})
+        add_comparisons(found, examples, config.bootstrap, training.seed)
+        configs = _read_json(out / "results.json", {}).get("configs", [])
+        write_json({"env": env, "configs": configs, "rows": found}, out / "results.json")
+        write_experiment_report(found, config, training, out)
+    return found
+
+
 def configs_with(results, run: str, config: dict) -> list[dict]:
     """The ``configs`` of a results file with ``run`` moved to ``config``'s entry (made if new); an
     entry left without runs is dropped. A file of an older layout (one ``config``) has none."""
@@ -164,7 +181,16 @@ def add_comparisons(rows: list[dict], examples: dict, resamples: int, seed: int)
             "vs_matched": min(matched, key=lambda p: p["nll"], default=None),
             "vs_best": min(peers, key=lambda p: p["nll"], default=None),
             "vs_prior": next((p for p in peers if p["strategy"] == prior), None),
-            "vs_equal_flops": next((p for p in rows if p.get("flops_matched_for") == r.get("label")), None),
+            "vs_equal_flops": next(
+                (
+                    p
+                    for p in rows
+                    if p.get("flops_matched_for") == r.get("label")
+                    and p["keep_ratio"] == r["keep_ratio"]
+                    and p["run"] == r["run"]
+                ),
+                None,
+            ),
         }
         for key, other in targets.items():
             theirs = per_example(other) if other is not None else None

@@ -7,7 +7,7 @@ probability ``p_u = sigmoid((s_u + L_u - tau) / T)`` where ``s_u`` is the policy
 threshold that makes the expected budget exact in every row: ``sum_u size_u * p_u = b`` (the same
 ``b`` tokens as the hard top-k; found by bisection, its gradient by the implicit function theorem,
 :func:`soft_topk`). ``log p`` is added to the attention logits of the unit's tokens as keys, in every
-layer after ``forget_layer`` (:func:`~forgetful.input.depth.biased_examples`): a key kept with
+layer after ``forget_layer`` (:func:`~forgetful.input.compression.biased_examples`): a key kept with
 ``p`` weighs ``p`` times as much, ``p = 0`` drops it, and at 0/1 this is the compressed forward
 exactly. The temperature ``T`` anneals geometrically from ``temperature_start`` to
 ``temperature_end``, towards the hard top-k used at test.
@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import ForgetfulError
-from ..compression import budget_counts, compressed_nll, eligible_tokens, free_budget
-from ..depth import biased_examples
+from ..compression import biased_examples, budget_counts, compressed_nll, eligible_tokens, free_budget
 from ..units import unit_scores, unit_sizes
 from .base import BestOnValidation, LearnerResult, LearnerRun, training_batches
 

@@ -65,6 +65,20 @@ def mask_names(*, learned: bool | None = None) -> list[str]:
     return [n for n, spec in MASKS.items() if learned is None or spec.learned == learned]
 
 
+def _saved_policy_class(folder: str) -> type[ForgetMask]:
+    """The registered class of the policy saved in ``folder`` (its ``from_pretrained`` checks the rest)."""
+    import json
+    from pathlib import Path
+
+    try:
+        name = json.loads((Path(folder) / "policy_config.json").read_text(encoding="utf-8")).get("policy_type")
+    except (OSError, ValueError, AttributeError):
+        raise ForgetfulError(f"{folder}/policy_config.json is not a saved policy's config (valid JSON?)") from None
+    if name not in MASKS or not MASKS[name].learned:
+        raise ForgetfulError(f"{folder}: unknown policy_type {name!r}; known: {', '.join(mask_names(learned=True))}")
+    return MASKS[name].cls
+
+
 def is_learned(strategy: str | StrategySpec) -> bool:
     """Whether a strategy name is a learned policy (a registered learned name, or a saved policy)."""
     spec = parse_strategy(strategy)
@@ -109,15 +123,13 @@ def build_mask(
     forget_layer = merged.pop("forget_layer", 0)
     unit = merged.pop("unit", None) or spec.unit
     if spec.path is not None:
-        from .learned import LearnedForgetMask
-
         if learned is False:
             raise ForgetfulError(f"strategy '{spec}' is a learned policy; a baseline is expected here")
         if merged:
             raise ForgetfulError(
                 f"a saved policy ({spec.path}) takes only forget_layer and @unit, got {sorted(merged)}"
             )
-        mask = LearnedForgetMask.from_pretrained(spec.path, model)
+        mask = _saved_policy_class(spec.path).from_pretrained(spec.path, model)
         if unit != "token":
             mask.with_unit(unit)
     else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -64,8 +65,14 @@ def keep_sets_by_units(
     sizes = member.sum(1).tolist()
     if k_free >= sum(sizes):
         return (eligible | forced).unsqueeze(0)
+    # whole-unit sets have at most as many units as the smallest ones that fit in the budget; with a
+    # limit, refuse at once when there are more such sets to visit than 64 x the limit (a passage of
+    # 40 sentences of which 10 fit has 10**9 of them, few of them within the limit's reach)
+    fit = sum(1 for total in itertools.accumulate(sorted(sizes)) if total <= k_free)
+    if limit is not None and sum(math.comb(len(sizes), c) for c in range(fit + 1)) > 64 * max(limit, 1):
+        return None
     found: list[tuple[tuple[int, ...], int | None]] = []  # (whole units, the unit kept in part)
-    for count in range(len(ids) + 1):
+    for count in range(fit + 1):
         for whole in itertools.combinations(range(len(ids)), count):
             size = sum(sizes[i] for i in whole)
             if size == k_free:
