@@ -185,17 +185,17 @@ def run_reinforce(a, model, tok, size) -> dict:
     else:
         ds = load_forget_examples(None, tok, embedded_examples=max(64, rows), seed=0)
     cfg = ForgetTrainingConfig(
-        per_device_batch_size=per_device,
+        per_device_train_batch_size=per_device,
         gradient_accumulation_steps=a.accumulation,
         num_samples=a.samples,
         max_steps_per_epoch=a.steps,
         logging_steps=1,
         disable_tqdm=True,
         loss_backend="dense" if a.loss_backend == "auto" else a.loss_backend,
-        lm_learning_rate=1e-3 if a.size == "tiny" else 1e-5,
+        learning_rate=1e-3 if a.size == "tiny" else 1e-5,
         policy_learning_rate=1e-2,
         seed=0,
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        bf16=torch.cuda.is_available(),
     )
     result = reinforce_model(
         model, policy, forget_p=0.5, exploration_epochs=[0.25], train_dataset=ds, tokenizer=tok, args=cfg

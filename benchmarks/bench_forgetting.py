@@ -152,17 +152,17 @@ def measure(
         return run
 
     def pipeline(keep: float, train: bool, mask_variant: bool = False):
-        kept = policy.kept_per_row(n, forget_p=1 - keep)
+        kept = policy.kept_per_row(n, keep_ratio=keep)
 
         def run():
             model.zero_grad(set_to_none=True)
             policy.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(train), autocast():
                 if train:
-                    sample = policy.sample(ctx, ctx_mask, forget_p=1 - keep, num_samples=1)
+                    sample = policy.sample(ctx, ctx_mask, keep_ratio=keep, num_samples=1)
                     chosen = sample.keep[0]
                 else:
-                    chosen = policy.greedy(ctx, ctx_mask, forget_p=1 - keep)
+                    chosen = policy.greedy(ctx, ctx_mask, keep_ratio=keep)
                 if mask_variant:  # before: sizes read back, an all-ones mask passed
                     inputs = compress_examples(ctx, ctx_mask, chosen, tgt, tgt_mask)
                     if inputs["attention_mask"] is None:
@@ -181,14 +181,14 @@ def measure(
         return run
 
     def parts(keep: float) -> dict:
-        kept = policy.kept_per_row(n, forget_p=1 - keep)
+        kept = policy.kept_per_row(n, keep_ratio=keep)
         with torch.no_grad(), autocast():
-            chosen = policy.greedy(ctx, ctx_mask, forget_p=1 - keep)
+            chosen = policy.greedy(ctx, ctx_mask, keep_ratio=keep)
             prepared = compress_examples(ctx, ctx_mask, chosen, tgt, tgt_mask, kept_length=kept)
 
         def only_policy():
             with torch.no_grad(), autocast():
-                policy.greedy(ctx, ctx_mask, forget_p=1 - keep)
+                policy.greedy(ctx, ctx_mask, keep_ratio=keep)
 
         def only_gather():
             with torch.no_grad():
@@ -209,7 +209,7 @@ def measure(
     # every measurement of this (mode, n), timed in interleaved rounds
     work = {("full", "train"): dense(n + m, True), ("full", "eval"): dense(n + m, False)}
     for keep in keeps:
-        b = policy.kept_per_row(n, forget_p=1 - keep)
+        b = policy.kept_per_row(n, keep_ratio=keep)
         work[("ceiling", "train", keep)] = dense(b + m, True)
         work[("ceiling", "eval", keep)] = dense(b + m, False)
         work[("pipeline", "train", keep)] = pipeline(keep, True)
@@ -230,7 +230,7 @@ def measure(
             results.put(row(keep, medians, done), ROW_KEY)
 
     def row(keep: float, medians: dict, done: int) -> dict:
-        b = policy.kept_per_row(n, forget_p=1 - keep)
+        b = policy.kept_per_row(n, keep_ratio=keep)
         out = {
             "mode": mode,
             "arch": a.arch,

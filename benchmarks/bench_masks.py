@@ -89,12 +89,12 @@ def main() -> None:
         return run
 
     def policy_run(policy, train: bool):
-        kept = policy.kept_per_row(n, forget_p=1 - a.keep)
+        kept = policy.kept_per_row(n, keep_ratio=a.keep)
 
         def run():
             policy.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(train), autocast():
-                sample = policy.sample(ctx, ctx_mask, forget_p=1 - a.keep, num_samples=1, units=sentences)
+                sample = policy.sample(ctx, ctx_mask, keep_ratio=a.keep, num_samples=1, units=sentences)
                 compress_examples(ctx, ctx_mask, sample.keep[0], tgt, tgt_mask, kept_length=kept)
                 if train:
                     adv = torch.randn(B, device=device)
@@ -108,7 +108,7 @@ def main() -> None:
     for kind in a.policies.split(","):
         options = {} if kind == "attention_score" else {"hidden_size": a.hidden}
         policies[kind] = build_mask(kind, model, **options).to(device)
-    kept = next(iter(policies.values())).kept_per_row(n, forget_p=1 - a.keep)
+    kept = next(iter(policies.values())).kept_per_row(n, keep_ratio=a.keep)
     work = {"lm_step": lm_step(n + m), "lm_kept_step": lm_step(kept + m)}
     for kind, policy in policies.items():
         work[(kind, "forward")] = policy_run(policy, False)

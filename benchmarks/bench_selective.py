@@ -71,7 +71,7 @@ from selective_methods import (
 )
 
 from forgetful.measure import peak_memory_mb, timings_ms
-from forgetful.nll_backends import CHUNK_ELEMENTS, chunk_rows
+from forgetful.nll_kernels import CHUNK_ELEMENTS, chunk_rows
 
 DEFAULT_MODELS = "smollm2-135m:16x2048,llama-1b:4x2048"
 ROW_KEY = ("model", "density", "method")

@@ -31,10 +31,9 @@
 #              stops at its limit, BENCH_EXTRA="--models llama-1b:4x2048" in a second call measures the rest)
 # bench_masks  every policy's forward and REINFORCE backward as shares of the LM step, compute-bound
 #              setting -> bench_masks_smollm2_h200.json (about 2 min)
-# forget       the input-forgetting experiment on one GPU until BUDGET seconds, one process per task and
-#              keep ratio (FORGET_TASKS: tofu_qa and/or text; KEEPS), sharing one folder per task;
-#              finished runs are kept, so calling it again continues; results are packed into $OUT
-# tofu         the TOFU experiment (forget10) until BUDGET seconds, continued the same way
+# forget       the input-forgetting experiment (issue 33), one process per task and keep ratio, each with
+#              forget-experiment's --time-budget BUDGET; results packed into $OUT
+# tofu         the TOFU experiment (issue 34), one tofu-experiment call with --time-budget BUDGET
 # ddp          both trainers on 1 and 2 GPUs at the same per-GPU batch, three repetitions after a warm-up
 #              (DDP_RUNS: a subset of selective_ddp selective_fsdp reinforce_ddp)
 set -uo pipefail
@@ -73,9 +72,6 @@ case "$phase" in
     python3 -c "import torch, transformers, datasets, rouge_score, gguf, scipy, forgetful.input.experiment, forgetful.tofu.experiment; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'scipy', scipy.__version__, 'gpus', torch.cuda.device_count())"
     python3 -c "import importlib.util as u; print('loss kernels:', {m: u.find_spec(m) is not None for m in ('cut_cross_entropy', 'liger_kernel', 'triton')})"
     ;;
-  bench)
-    echo "bench is three phases now, one device call each: bench_forgetting, bench_selective, bench_masks"; exit 2
-    ;;
   bench_forgetting|bench_selective|bench_masks)
     limit=${BENCH_LIMIT:-380}
     if [ "$phase" = bench_selective ]; then  # the loss backends against float64 on this GPU before timing them
@@ -106,23 +102,24 @@ case "$phase" in
   forget)
     budget=${BUDGET:-520}
     # Issue 33's runs: every process is one task and keep ratio (FORGET_TASKS: text, multihop, tofu_qa; KEEPS), sharing
-    # one folder per task; finished runs are kept, so calling again continues. LEARNERS, SEEDS, STEPS (policy steps),
-    # ONLY (a --only list) and FORGET_EXTRA (appended: it wins) change the runs; defaults: zero-shot, every learner,
-    # seeds 0,1,2, 300 steps, keep 0.25.
-    common="--model $MODEL --eval-batch-size 32 --batch-size 8 --num-samples ${SAMPLES:-8} --lm-learning-rate 2e-5 \
+    # one folder per task; forget-experiment's --time-budget starts a run only if its expected time fits (finished runs
+    # are kept: calling again continues), `timeout` is the hard stop. LEARNERS, SEEDS, STEPS (policy steps), ONLY (a
+    # --only list, KEEP standing for the keep ratio) and FORGET_EXTRA (appended: it wins) change the runs.
+    common="--model $MODEL --eval-batch-size 32 --batch-size 8 --num-samples ${SAMPLES:-8} --learning-rate 2e-5 \
       --policy-learning-rate ${POLICY_LR:-1e-3} --entropy-coef ${ENTROPY:-0.01} --train-examples ${TRAIN:-1600} \
-      --learners ${LEARNERS:-reinforce,relaxed,supervised} --seeds ${SEEDS:-0,1,2} --policy-steps ${STEPS:-300} \
-      --policy-eval-steps ${EVAL_STEPS:-100} --val-examples ${VAL:-96} --disable-tqdm true"
+      --learners ${LEARNERS:-reinforce,relaxed,supervised} --seeds ${SEEDS:-0,1,2} --policy-steps ${STEPS:-200} \
+      --policy-eval-steps ${EVAL_STEPS:-100} --val-examples ${VAL:-96} --oracle-examples ${ORACLE_ROWS:-100} \
+      --time-budget $budget --disable-tqdm true"
     declare -A task_args=(
       [tofu_qa]="--task tofu_qa --data $DATA/tofu --held-out-authors 40 --max-new-tokens 32"
-      [multihop]="--task multihop"
+      [multihop]="--task multihop --oracle oracle:rounds=3,exhaustive=0@unit"
       [text]="--task text --train-file $DATA/wikitext2/valid.txt --eval-file $DATA/wikitext2/test.txt \
-        --context-length 1024 --target-length 32 --stride 256 --unread-length 32"
+        --context-length 1024 --target-length 32 --stride 256 --unread-length 32 --oracle oracle:rounds=3@unit"
     )
     for task in ${FORGET_TASKS:-text multihop}; do
       for keep in ${KEEPS:-0.25}; do
         only=""; [ -n "${ONLY:-}" ] && only="--only ${ONLY//KEEP/$keep}"
-        (timeout -k 30 "$budget" python3 -m forgetful forget-experiment $common ${task_args[$task]} \
+        (timeout -k 30 $((budget + 60)) python3 -m forgetful forget-experiment $common ${task_args[$task]} \
            --out "$R/runs/forget_$task" --keep "$keep" $only ${FORGET_EXTRA:-} \
            > "$out/forget_${task}_$keep.log" 2>&1; true) &
       done
@@ -134,26 +131,13 @@ case "$phase" in
     ;;
   tofu)
     budget=${BUDGET:-520}
-    # a run is started only if RUN_SECONDS (one run's start-up, training and evaluation, with margin) still fit in
-    # the budget: a run cut by the timeout is lost, a run not started waits for the next call. Measured at the recipe
-    # (tofu_real/2026-12-05, one H100; ~17 s of start-up each): a finetuning run 104-130 s of training + 45-100 s of
-    # evaluation, ~180-220 s in all (the first on a machine the longest); an unlearning run 43-52 s of training +
-    # 39-78 s of evaluation, ~100-150 s in all: so an unlearning run is gated by UNLEARN_SECONDS
-    run_s=${RUN_SECONDS:-230} unlearn_s=${UNLEARN_SECONDS:-160}
-    # the built-in small model's recipe (lr 1e-4, 5 epochs, 32 rows x 1 step, the rest open-unlearning's: SmolLM2
-    # memorises TOFU with it; at open-unlearning's lr 1e-5 it barely learns it). Named, not auto: MODEL is a file path.
-    # Each --only call writes results.json, report.md and the plot with the runs there so far (and the missing ones)
+    # Issue 34's runs: one tofu-experiment call; its --time-budget starts a run only if its expected time fits (finished
+    # runs are kept: calling again continues). The built-in small model's recipe (named: MODEL is a file path); the grid,
+    # seeds, evaluation epochs and mask shares come in TOFU_EXTRA (see tofu-experiment --help)
     TOFU_RECIPE="--recipe smollm2 --eval-batch-size 256 --disable-tqdm true"
-    (timeout -k 30 "$budget" bash -c "
-       for run in ${TOFU_RUNS:-retain full full_forget_answers full_grad_diff full_npo full_simnpo full_rmu full_forget_facts full_goldfish}; do
-         # done: both files there, the rule by which tofu-experiment reuses a run (skipped here to save its start-up)
-         if [ -f $R/runs/tofu_real/\$run/run.json ] && [ -f $R/runs/tofu_real/\$run/tofu_eval.json ]; then continue; fi
-         need=$run_s; case \$run in full_grad_ascent|full_grad_diff|full_npo|full_simnpo|full_rmu) need=$unlearn_s ;; esac
-         if [ \$((SECONDS + need)) -gt $budget ]; then echo \"\$run: not started, \$SECONDS s of $budget gone\"; continue; fi
-         python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu --out $R/runs/tofu_real \\
-           --forget-split forget10 --only \$run ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-}
-       done
-     " > "$out/tofu.log" 2>&1; true)
+    (timeout -k 30 $((budget + 60)) python3 -m forgetful tofu-experiment --model $MODEL --data-dir $DATA/tofu \
+       --out $R/runs/tofu_real --forget-split forget10 --time-budget "$budget" ${TOFU_ARGS:-$TOFU_RECIPE} ${TOFU_EXTRA:-} \
+       > "$out/tofu.log" 2>&1; true)
     pack tofu_real
     grep -e "not started" -e "^|" -e "Error" "$out/tofu.log" | tail -n 30; true
     ;;

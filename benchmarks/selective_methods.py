@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from forgetful.errors import ForgetfulError
 from forgetful.measure import gradient_cosine
 from forgetful.nll import prediction_positions, token_nll
-from forgetful.nll_backends import check_loss_backend, compute_dtype, head_spec, linear_nll, resolve_loss_backend
+from forgetful.nll_backends import check_loss_backend, compute_dtype, head_spec, resolve_loss_backend
+from forgetful.nll_kernels import linear_nll
 
 METHODS = (
     "hf_plain",

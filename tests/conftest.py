@@ -91,7 +91,7 @@ def install_liger_stand_in(monkeypatch) -> list[dict]:
     import sys
     import types
 
-    import forgetful.nll_backends as lk
+    import forgetful.nll_kernels as kernels
 
     calls: list[dict] = []
 
@@ -111,7 +111,9 @@ def install_liger_stand_in(monkeypatch) -> list[dict]:
         if compute_gradients:
             up = torch.ones(len(target)) if token_grad_output is None else token_grad_output.float()
         needs = (True, bool(weight_requires_grad), bias is not None)
-        nll, _, dh, dw, db = lk._chunked_pass(_input, weight, bias, target, softcap, 8, _input.dtype, up, needs=needs)
+        nll, _, dh, dw, db = kernels.chunked_pass(
+            _input, weight, bias, target, softcap, 8, _input.dtype, up, needs=needs
+        )
         return nll, None, None, None, dh, None if dw is None else dw.to(weight.dtype), db
 
     fused = types.ModuleType("liger_kernel.ops.fused_linear_cross_entropy")

@@ -303,14 +303,6 @@ def test_gpu_session_bench_phases_run_with_their_time_limit(phase, tmp_path):
     assert res["complete"] is True and res["config"]["time_limit"] == 300 and res["rows"]
 
 
-def test_gpu_session_bench_is_three_phases_now(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
-    proc = subprocess.run(
-        ["bash", str(BENCH / "gpu_session.sh"), "bench"], cwd=BENCH.parent, env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 2 and "bench_forgetting, bench_selective, bench_masks" in proc.stdout
-
-
 def test_gpu_session_joins_the_gguf_parts_carried_over_three_calls(tmp_path):
     """The model file travels in three parts, one per call: `setup`, `part` and `model` each keep the part
     their call carried, `model` joins them in order and checks the sha256; a missing part fails the check."""
@@ -332,42 +324,50 @@ def test_gpu_session_joins_the_gguf_parts_carried_over_three_calls(tmp_path):
     assert proc.returncode == 1 and "FAILED" in proc.stdout
 
 
-def test_gpu_session_tofu_starts_a_run_only_if_it_fits_the_budget(tmp_path):
-    """The tofu phase skips runs already evaluated, starts the next one while its seconds still fit in
-    BUDGET (RUN_SECONDS for a finetuning run, UNLEARN_SECONDS for an unlearning one), and names the
-    runs it left for the next call (a stand-in python3 'trains' for 2 s)."""
+def _recording_python(tmp_path):
+    """A stand-in python3 that records its arguments, one call a line, and writes a results file
+    into the folder after ``--out``."""
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "python3").write_text(
-        "#!/bin/sh\n# stand-in for the experiment: write the run's evaluation after 2 s\n"
-        'while [ $# -gt 0 ]; do case "$1" in --out) out=$2;; --only) run=$2;; esac; shift; done\n'
-        'sleep 2; mkdir -p "$out/$run"; echo "$run" >> "$out/../started"\n'
-        'echo {} > "$out/$run/run.json"; echo {} > "$out/$run/tofu_eval.json"\n'
+        "#!/bin/sh\n"
+        f'echo "$@" >> "{tmp_path}/calls"\n'
+        'while [ $# -gt 0 ]; do case "$1" in --out) out=$2;; esac; shift; done\n'
+        'mkdir -p "$out"; echo {} > "$out/results.json"\n'
     )
     (shim / "python3").chmod(0o755)
-    work = tmp_path / "work"
-    (work / "runs" / "tofu_real" / "retain").mkdir(parents=True)
-    for done in ("run.json", "tofu_eval.json"):  # retain is done: the experiment would reuse it
-        (work / "runs" / "tofu_real" / "retain" / done).write_text("{}")
+    return shim
+
+
+@pytest.mark.parametrize("phase", ["tofu", "forget"])
+def test_gpu_session_phases_are_one_budgeted_call_each(phase, tmp_path):
+    """The tofu phase is one tofu-experiment call, the forget phase one forget-experiment call per task and
+    keep ratio, each given the phase's BUDGET as its --time-budget (the experiments decide which runs fit;
+    the script holds no list of runs or methods), and the results come back packed."""
+    shim = _recording_python(tmp_path)
     env = {
         **os.environ,
         "PATH": f"{shim}:{os.environ['PATH']}",
         "OUT": str(tmp_path / "out"),
-        "WORK": str(work),
-        "BUDGET": "7",
-        "RUN_SECONDS": "6",
-        "UNLEARN_SECONDS": "3",
-        "TOFU_RUNS": "retain full full_npo full_goldfish",
+        "WORK": str(tmp_path / "work"),
+        "BUDGET": "123",
+        "FORGET_TASKS": "text multihop",
+        "KEEPS": "0.25 0.125",
     }
     proc = subprocess.run(
-        ["bash", str(BENCH / "gpu_session.sh"), "tofu"], cwd=BENCH.parent, env=env, capture_output=True, text=True
+        ["bash", str(BENCH / "gpu_session.sh"), phase], cwd=BENCH.parent, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    # retain was there; full fit (0 + 6 <= 7 s), then the unlearning run by its own seconds (2 + 3), not 2 + 6;
-    # then a finetuning run no longer fit
-    assert (work / "runs" / "started").read_text().split() == ["full", "full_npo"]
-    assert "full_goldfish: not started" in proc.stdout
-    assert (tmp_path / "out" / "tofu_real.tgz").is_file()
+    calls = (tmp_path / "calls").read_text().splitlines()
+    command = "tofu-experiment" if phase == "tofu" else "forget-experiment"
+    assert len(calls) == (1 if phase == "tofu" else 4) and all(command in c for c in calls)
+    assert all("--time-budget 123" in c for c in calls)
+    if phase == "forget":
+        assert sorted(c.split("--keep ")[1].split()[0] + c.split("--task ")[1].split()[0] for c in calls) == [
+            "0.125multihop", "0.125text", "0.25multihop", "0.25text"
+        ]  # fmt: skip
+    packs = ["tofu_real.tgz"] if phase == "tofu" else ["forget_multihop.tgz", "forget_text.tgz"]
+    assert all((tmp_path / "out" / name).is_file() for name in packs)
 
 
 def test_tofu_seeds_summary_over_seed_folders(tmp_path):

@@ -23,6 +23,7 @@ LAYERS = {
     "hub": 0,
     "nll": 0,
     "nll_backends": 0,
+    "nll_kernels": 0,
     "training": 0,
     "models": 1,
     "data": 1,
@@ -140,3 +141,47 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     planted["forgetful.models.loading"] = GRAPH["forgetful.models.loading"] | {"forgetful.loss.trainer"}
     with pytest.raises(AssertionError, match="up from layer 1 to 2"):
         test_imports_walk_down_the_layers("forgetful.models.loading")
+
+
+def test_no_module_over_500_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}, f"split these modules (at most 500 lines each): {long}"
+
+
+def _private_crossings(path: Path) -> list[str]:
+    """``from forgetful... import _name`` and ``module._name`` on an imported forgetful module."""
+    found, modules = [], set()
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("forgetful")):
+            found += [f"from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+            modules |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name.startswith("forgetful")}
+    for node in ast.walk(tree):
+        private = isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+        if private and isinstance(node.value, ast.Name) and node.value.id in modules:
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_name_is_imported_across_modules():
+    roots = [SRC, SRC.parents[1] / "tests", SRC.parents[1] / "benchmarks"]
+    crossings = {str(p): c for root in roots for p in sorted(root.rglob("*.py")) if (c := _private_crossings(p))}
+    assert crossings == {}
+
+
+def test_the_private_name_checker_sees_a_crossing(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import forgetful.nll_kernels as k\nfrom forgetful.demo import _x\nk._secret(1)\n")
+    assert _private_crossings(bad) == ["from forgetful.demo import _x", "k._secret"]
+
+
+def test_forget_p_appears_only_at_the_seeds_public_functions():
+    """One name for the share kept (``keep_ratio``): the share forgotten is taken only by
+    ``reinforce_model`` / ``two_step_reinforce_model`` (converted once there) and, as
+    ``forget_prob``, by the random baseline and ``create_random_forgetting_mask``."""
+    import re
+
+    users = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if re.search(r"\bforget_p\b", p.read_text())}
+    assert users == {"input/reinforce.py", "cli/parsing.py"}  # parsing: the flag of earlier releases, read as --keep

@@ -16,16 +16,11 @@ from conftest import install_liger_stand_in
 from torch import nn
 
 import forgetful.nll_backends as lk
+import forgetful.nll_kernels as kernels
 from forgetful.errors import ForgetfulError
 from forgetful.nll import token_nll
-from forgetful.nll_backends import (
-    ChunkedLinearNLL,
-    HeadSpec,
-    check_loss_backend,
-    head_spec,
-    linear_nll,
-    resolve_loss_backend,
-)
+from forgetful.nll_backends import HeadSpec, check_loss_backend, head_spec, resolve_loss_backend
+from forgetful.nll_kernels import ChunkedLinearNLL, linear_nll
 
 VOCAB = 300
 
@@ -75,8 +70,8 @@ def test_summed_chunked_makes_one_pass_when_the_weights_are_uniform(monkeypatch,
     """``summed`` computes the gradients with the forward's logits (three matmuls, not four), and only
     a uniform upstream gradient uses them: the backward's check decides, not the hint."""
     calls = []
-    real = lk._chunked_pass
-    monkeypatch.setattr(lk, "_chunked_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels.chunked_pass
+    monkeypatch.setattr(kernels, "chunked_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(3)
     h, w = _leaf(torch.randn(20, 8, generator=g)), _leaf(torch.randn(VOCAB, 8, generator=g))
     t = torch.randint(0, VOCAB, (20,), generator=g)
@@ -174,7 +169,7 @@ def _assert_same(model, ids, attn, labels, backend="chunked", **kw):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """A chunk of logits holds 2 rows (1 for the 400-token tiny models): every batch spans many chunks."""
-    monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 2 * VOCAB)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 2 * VOCAB)
 
 
 def _hf(config_cls, model_cls, **kw):
@@ -304,7 +299,7 @@ def test_never_more_than_one_chunk_of_logits(tiny_llama, monkeypatch):
 
     model = copy.deepcopy(tiny_llama[0]).float()
     vocab = model.config.vocab_size
-    monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 4 * vocab)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 4 * vocab)
     ids, attn, labels = _batch(VOCAB, seed=10, density=1.0)
     n = int((labels[:, 1:] != -100).sum())
     largest = {}

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from forgetful.measure import gradient_cosine
-from forgetful.nll_backends import HeadSpec, kernel_available, linear_nll
+from forgetful.nll_backends import HeadSpec, kernel_available
+from forgetful.nll_kernels import linear_nll
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and kernel_available("liger_kernel")), reason="needs a CUDA GPU and liger-kernel"

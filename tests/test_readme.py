@@ -9,7 +9,7 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 SMALLER = {  # README text -> the same call at test size
     "embedded_examples=2000": "embedded_examples=32",
-    "exploration_epochs=[0.75, 0.5, 0.25, 0],": "exploration_epochs=[0.5], max_steps_per_epoch=2, per_device_batch_size=4, num_samples=2, disable_tqdm=True,",
+    "exploration_epochs=[0.75, 0.5, 0.25, 0],": "exploration_epochs=[0.5], max_steps_per_epoch=2, per_device_train_batch_size=4, num_samples=2, disable_tqdm=True,",
     'SelectiveLossConfig(output_dir="runs/ck")': 'SelectiveLossConfig(output_dir="runs/ck", max_steps=2, use_cpu=True)',
 }
 
@@ -29,6 +29,9 @@ def test_the_readme_api_example_runs(tiny_model_dir, shared_data, tmp_path, monk
     scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)
     assert scope["short"].input_ids.shape[1] < scope["ids"].shape[1]
+    assert scope["deep"].strategy == "snapkv:layer=2@chunk:4"
+    assert "Where was Mira born?" in scope["prompt"].text and isinstance(scope["answer"], str)
+    assert scope["prompt"].length < scope["prompt"].next_position
     assert scope["out"].logits.shape[:2] == scope["short"].input_ids.shape
     assert (work / "runs" / "mine" / "policy" / "policy.safetensors").is_file()
     assert scope["trainer"].state.global_step == 2
@@ -76,3 +79,35 @@ def test_the_readme_data_names_load_from_the_data_folder(shared_data, monkeypatc
     assert len(load_tofu_split("tofu", "full")) == 4000
     for name in named - {"tofu"}:
         assert len(load_rows(name)) > 1000
+
+
+def _quoted_commands(text: str) -> list[list[str]]:
+    """``forgetful <command> ...`` quoted inline in a results README or note (placeholders such as
+    ``<the GGUF file>`` stand for a path; ``...`` marks a command written in part, left out)."""
+    import shlex
+
+    found = []
+    for span in re.findall(r"`(forgetful [a-z-]+ [^`]*)`", text):
+        if "..." in span or "<" in span and ">" not in span:
+            continue
+        span = re.sub(r"<[^>]*>", "x", span).replace(" S ", " 0 ").replace("--seed S", "--seed 0")
+        found.append(shlex.split(span)[1:])
+    return found
+
+
+def test_the_commands_quoted_in_the_results_readmes_parse():
+    """The commands the results folders quote (their READMEs and notes) name a command and only options
+    it has (options of earlier releases are read as their new names)."""
+    import importlib
+
+    from forgetful.cli import COMMANDS
+    from forgetful.cli.parsing import parse_options
+
+    results = README.parent / "benchmarks" / "results"
+    commands = [c for path in sorted(results.rglob("*.md")) for c in _quoted_commands(path.read_text())]
+    assert len(commands) >= 3
+    for argv in commands:
+        command, options = argv[0], argv[1:]
+        assert command in COMMANDS, command
+        module = importlib.import_module(f"forgetful.cli.{COMMANDS[command][0]}")
+        parse_options(command, module.ARGUMENTS, options)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ForgetfulError
-from .nll_backends import IGNORE_INDEX, check_loss_backend, head_spec, linear_nll, resolve_loss_backend
+from .nll_backends import IGNORE_INDEX, check_loss_backend, head_spec, resolve_loss_backend
+from .nll_kernels import linear_nll
 
 # Rows without padding whose position ids have gaps (compressed inputs) are plain causal sequences.
 # transformers, given position ids with gaps and no attention mask, would read the gaps as

@@ -4,6 +4,7 @@ configs (aliases included) and the defaults a command gives the library's traini
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 
@@ -42,16 +43,16 @@ def test_train_forget_flags_fill_the_training_config():
         ],
     )
     assert isinstance(config, ForgetTrainingConfig)
-    assert (config.output_dir, config.per_device_batch_size, config.mode, config.num_samples) == (
+    assert (config.output_dir, config.per_device_train_batch_size, config.mode, config.num_samples) == (
         "o",
         3,
         "bernoulli",
         5,
     )
-    assert args.keep == 0.75 and args.forget_p == 0.25 and args.model == "m"
+    assert args.keep == 0.75 and args.model == "m"
     # the long names work too
-    _, config = _parse("train-forget", ["--model", "m", "--output_dir", "o2", "--per_device_batch_size", "7"])
-    assert (config.output_dir, config.per_device_batch_size) == ("o2", 7)
+    _, config = _parse("train-forget", ["--model", "m", "--output_dir", "o2", "--per_device_train_batch_size", "7"])
+    assert (config.output_dir, config.per_device_train_batch_size) == ("o2", 7)
 
 
 def test_choices_are_checked_on_the_command_line_and_in_the_library():
@@ -59,23 +60,23 @@ def test_choices_are_checked_on_the_command_line_and_in_the_library():
         _parse("train-forget", ["--model", "m", "--out", "o", "--mode", "topk"])
     with pytest.raises(ForgetfulError, match="mode must be one of exact, bernoulli, got 'topk'"):
         ForgetTrainingConfig(mode="topk")
-    with pytest.raises(ForgetfulError, match="mixed_precision must be one of no, bf16, fp16"):
-        ForgetTrainingConfig(mixed_precision="fp8")
-    assert ForgetTrainingConfig(mixed_precision=None).mixed_precision is None
+    with pytest.raises(ForgetfulError, match="bf16 and fp16 together"):
+        ForgetTrainingConfig(bf16=True, fp16=True)
+    assert ForgetTrainingConfig().bf16 is None
 
 
 def test_yaml_config_takes_field_names_and_flag_aliases(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: m\nout: from-yaml\nbatch-size: 4\nentropy_coef: 0.5\n")
     args, config = _parse("train-forget", ["--config", str(cfg)])
-    assert (args.model, config.output_dir, config.per_device_batch_size, config.entropy_coef) == (
+    assert (args.model, config.output_dir, config.per_device_train_batch_size, config.entropy_coef) == (
         "m",
         "from-yaml",
         4,
         0.5,
     )
     _, config = _parse("train-forget", ["--config", str(cfg), "--batch-size", "9"])  # flags override the file
-    assert config.per_device_batch_size == 9
+    assert config.per_device_train_batch_size == 9
 
 
 def test_pretrain_training_defaults_and_short_flags(tmp_path):
@@ -179,12 +180,12 @@ def test_every_option_of_every_command_has_help():
     import importlib
 
     from forgetful.cli import COMMANDS
-    from forgetful.cli.parsing import _hf_parser
+    from forgetful.cli.parsing import hf_parser
 
     missing = []
     for command, (module, _) in COMMANDS.items():
         classes = importlib.import_module(f"forgetful.cli.{module}").ARGUMENTS
-        parser = _hf_parser(classes if len(classes) > 1 else classes[0], command, "")
+        parser = hf_parser(classes if len(classes) > 1 else classes[0], command, "")
         missing += [f"{command} {a.option_strings[0]}" for a in parser._actions if a.dest != "help" and not a.help]
     assert not missing
 
@@ -197,3 +198,106 @@ def test_the_command_list_loads_no_torch():
     code = "import sys, forgetful.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_flags_of_earlier_releases_are_read_as_their_new_names_with_a_notice(capsys, tmp_path):
+    """``train-forget --forget-p 0.5`` (the flag of earlier releases) runs as ``--keep 0.5``, and
+    says so in one line per flag; a YAML key of the old name too; a command that still has the
+    old name keeps it."""
+    from forgetful.cli import forget_experiment, train_forget, train_selective
+    from forgetful.cli.parsing import parse_command_line
+
+    argv = ["--model", "m", "--out", "o", "--forget-p", "0.25", "--lm-learning-rate=3e-4", "--mixed-precision", "no"]
+    (args, config), given = parse_command_line("train-forget", train_forget.ARGUMENTS, argv + ["--resume"])
+    assert (args.keep, config.learning_rate, config.bf16, config.resume_from_checkpoint) == (0.75, 3e-4, False, True)
+    assert {"keep", "learning_rate", "bf16", "resume_from_checkpoint"} <= given
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [
+        "forgetful: note: --forget-p 0.25 is now --keep 0.75",
+        "forgetful: note: --lm-learning-rate 3e-4 is now --learning-rate 3e-4",
+        "forgetful: note: --mixed-precision no is now --bf16 false",
+        "forgetful: note: --resume is now --resume-from-checkpoint",
+    ]
+    (exp, _, _, _), _ = parse_command_line(
+        "forget-experiment", forget_experiment.ARGUMENTS, ["--model", "m", "--forget-p", "0.5,0.75"]
+    )
+    assert exp.keep == "0.5,0.25"
+    config_file = tmp_path / "old.yaml"
+    config_file.write_text("model: m\nout: o\nforget_p: 0.5\nper_device_batch_size: 3\nhidden_size: 8\n")
+    (args, config), _ = parse_command_line("train-forget", train_forget.ARGUMENTS, ["--config", str(config_file)])
+    assert (args.keep, config.per_device_train_batch_size, args.policy_hidden_size) == (0.5, 3, 8)
+    assert "per-device-batch-size 3 is now --per-device-train-batch-size 3" in capsys.readouterr().err
+    # train-selective has a --resume of its own: read as it is, no notice
+    _, given = parse_command_line(
+        "train-selective", train_selective.ARGUMENTS, ["--task", "tofu", "--model", "m", "--out", "o", "--resume"]
+    )
+    assert "resume" in given and capsys.readouterr().err == ""
+    with pytest.raises(ForgetfulError, match="--forget-p takes shares of the context forgotten"):
+        parse_command_line("train-forget", train_forget.ARGUMENTS, ["--model", "m", "--forget-p", "half"])
+
+
+SPECIAL = re.compile(r"(?:^|[(;,] ?)(-?\d+(?:\.\d+)?(?:e-?\d+)?|none|'')(?: or (-?\d+))?: ")
+
+
+def _minimal_argv(classes) -> list[str]:
+    """The required flags of a command with a placeholder value each."""
+    import dataclasses
+
+    argv = []
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                argv += [f"--{f.name}", "tofu" if f.name == "task" else "m"]
+    return argv
+
+
+def test_every_special_value_a_help_text_names_is_accepted():
+    """A help text that says what a value means ("0: no timing", "(0: none)") is taken at its word:
+    each such value, fed back to its command, parses."""
+    import dataclasses
+    import importlib
+
+    from forgetful.cli import COMMANDS
+    from forgetful.cli.parsing import parse_options
+
+    checked = []
+    for command, (module_name, _) in COMMANDS.items():
+        classes = importlib.import_module(f"forgetful.cli.{module_name}").ARGUMENTS
+        for cls in classes:
+            if cls.__module__.startswith("transformers"):
+                continue
+            for f in dataclasses.fields(cls):
+                text = f.metadata.get("help", "") if f.init else ""
+                for match in SPECIAL.finditer(text):
+                    for value in filter(None, match.groups()):
+                        value = "" if value == "''" else value
+                        parse_options(command, classes, _minimal_argv(classes) + [f"--{f.name}", value])
+                        checked.append((command, f.name, value))
+    assert ("eval-forget", "timing_repeats", "0") in checked and len(checked) >= 10
+
+
+def test_both_commands_take_the_same_strategy_strings():
+    """``eval-forget --strategies`` and ``forget-experiment --zero-shot`` read one grammar
+    (name[:key=value,...][@unit]) and refuse the same mistakes."""
+    from forgetful.cli import eval_forget, forget_experiment
+    from forgetful.cli.parsing import parse_options
+
+    spec = "recency@sentence,snapkv:layer=1,window=8@sentence,lexical:rounds=2@chunk:4,recency:forget_layer=2"
+    (ev,) = parse_options("eval-forget", eval_forget.ARGUMENTS, ["--model", "m", "--out", "o", "--strategies", spec])
+    exp = parse_options("forget-experiment", forget_experiment.ARGUMENTS, ["--model", "m", "--zero-shot", spec])[0]
+    expected = [
+        "recency@sentence",
+        "snapkv:layer=1,window=8@sentence",
+        "lexical:rounds=2@chunk:4",
+        "recency:forget_layer=2",
+    ]
+    assert ev.strategy_names == expected and exp.strategies("zero_shot") == expected
+    for bad, message in (
+        ("recency@page", "unknown unit 'page'"),
+        ("residual", "not learned"),
+        ("oracle", "over units"),
+    ):
+        with pytest.raises(ForgetfulError, match=message):
+            parse_options("eval-forget", eval_forget.ARGUMENTS, ["--model", "m", "--out", "o", "--strategies", bad])
+        with pytest.raises(ForgetfulError, match=message):
+            parse_options("forget-experiment", forget_experiment.ARGUMENTS, ["--model", "m", "--zero-shot", bad])

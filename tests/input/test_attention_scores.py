@@ -55,7 +55,7 @@ def test_the_mask_keeps_the_budget_the_window_and_the_most_attended(tiny_llama):
     ids, attn = _batch([16, 12])
     mask = build_mask("attention_score", model, window=2, pool=0)
     assert isinstance(mask, AttentionScoreMask)
-    keep = mask.greedy(ids, attn, forget_p=0.5)
+    keep = mask.greedy(ids, attn, keep_ratio=0.5)
     assert keep.sum(-1).tolist() == [8, 6]
     for r, n in enumerate([16, 12]):
         assert keep[r, 0] and keep[r, n - 2 : n].all()  # token 0 and the observation window

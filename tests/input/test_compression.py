@@ -173,7 +173,7 @@ def test_apply_mask_rejects_bad_shapes():
     keep_first=st.booleans(),
 )
 def test_kept_counts_matches_round_half_up(lengths, forget_p, keep_first):
-    k = kept_counts(torch.tensor(lengths), forget_p=forget_p, keep_first=keep_first)
+    k = kept_counts(torch.tensor(lengths), keep_ratio=1 - forget_p, keep_first=keep_first)
     assert k.dtype == torch.long
     assert k.tolist() == manual_counts(lengths, forget_p, keep_first)
     assert (k <= torch.tensor(lengths)).all()
@@ -181,11 +181,11 @@ def test_kept_counts_matches_round_half_up(lengths, forget_p, keep_first):
 
 def test_kept_counts_concrete_values():
     lengths = torch.tensor([0, 1, 2, 3, 4, 5, 10])
-    assert kept_counts(lengths, forget_p=0.5).tolist() == [0, 1, 1, 2, 2, 3, 5]  # 0.5, 1.5, 2.5 round up
-    assert kept_counts(lengths, forget_p=0.9).tolist() == [0, 1, 1, 1, 1, 1, 1]
-    assert kept_counts(lengths, forget_p=0.8, keep_first=False).tolist() == [0, 0, 0, 1, 1, 1, 2]
-    assert kept_counts(lengths, forget_p=0.0).tolist() == lengths.tolist()
-    assert kept_counts(torch.tensor([25]), forget_p=0.9, keep_first=False).tolist() == [3]  # 2.5 despite float error
+    assert kept_counts(lengths, keep_ratio=0.5).tolist() == [0, 1, 1, 2, 2, 3, 5]  # 0.5, 1.5, 2.5 round up
+    assert kept_counts(lengths, keep_ratio=0.1).tolist() == [0, 1, 1, 1, 1, 1, 1]
+    assert kept_counts(lengths, keep_ratio=0.2, keep_first=False).tolist() == [0, 0, 0, 1, 1, 1, 2]
+    assert kept_counts(lengths, keep_ratio=1).tolist() == lengths.tolist()
+    assert kept_counts(torch.tensor([25]), keep_ratio=0.1, keep_first=False).tolist() == [3]  # 2.5 despite float error
     # explicit budget: scalar or per row, at least one with keep_first
     assert kept_counts(torch.tensor([4, 5, 6]), budget=2).tolist() == [2, 2, 2]
     assert kept_counts(torch.tensor([4, 5, 6]), budget=0).tolist() == [1, 1, 1]
@@ -201,13 +201,13 @@ def test_kept_counts_exact_ties_round_half_up(n, forget_p, keep_first, expected)
     """(1 - p) * n is exactly x.5 in decimal here; the documented rule rounds half up.
     BUG (see report): 1 - 0.9 == 0.09999999999999998 in binary floating point, so ties fall below
     .5 and are rounded down."""
-    assert kept_counts(torch.tensor([n]), forget_p=forget_p, keep_first=keep_first).tolist() == [expected]
+    assert kept_counts(torch.tensor([n]), keep_ratio=1 - forget_p, keep_first=keep_first).tolist() == [expected]
 
 
-@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, float("nan")])
-def test_kept_counts_rejects_bad_forget_p(bad):
-    with pytest.raises(ForgetfulError, match=r"forget_p must lie in \[0, 1\)"):
-        kept_counts(torch.tensor([5]), forget_p=bad)
+@pytest.mark.parametrize("bad", [1.01, 1.5, -0.1, float("nan")])
+def test_kept_counts_rejects_bad_keep_ratios(bad):
+    with pytest.raises(ForgetfulError, match=r"keep_ratio must lie in \[0, 1\]"):
+        kept_counts(torch.tensor([5]), keep_ratio=bad)
 
 
 def test_kept_counts_rejects_bad_budgets():
@@ -217,7 +217,7 @@ def test_kept_counts_rejects_bad_budgets():
         kept_counts(torch.tensor([5, 3]), budget=torch.tensor([2, 4]))
     with pytest.raises(ForgetfulError, match="budget must be non-negative"):
         kept_counts(torch.tensor([5]), budget=-1)
-    with pytest.raises(ForgetfulError, match="give forget_p"):
+    with pytest.raises(ForgetfulError, match="give keep_ratio"):
         kept_counts(torch.tensor([5]))
 
 
@@ -283,7 +283,7 @@ def test_exact_budget_samplers_keep_exactly_the_budget(lengths, forget_p, keep_f
     g = torch.Generator().manual_seed(seed)
     attn = right_padded(lengths)
     eligible, forced = eligible_tokens(attn, keep_first)
-    k = kept_counts(attn.sum(-1), forget_p=forget_p, keep_first=keep_first)
+    k = kept_counts(attn.sum(-1), keep_ratio=1 - forget_p, keep_first=keep_first)
     scores = torch.randn(attn.shape, generator=g).masked_fill(~attn, float("-inf"))
 
     keep = topk_keep(scores, k, eligible, forced)
@@ -472,7 +472,7 @@ def test_sampler_gradients_are_finite_with_padding(mode):
     logits = raw.masked_fill(~attn, float("-inf"))
     eligible, forced = eligible_tokens(attn, keep_first=True)
     if mode == "exact":
-        k = kept_counts(attn.sum(-1), forget_p=0.5)
+        k = kept_counts(attn.sum(-1), keep_ratio=0.5)
         s = gumbel_topk_keep(logits, k, eligible, forced, num_samples=3, generator=torch.Generator().manual_seed(0))
         loss = s.log_prob.sum() + s.entropy.sum()
     else:
@@ -572,7 +572,7 @@ def test_a_known_kept_length_lays_out_the_same_batch_without_reading_the_device(
     batch = ForgetCollator(0)(rows)
     assert (batch.context_length, batch.target_length) == (12, 3)
     assert ForgetCollator(0)(rows[:1] + [{"context_ids": [1, 2], "target_ids": [3]}]).context_length is None
-    k = kept_counts(batch.context_mask.sum(-1), forget_p=0.5)
+    k = kept_counts(batch.context_mask.sum(-1), keep_ratio=0.5)
     keep = gumbel_topk_keep(
         torch.randn(4, 12, generator=g),
         k,

@@ -58,8 +58,8 @@ def test_the_fair_protocol_experiment_end_to_end(tiny_model_dir, tmp_path):
     }
     fine = {f"ft_residual_{learner}_0.5_s0" for learner in ("reinforce", "relaxed", "supervised")}
     assert runs == {f"policy_{x}" for x in learned} | fine | {
-        "oracle_0.5",
         "zero_shot_0.5",
+        "oracle_0.5",
         "ft_identity",
         "ft_recency@task_0.5",
     }
@@ -180,14 +180,14 @@ def test_strategy_lists_spell_out_the_unit_and_refuse_learned_baselines():
         "policy_residual_reinforce_0.5_s1",
         "policy_residual_relaxed_0.5_s0",
         "policy_residual_relaxed_0.5_s1",
-        "oracle_0.5",
         "zero_shot_0.5",
+        "oracle_0.5",
         "policy_residual_reinforce_0.25_s0",
         "policy_residual_reinforce_0.25_s1",
         "policy_residual_relaxed_0.25_s0",
         "policy_residual_relaxed_0.25_s1",
-        "oracle_0.25",
         "zero_shot_0.25",
+        "oracle_0.25",
         "ft_identity",
         "ft_residual_reinforce_0.5_s0",
         "ft_residual_relaxed_0.5_s0",
@@ -293,3 +293,28 @@ def test_a_zero_shot_run_is_made_again_when_policies_were_added():
     rows += [{"run": "zero_shot_0.5", "learner": x, "seed": s} for x in ("reinforce", "relaxed") for s in (0, 1)]
     assert stale_zero_shot_runs(config, rows) == set()
     assert stale_zero_shot_runs(config, []) == set()  # a run never made is not stale: it is to be made
+
+
+def test_a_run_starts_only_if_its_expected_time_fits_the_budget():
+    from forgetful.errors import ForgetfulError
+    from forgetful.input.experiment import DEFAULT_RUN_SECONDS, ForgetExperimentConfig, expected_seconds
+
+    rows = [
+        {"run": "policy_residual_relaxed_0.5_s0", "protocol": "policy_training", "learner": "relaxed", "seconds": 40.0},
+        {"run": "policy_residual_relaxed_0.5_s1", "protocol": "policy_training", "learner": "relaxed", "seconds": 60.0},
+        {
+            "run": "policy_residual_reinforce_0.5_s0",
+            "protocol": "policy_training",
+            "learner": "reinforce",
+            "seconds": 9.0,
+        },
+        {"run": "zero_shot_0.5", "protocol": "zero_shot", "seconds": 120.0},
+        {"run": "zero_shot_0.5", "protocol": "zero_shot", "seconds": 120.0},  # a run's rows share its seconds
+        {"run": "oracle_0.5", "protocol": "zero_shot", "reference": True, "seconds": 500.0},
+    ]
+    assert expected_seconds("policy", "residual|relaxed|2", rows) == (50.0, "mean of 2 finished run(s) of its kind")
+    assert expected_seconds("zero_shot", "", rows)[0] == 120.0
+    assert expected_seconds("oracle", "oracle@task", rows)[0] == 500.0
+    assert expected_seconds("finetuned", "recency", rows) == (DEFAULT_RUN_SECONDS, "no finished run of its kind yet")
+    with pytest.raises(ForgetfulError, match="time_budget must be positive"):
+        ForgetExperimentConfig(model="m", time_budget=0)

@@ -47,7 +47,7 @@ def test_relaxed_keep_is_log_probabilities_over_units():
     attn = torch.ones(2, 10, dtype=torch.bool)
     eligible, forced = eligible_tokens(attn, True)
     units = torch.tensor([[-1, 0, 0, 0, 1, 1, 2, 2, 2, 2]] * 2)
-    k = free_budget(budget_counts(attn, forget_p=0.5, keep_first=True), eligible, forced)
+    k = free_budget(budget_counts(attn, keep_ratio=0.5, keep_first=True), eligible, forced)
     logits = torch.tensor([[0.0, 3, 3, 3, 0, 0, -1, -1, -1, -1]] * 2)
     log_keep, stats = relaxed_keep(logits, units, eligible, forced, k, 0.5)
     assert log_keep[:, 0].eq(0).all()  # token 0 is forced in
@@ -114,7 +114,7 @@ def test_the_supervised_learner_fits_the_oracle_labels(tiny_llama):
 
     eligible, _ = eligible_tokens(batch.context_mask, True, batch.protect_mask)
     kept = (share * unit_sizes(units, eligible)).sum(-1)
-    k = budget_counts(batch.context_mask, forget_p=0.5, keep_first=True) - 1
+    k = budget_counts(batch.context_mask, keep_ratio=0.5, keep_first=True) - 1
     torch.testing.assert_close(kept, k.float())
     token_policy = build_mask("mlp", model, hidden_size=8)
     with pytest.raises(ForgetfulError, match="give the policy a unit"):

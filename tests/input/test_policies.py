@@ -94,7 +94,7 @@ def expected_counts(kind, attn, forget_p, keep_first):
         return lengths
     if kind == "none":
         return (lengths > 0).long() if keep_first else torch.zeros_like(lengths)
-    return kept_counts(lengths, forget_p=forget_p, keep_first=keep_first)
+    return kept_counts(lengths, keep_ratio=1 - forget_p, keep_first=keep_first)
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +114,14 @@ def test_every_policy_keeps_exactly_the_budget(kind, keep_first, model):
     mask = policy(kind, model)
     for forget_p in (0.0, 0.5, 0.8):
         k = expected_counts(kind, attn, forget_p, keep_first)
-        keep = mask.greedy(ids, attn, forget_p=forget_p, keep_first=keep_first)
+        keep = mask.greedy(ids, attn, keep_ratio=1 - forget_p, keep_first=keep_first)
         assert keep.shape == ids.shape and keep.dtype == torch.bool
         assert keep.sum(-1).tolist() == k.tolist(), (kind, forget_p)
         assert not (keep & ~attn.bool()).any()
         s = mask.sample(
             ids,
             attn,
-            forget_p=forget_p,
+            keep_ratio=1 - forget_p,
             keep_first=keep_first,
             num_samples=3,
             generator=torch.Generator().manual_seed(1),
@@ -165,11 +165,11 @@ def test_policies_reject_bad_input(kind, model):
     with pytest.raises(ForgetfulError, match=r"input_ids must be \[batch, length\]"):
         mask.greedy(ids[0])
     if kind not in ("identity", "none"):
-        for bad in (1.0, -0.2, 3):
-            with pytest.raises(ForgetfulError, match=r"forget_p must lie in \[0, 1\)"):
-                mask.greedy(ids, attn, forget_p=bad)
-            with pytest.raises(ForgetfulError, match=r"forget_p must lie in \[0, 1\)"):
-                mask.sample(ids, attn, forget_p=bad)
+        for bad in (1.5, -0.2, 3):
+            with pytest.raises(ForgetfulError, match=r"keep_ratio must lie in \[0, 1\]"):
+                mask.greedy(ids, attn, keep_ratio=bad)
+            with pytest.raises(ForgetfulError, match=r"keep_ratio must lie in \[0, 1\]"):
+                mask.sample(ids, attn, keep_ratio=bad)
 
 
 @pytest.mark.parametrize("kind", ["identity", "none", *BUDGETED])
@@ -177,13 +177,13 @@ def test_unknown_sampling_mode_raises(kind, model):
     """BUG for 'random' (see report): RandomForgetMask.sample never validates ``mode``."""
     ids, attn = batch([6, 4])
     with pytest.raises(ForgetfulError, match="mode must be one of exact, bernoulli"):
-        policy(kind, model).sample(ids, attn, forget_p=0.5, mode="topk")
+        policy(kind, model).sample(ids, attn, keep_ratio=0.5, mode="topk")
 
 
 @pytest.mark.parametrize("kind", LEARNED)
-def test_learned_policy_needs_forget_p_or_budget(kind, model):
+def test_learned_policy_needs_keep_ratio_or_budget(kind, model):
     ids, attn = batch([6, 4])
-    with pytest.raises(ForgetfulError, match="give forget_p"):
+    with pytest.raises(ForgetfulError, match="give keep_ratio"):
         learned(kind, model).greedy(ids, attn)
 
 
@@ -197,7 +197,7 @@ def test_sample_log_probs_are_finite(kind, keep_first, model):
         s = mask.sample(
             ids,
             attn,
-            forget_p=0.5,
+            keep_ratio=0.5,
             mode=mode,
             keep_first=keep_first,
             num_samples=2,
@@ -217,8 +217,8 @@ def test_sample_log_probs_are_finite(kind, keep_first, model):
 def test_identity_keeps_everything():
     ids, attn = batch()
     mask = IdentityMask()
-    assert torch.equal(mask.greedy(ids, attn, forget_p=0.9), attn.bool())
-    s = mask.sample(ids, attn, forget_p=0.9, mode="bernoulli", num_samples=2)
+    assert torch.equal(mask.greedy(ids, attn, keep_ratio=0.1), attn.bool())
+    s = mask.sample(ids, attn, keep_ratio=0.1, mode="bernoulli", num_samples=2)
     assert torch.equal(s.keep, attn.bool().expand(2, *attn.shape))
     assert (s.log_prob == 0).all()
     assert torch.equal(mask.greedy(ids), torch.ones_like(ids, dtype=torch.bool))
@@ -229,8 +229,8 @@ def test_no_context_keeps_only_token_zero():
     mask = NoContextMask()
     expected = torch.zeros_like(attn, dtype=torch.bool)
     expected[:, 0] = attn[:, 0].bool()
-    assert torch.equal(mask.greedy(ids, attn, forget_p=0.0), expected)
-    assert torch.equal(mask.sample(ids, attn, forget_p=0.0, num_samples=2).keep[1], expected)
+    assert torch.equal(mask.greedy(ids, attn, keep_ratio=1), expected)
+    assert torch.equal(mask.sample(ids, attn, keep_ratio=1, num_samples=2).keep[1], expected)
     assert not mask.greedy(ids, attn, keep_first=False).any()
 
 
@@ -254,7 +254,7 @@ def test_recency_keeps_the_last_tokens():
         for r, n in enumerate([10, 7, 4]):
             assert keep[r].nonzero().flatten().tolist() == list(range(n - b, n))
     # forget_p: round(0.5 * 10) = 5 -> token 0 and tokens 6..9
-    assert mask.greedy(ids, attn, forget_p=0.5)[0].nonzero().flatten().tolist() == [0, 6, 7, 8, 9]
+    assert mask.greedy(ids, attn, keep_ratio=0.5)[0].nonzero().flatten().tolist() == [0, 6, 7, 8, 9]
 
 
 def test_random_mask_is_reproducible_with_a_seeded_generator():
@@ -269,7 +269,7 @@ def test_random_mask_is_reproducible_with_a_seeded_generator():
         assert torch.equal(x, y)
     assert any(not torch.equal(x, y) for x, y in zip(a, c, strict=True))
     # its default forget_prob gives the budget
-    assert a[0].sum(-1).tolist() == kept_counts(torch.tensor([20, 15]), forget_p=0.5).tolist()
+    assert a[0].sum(-1).tolist() == kept_counts(torch.tensor([20, 15]), keep_ratio=0.5).tolist()
 
 
 def test_random_mask_bernoulli_rate():
@@ -417,8 +417,8 @@ def test_build_mask_from_the_registry():
     assert isinstance(build_mask("self_information", m), SelfInformationMask)
     # the random baseline draws from its own seeded generator: the same seed, the same subsets
     ids, attn = batch()
-    a = build_mask("random", seed=3).greedy(ids, attn, forget_p=0.5)
-    b = build_mask("random", seed=3).greedy(ids, attn, forget_p=0.5)
+    a = build_mask("random", seed=3).greedy(ids, attn, keep_ratio=0.5)
+    b = build_mask("random", seed=3).greedy(ids, attn, keep_ratio=0.5)
     assert torch.equal(a, b)
     with pytest.raises(ForgetfulError, match="unknown strategy 'transformer'"):
         build_mask("transformer", m)
@@ -453,7 +453,7 @@ def test_sample_log_prob_is_differentiable(kind, mode, model):
     ids, attn = batch()  # padded rows and a fully padded row
     p = policy(kind, model)
     s = p.sample(
-        ids, attn, forget_p=0.5, mode=mode, num_samples=3, keep_first=True, generator=torch.Generator().manual_seed(0)
+        ids, attn, keep_ratio=0.5, mode=mode, num_samples=3, keep_first=True, generator=torch.Generator().manual_seed(0)
     )
     assert torch.isfinite(s.log_prob).all() and torch.isfinite(s.entropy).all()
     assert s.log_prob.requires_grad
@@ -643,9 +643,9 @@ def test_protected_tokens_are_always_kept_and_outside_the_budget(kind, mode, mod
     p = policy(kind, model)
     g = torch.Generator().manual_seed(1)
     if mode == "greedy":
-        keep = p.greedy(ids, attn, forget_p=0.5, protect=protect)
+        keep = p.greedy(ids, attn, keep_ratio=0.5, protect=protect)
     else:
-        keep = p.sample(ids, attn, forget_p=0.5, mode=mode, num_samples=2, generator=g, protect=protect).keep
+        keep = p.sample(ids, attn, keep_ratio=0.5, mode=mode, num_samples=2, generator=g, protect=protect).keep
     assert (keep & protect).sum(-1).eq(protect.sum(-1)).all(), "a protected token was forgotten"
     assert not (keep & ~attn.bool()).any(), "padding was kept"
     if mode != "bernoulli":

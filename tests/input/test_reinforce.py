@@ -23,13 +23,13 @@ def data(tiny_llama):
 
 def _config(**kw) -> ForgetTrainingConfig:
     base = dict(
-        per_device_batch_size=4,
+        per_device_train_batch_size=4,
         num_samples=2,
         max_steps_per_epoch=2,
         logging_steps=1,
         eval_batches=1,
         disable_tqdm=True,
-        lm_learning_rate=1e-3,
+        learning_rate=1e-3,
         policy_learning_rate=1e-2,
     )
     base.update(kw)
@@ -71,9 +71,9 @@ def test_joint_training_returns_model_policy_history(tiny_llama, data):
 
 def test_chunked_loss_backend_trains_as_dense(tiny_llama, data, monkeypatch):
     """The target NLL (LM loss and reward) through the chunked backend: the same run as dense."""
-    import forgetful.nll_backends as lk
+    import forgetful.nll_kernels as kernels
 
-    monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 3 * 400)  # 3 rows of logits per chunk
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 3 * 400)  # 3 rows of logits per chunk
     model, tok = tiny_llama
     train, _ = data
     runs = {}
@@ -88,7 +88,7 @@ def test_chunked_loss_backend_trains_as_dense(tiny_llama, data, monkeypatch):
             exploration_epochs=[0.5],
             train_dataset=train,
             tokenizer=tok,
-            args=_config(loss_backend=backend, mixed_precision="no"),
+            args=_config(loss_backend=backend, bf16=False),
         )
         runs[backend] = ([h for h in history if "reward" in h], _state(m, p))
     (steps_d, state_d), (steps_c, state_c) = runs["dense"], runs["chunked"]
@@ -200,7 +200,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_llama, data
     full = run(tmp_path / "full")
     # interrupted after step 4 (a checkpoint at 4), then resumed in a fresh call
     run(tmp_path / "cut", stop_after_steps=4)
-    resumed = run(tmp_path / "cut", resume=True)
+    resumed = run(tmp_path / "cut", resume_from_checkpoint=True)
     a, b = _state(full.model, full.policy), _state(resumed.model, resumed.policy)
     assert a.keys() == b.keys()
     for k in a:
@@ -223,7 +223,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_llama, data
         ({"args": {"budget": 10_000}}, "larger than the shortest context"),
         ({"args": {"num_samples": 1}}, "num_samples >= 2"),
         ({"args": {"mode": "topk"}}, "mode must be"),
-        ({"args": {"per_device_batch_size": 64}}, "fewer than one step"),
+        ({"args": {"per_device_train_batch_size": 64}}, "fewer than one step"),
     ],
 )
 def test_bad_input_fails_before_training(tiny_llama, data, kwargs, fragment):

@@ -100,7 +100,7 @@ def test_two_round_lexical_finds_the_second_hop():
     kept = {}
     for rounds in (1, 2):
         mask = build_mask(f"lexical:rounds={rounds},seed_units=1@task")
-        keep = mask.greedy(ids, forget_p=0.4, protect=protect, units=units)
+        keep = mask.greedy(ids, keep_ratio=0.6, protect=protect, units=units)
         kept[rounds] = set(units[0][keep[0] & (units[0] >= 0)].tolist())
     assert kept[1] == {0, 2}  # the question alone finds hop 1; recency breaks the tie for the rest
     assert kept[2] == {0, 1}  # hop 1's words find hop 2

@@ -93,7 +93,7 @@ def test_unit_samplers_keep_exactly_the_budget(lengths, forget_p, size, seed):
     protect = (torch.rand(attn.shape, generator=g) < 0.2) & attn
     units = unit_ids(f"chunk:{size}", attn)
     eligible, forced = eligible_tokens(attn, True, protect)
-    k = budget_counts(attn, forget_p=forget_p, keep_first=True, protect=protect)
+    k = budget_counts(attn, keep_ratio=1 - forget_p, keep_first=True, protect=protect)
     logits = torch.randn(attn.shape, generator=g)
     greedy = unit_topk_keep(logits, units, k, eligible, forced)
     sample = unit_gumbel_keep(logits, units, k, eligible, forced, num_samples=3, generator=g)
@@ -190,7 +190,7 @@ def test_lexical_overlap_scores_rare_words_shared_with_the_question():
     scores = lex.keep_logits(ids, attn, protect=protect)
     passage = [t for t in range(1, 18) if t not in (5, 6)]
     assert float(scores[0, 5:7].min()) > float(scores[0, passage].max()) + 0.1  # the tokens the question repeats
-    keep = lex.greedy(ids, attn, forget_p=0.75, protect=protect, units=units)
+    keep = lex.greedy(ids, attn, keep_ratio=0.25, protect=protect, units=units)
     assert keep[0, 5:9].all()  # unit 1 first
 
 
@@ -208,8 +208,8 @@ def test_residual_policy_equals_its_prior_before_training(tiny_llama):
             raw = build_mask(prior, model, window=policy.window) if prior != "recency" else build_mask(prior)
             expected = 2.0 * standardise(raw.keep_logits(ids, attn, protect=protect), cand)
         assert torch.equal(got, expected.masked_fill(~attn, float("-inf"))), prior  # bit-equal
-        same = raw.with_unit("task").greedy(ids, attn, forget_p=0.5, protect=protect, units=units)
-        assert torch.equal(policy.greedy(ids, attn, forget_p=0.5, protect=protect, units=units), same)
+        same = raw.with_unit("task").greedy(ids, attn, keep_ratio=0.5, protect=protect, units=units)
+        assert torch.equal(policy.greedy(ids, attn, keep_ratio=0.5, protect=protect, units=units), same)
     with pytest.raises(ForgetfulError, match="prior must be one of"):
         ResidualForgetMask(model, prior="random")
 
@@ -324,9 +324,9 @@ def test_bad_unit_and_residual_options_are_one_clear_error(tiny_llama, tmp_path)
     with pytest.raises(
         ForgetfulError, match="bernoulli mode keeps tokens one by one; a chunk:4 policy needs mode exact"
     ):
-        chunks.sample(ids, attn, forget_p=0.5, mode="bernoulli")
+        chunks.sample(ids, attn, keep_ratio=0.5, mode="bernoulli")
     with pytest.raises(ForgetfulError, match=r"units have shape \(2, 3\) but input_ids has \(2, 24\)"):
-        chunks.with_unit("task").greedy(ids, attn, forget_p=0.5, units=units[:, :3])
+        chunks.with_unit("task").greedy(ids, attn, keep_ratio=0.5, units=units[:, :3])
     for kwargs, message in (
         ({"layer": 9}, "layer 9 is past the model's 2 layers"),
         ({"layer": -1}, "layer must be >= 0"),
@@ -370,5 +370,5 @@ def test_keep_best_needs_held_out_rows(tiny_llama):
             exploration_epochs=[0.0],
             train_dataset=train,
             tokenizer=tok,
-            args=ForgetTrainingConfig(keep_best=True, per_device_batch_size=4, disable_tqdm=True),
+            args=ForgetTrainingConfig(keep_best=True, per_device_train_batch_size=4, disable_tqdm=True),
         )

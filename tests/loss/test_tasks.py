@@ -266,11 +266,11 @@ def test_tofu_forget_facts_with_spacy_not_installed(tok, monkeypatch):
 
     from forgetful.loss import masks
 
-    masks._spacy_pipeline.cache_clear()
+    masks.spacy_pipeline.cache_clear()
     monkeypatch.setitem(sys.modules, "spacy", None)  # import spacy fails, installed or not
     with pytest.raises(ForgetfulError, match="spaCy is not installed"):
         _tofu(tok, "forget_facts", spacy_model="en_core_web_sm")
-    masks._spacy_pipeline.cache_clear()
+    masks.spacy_pipeline.cache_clear()
 
 
 def _entity_ruler_pipeline():
@@ -301,7 +301,7 @@ def test_fact_spans_with_a_spacy_pipeline_object_and_by_name(tmp_path):
     assert fact_spans("She writes novels.", nlp) == []
     from forgetful.loss import masks
 
-    masks._spacy_pipeline.cache_clear()
+    masks.spacy_pipeline.cache_clear()
     with pytest.raises(ForgetfulError, match="the spaCy pipeline 'no_such_pipeline_xyz' is not installed"):
         fact_spans(text, "no_such_pipeline_xyz")
 
@@ -726,8 +726,8 @@ def test_fact_spans_spacy_not_installed(monkeypatch):
 
     from forgetful.loss import masks
 
-    masks._spacy_pipeline.cache_clear()
+    masks.spacy_pipeline.cache_clear()
     monkeypatch.setitem(sys.modules, "spacy", None)  # as if spaCy were not installed
     with pytest.raises(ForgetfulError, match="spaCy is not installed.*leave spacy_model unset"):
         fact_spans("Mira was born in Lisbon.", spacy_model="en_core_web_sm")
-    masks._spacy_pipeline.cache_clear()
+    masks.spacy_pipeline.cache_clear()

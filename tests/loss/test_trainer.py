@@ -86,9 +86,9 @@ def test_collator_pads_right_and_counts_trained_tokens(tiny_llama):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """The chunked backend's chunks hold 3 rows of logits: every batch spans many chunks."""
-    import forgetful.nll_backends as lk
+    import forgetful.nll_kernels as kernels
 
-    monkeypatch.setattr(lk, "CHUNK_ELEMENTS", 3 * 400)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 3 * 400)
 
 
 BACKENDS = ["dense", "chunked", "auto"]
@@ -199,15 +199,15 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradients(tiny_llama, tmp_pat
 
 
 def test_auto_backend_is_chunked_on_the_cpu(tiny_llama, tmp_path, monkeypatch):
-    import forgetful.nll_backends as lk
+    import forgetful.nll_kernels as kernels
 
     model, tok = tiny_llama
     ds = _dataset(len(tok), n=2)
     trainer = SelectiveLossTrainer(model=model, args=_args(tmp_path), train_dataset=ds, processing_class=tok)
     assert trainer.args.loss_backend == trainer.loss_backend == "auto"
     calls = []
-    real = lk.ChunkedLinearNLL.apply
-    monkeypatch.setattr(lk.ChunkedLinearNLL, "apply", lambda *a: calls.append(1) or real(*a))
+    real = kernels.ChunkedLinearNLL.apply
+    monkeypatch.setattr(kernels.ChunkedLinearNLL, "apply", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         trainer.compute_loss(model, dict(trainer.data_collator(ds.to_list())))
     assert calls == [1]

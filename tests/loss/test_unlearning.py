@@ -1,5 +1,5 @@
 """Post-hoc unlearning (forgetful.loss.unlearning, its registry of methods in
-forgetful.loss.unlearning_methods and forgetful.loss.rmu): each method's loss on one batch against a
+forgetful.loss.unlearn, one file per method): each method's loss on one batch against a
 hand computation, NPO's value at the reference, the forget/retain pairing, training that lowers the
 forget probability on a tiny model, the registry's lookup and defaults, RMU training only its
 parameters, and the loss backend reaching every NLL."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,24 +17,14 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from forgetful.errors import ForgetfulError
-from forgetful.loss.rmu import RMU
 from forgetful.loss.trainer import SelectiveLossCollator
-from forgetful.loss.unlearning import (
-    ForgetRetainDataset,
-    UnlearningConfig,
-    UnlearningTrainer,
-    forget_probability,
-    npo_loss,
-)
-from forgetful.loss.unlearning_methods import (
-    NPO,
-    UNLEARNING_METHODS,
-    SimNPO,
-    UnlearningMethod,
-    register_unlearning_method,
-    unlearning_method,
-)
-from forgetful.nll_backends import ChunkedLinearNLL
+from forgetful.loss.unlearn import UNLEARNING_METHODS, register_unlearning_method, unlearning_method
+from forgetful.loss.unlearn.base import UnlearningMethod
+from forgetful.loss.unlearn.npo import NPO, npo_loss
+from forgetful.loss.unlearn.rmu import RMU, mean_activation_norm
+from forgetful.loss.unlearn.simnpo import SimNPO
+from forgetful.loss.unlearning import ForgetRetainDataset, UnlearningConfig, UnlearningTrainer, forget_probability
+from forgetful.nll_kernels import ChunkedLinearNLL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -255,9 +246,13 @@ def test_training_lowers_the_forget_probability(memorized, tmp_path, method):
     model = copy.deepcopy(full)
     before = forget_probability(model, forget, tok.pad_token_id)
     assert before.mean() > 0.05  # learned (uniform would be 1/400)
+    # rmu trains every parameter here (open-unlearning's TOFU configuration): three steps on two MLP matrices
+    # (its default, WMDP's) move this toy model too little
+    extra = {"rmu_params": ".*"} if method == "rmu" else {}
     args = _args(
         tmp_path,
         method=method,
+        **extra,
         learning_rate=3e-3,
         num_train_epochs=3,
         warmup_epochs=0.0,
@@ -287,6 +282,28 @@ def test_registry_lookup_and_unknown_name(tmp_path):
         _args(tmp_path, method="dpo")
 
 
+def test_one_file_per_method_each_registered_from_its_own_file():
+    """loss/unlearn/ holds base.py, __init__.py and exactly one file per registered method, named
+    after it; each name maps to a class defined in that file (not imported into it), and no file
+    defines a second method class."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import forgetful.loss.unlearn as package
+
+    folder = Path(package.__file__).parent
+    files = {p.stem for p in folder.glob("*.py")}
+    assert files == {"__init__", "base", *UNLEARNING_METHODS}
+    for name, cls in UNLEARNING_METHODS.items():
+        assert cls.__module__ == f"forgetful.loss.unlearn.{name}" and cls.name == name
+        assert Path(inspect.getfile(cls)) == folder / f"{name}.py"
+    for name in UNLEARNING_METHODS:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+        assert classes == [UNLEARNING_METHODS[name].__name__], (name, classes)
+
+
 def test_each_method_takes_its_own_defaults(tmp_path):
     def opts(**kw):
         a = _args(tmp_path, **kw)
@@ -297,7 +314,13 @@ def test_each_method_takes_its_own_defaults(tmp_path):
     assert opts(method="simnpo") == (4.5, 0.125, 1.0, "NLL")  # open-unlearning's SimNPO.yaml
     assert opts(method="rmu") == (0.1, 1.0, 1.0, "EMBED_DIFF")  # open-unlearning's RMU.yaml
     a = _args(tmp_path, method="rmu")
-    assert (a.steering_coeff, a.rmu_layer, a.rmu_params, a.ddp_find_unused_parameters) == (2.0, None, ".*", True)
+    assert (a.steering_coeff, a.steering_scale, a.rmu_layer, a.rmu_params, a.ddp_find_unused_parameters) == (
+        2.0,
+        None,
+        None,
+        "wmdp",  # WMDP's MLP output projections of layers L-2..L, resolved by the method
+        True,
+    )
     assert _args(tmp_path, method="simnpo").delta == 0.0
     assert opts(method="simnpo", beta=2.0, gamma=1.0, retain_loss_type="KL") == (2.0, 1.0, 1.0, "KL")  # given: kept
     with pytest.raises(
@@ -326,6 +349,60 @@ def test_simnpo_loss_hand_computed(setup):
         assert parts["forget_loss"].item() == pytest.approx(forget, rel=1e-5)
         assert parts["retain_loss"].item() == pytest.approx(retain_nll, rel=1e-5)
         assert loss.item() == pytest.approx(gamma * forget + alpha * retain_nll, rel=1e-5)
+
+
+def test_simnpo_fitted_delta_is_the_mean_forget_nll_per_token(setup):
+    """delta 'fitted': the mean over every forget row of its NLL per trained token before unlearning,
+    by hand; the loss then uses it; a delta that is neither a number nor 'fitted' is refused."""
+    model, tok, forget, _, batch, tmp_path = setup
+    with torch.no_grad():
+        s, n = _ce_per_row(model, SelectiveLossCollator(tok.pad_token_id)(forget.to_list()))
+        fs, fn = _ce_per_row(model, batch["forget"])
+    fitted = (s / n).mean().item()
+    tr = _trainer(setup, method="simnpo", delta="fitted")
+    assert tr.args.delta == "fitted" and tr.method.delta == pytest.approx(fitted, rel=1e-5)
+    assert tr.method.state() == {"delta": pytest.approx(fitted, rel=1e-5)}
+    with torch.no_grad():
+        parts = tr.compute_loss(model, batch, return_outputs=True)[1]
+    x = 4.5 * (fs.double() / fn - fitted)
+    assert parts["forget_loss"].item() == pytest.approx((-(2 / 4.5) * F.logsigmoid(x)).mean().item(), rel=1e-5)
+    assert _trainer(setup, method="simnpo", delta="0.25").method.delta == 0.25
+    with pytest.raises(ForgetfulError, match="delta must be a number or 'fitted'.*got 'fit'"):
+        _args(tmp_path, method="simnpo", delta="fit")
+
+
+def test_adaptive_rmu_scale_is_the_hand_measured_activation_norm(setup):
+    """steering_scale c: the target's norm is c times the mean Euclidean norm of the steered
+    layer's output over every forget row's trained tokens (measured by hand from the model's
+    hidden states), the forget loss steers to it; steering_coeff is then unused."""
+    model, tok, forget, _, batch, _ = setup
+    with torch.no_grad():
+        rows = SelectiveLossCollator(tok.pad_token_id)(forget.to_list())
+        h = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], output_hidden_states=True)
+        norms = h.hidden_states[1].norm(dim=-1)[rows["labels"] != -100]  # layer 0's output at the answer tokens
+    hand = norms.mean().item()
+    assert norms.numel() == sum(sum(m) for m in forget["loss_mask"])
+    assert mean_activation_norm(model, forget, 0, pad_id=tok.pad_token_id, batch_size=4) == pytest.approx(
+        hand, rel=1e-5
+    )
+    tr = _trainer(setup, method="rmu", rmu_layer=0, steering_scale=3.0, steering_coeff=100.0)
+    assert tr.method.activation_norm == pytest.approx(hand, rel=1e-5)
+    assert tr.method.control.norm().item() == pytest.approx(3.0 * hand, rel=1e-5)
+    assert tr.method.state()["steering_coeff"] == pytest.approx(3.0 * hand, rel=1e-5)
+    with torch.no_grad():
+        parts = tr.compute_loss(model, batch, return_outputs=True)[1]
+        fb = batch["forget"]
+        hb = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"], output_hidden_states=True)
+        forget_loss = _hand_rmu_distance(
+            hb.hidden_states[1], tr.method.control.expand_as(hb.hidden_states[1]), fb["labels"]
+        )
+    assert parts["forget_loss"].item() == pytest.approx(forget_loss, rel=1e-5)
+    # fixed (open-unlearning's): no measurement, the coefficient itself
+    fixed = _trainer(setup, method="rmu", rmu_layer=0, steering_coeff=5.0).method
+    assert fixed.activation_norm is None and fixed.control.norm().item() == pytest.approx(5.0)
+    assert "activation_norm" not in fixed.state()
+    with pytest.raises(ForgetfulError, match="steering_scale must be positive"):
+        _args(setup[-1], method="rmu", steering_scale=0.0)
 
 
 def _hand_rmu_distance(h: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> float:
@@ -368,7 +445,14 @@ def test_rmu_loss_hand_computed(setup):
 def test_rmu_layer_default_fallback_and_errors(setup):
     tr = _trainer(setup, method="rmu")
     assert tr.method.layer == 1  # open-unlearning's layer 7 does not exist in 2 layers: the last one
-    assert tr.method.state()["layer"] == 1 and tr.method.state()["trainable_parameters"] == len(
+    # by default WMDP's parameters: the MLP output projections of layers L-2..L (here 0..1)
+    down = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    assert tr.method.trainable == down and tr.method.state()["layer"] == 1
+    assert tr.method.state()["trainable_parameters"] == 2 and re.fullmatch(tr.method.state()["rmu_params"], down[0])
+    assert [n for n, p in tr.model.named_parameters() if p.requires_grad] == down
+    assert _trainer(setup, method="rmu", rmu_layer=0).method.trainable == down[:1]
+    setup[0].requires_grad_(True)  # the method froze the rest of the shared model
+    assert _trainer(setup, method="rmu", rmu_params=".*").method.state()["trainable_parameters"] == len(
         list(tr.model.parameters())
     )
     with pytest.raises(ForgetfulError, match=r"rmu_layer 2: the model has 2 decoder layers \(0..1\)"):
@@ -380,7 +464,7 @@ def test_rmu_layer_default_fallback_and_errors(setup):
             _trainer(setup, method="rmu", rmu_layer=0, rmu_params=unreached)
     # a frozen parameter (a PEFT model's base weight) stays frozen, whatever the pattern
     embedding = setup[0].model.embed_tokens.weight.requires_grad_(False)
-    tr = _trainer(setup, method="rmu")
+    tr = _trainer(setup, method="rmu", rmu_params=".*")
     assert not embedding.requires_grad and "model.embed_tokens.weight" not in tr.method.trainable
     assert len(tr.method.trainable) == len(list(setup[0].parameters())) - 1
 
@@ -406,9 +490,9 @@ def test_rmu_trains_only_its_parameters_and_its_forget_loss_falls(setup):
     changed, before, after = _train_rmu(setup, rmu_params=r"model\.layers\.0\.mlp\.down_proj\.weight")
     assert changed == ["model.layers.0.mlp.down_proj.weight"]
     assert after < before  # one matrix moves the layer's output a little (0.1257 -> 0.1243)
-    # every parameter (open-unlearning's default): those up to the steered layer move, the later
+    # every parameter (open-unlearning's TOFU configuration): those up to the steered layer move, the later
     # layer's do not (the loss never reaches them), and the forget loss falls fast
-    changed, before, after = _train_rmu(setup)
+    changed, before, after = _train_rmu(setup, rmu_params=".*")
     assert "model.embed_tokens.weight" in changed and "model.layers.0.mlp.down_proj.weight" in changed
     assert not [n for n in changed if n.startswith("model.layers.1.") or n == "model.norm.weight"]
     assert after < 0.5 * before, (before, after)

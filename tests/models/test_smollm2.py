@@ -122,7 +122,7 @@ def test_one_reinforce_step():
     policy = MLPForgetMask(model, hidden_size=16)
     p0 = {k: v.clone() for k, v in policy.state_dict().items()}
     config = ForgetTrainingConfig(
-        per_device_batch_size=2, num_samples=2, max_steps_per_epoch=1, logging_steps=1, disable_tqdm=True
+        per_device_train_batch_size=2, num_samples=2, max_steps_per_epoch=1, logging_steps=1, disable_tqdm=True
     )
     _, trained, history = reinforce_model(
         model, policy, forget_p=0.5, exploration_epochs=[0.0], train_dataset=data, tokenizer=tok, args=config

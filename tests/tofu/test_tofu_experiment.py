@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 
 from forgetful.errors import ForgetfulError
-from forgetful.tofu.experiment import (
-    TofuExperimentConfig,
-    TofuTrainingArguments,
-    add_utility_intervals,
-    plan_runs,
-    run_tofu_experiment,
-    unlearning_args,
-)
+from forgetful.tofu.experiment import TofuExperimentConfig, TofuTrainingArguments, run_tofu_experiment, unlearning_args
+from forgetful.tofu.grid import plan_runs
 from forgetful.tofu.metrics import (
     UTILITY_SETS,
     bootstrap_model_utility,
@@ -25,6 +19,7 @@ from forgetful.tofu.metrics import (
     percentile_interval,
     utility_contributions,
 )
+from forgetful.tofu.rows import add_utility_intervals
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -97,7 +92,11 @@ def test_each_unlearning_run_takes_its_methods_defaults(tmp_path):
     given = _config("m", tmp_path, beta=0.5, retain_loss_type="KL")
     assert loss_options("npo", given)[::3] == loss_options("simnpo", given)[::3] == (0.5, "KL")
     rmu = unlearning_args(a, training, "rmu", str(tmp_path / "rmu"))
-    assert (rmu.steering_coeff, rmu.rmu_layer, rmu.rmu_params) == (2.0, None, ".*")
+    assert (rmu.steering_coeff, rmu.rmu_layer, rmu.rmu_params) == (2.0, None, "wmdp")  # WMDP's down_proj
+    # a grid point's values win over the experiment's, for that run only
+    point = unlearning_args(a, training, "rmu", "x", {"learning_rate": 3e-5, "rmu_params": ".*", "rmu_layer": 0})
+    assert (point.learning_rate, point.rmu_params, point.rmu_layer, point.steering_coeff) == (3e-5, ".*", 0, 2.0)
+    assert unlearning_args(a, training, "rmu", "x").learning_rate == a.unlearn_learning_rate == 1e-3
     assert unlearning_args(_config("m", tmp_path), _training(loss_backend="dense"), "npo", "x").loss_backend == "dense"
 
 
@@ -189,7 +188,13 @@ def test_experiment_end_to_end_in_parts(tiny_model_dir, tmp_path, monkeypatch):
     assert "- `simnpo`: alpha 1, gamma 0.125, retain_loss_type NLL, beta 4.5, delta 0" in report
     # what the options resolved to: RMU's layer (the tiny model's last: it has no layer 7), auto's backend on a CPU
     assert rows["full_rmu"]["method_state"]["layer"] == 1 and rows["full_npo"]["loss_backend"] == "chunked"
-    assert "- `rmu`: alpha 1, gamma 1, retain_loss_type EMBED_DIFF, steering_coeff 2, rmu_params .*; layer 1," in report
+    # rmu_params wmdp: WMDP's MLP output projections of layers L-2..L, and what the method resolved it to
+    down = r"model\.layers\.0\.mlp\.down_proj\.weight|model\.layers\.1\.mlp\.down_proj\.weight"
+    assert (
+        f"- `rmu`: alpha 1, gamma 1, retain_loss_type EMBED_DIFF, steering_coeff 2, rmu_params wmdp; layer 1, "
+        f"rmu_params {down}, " in report
+    )
+    assert "- `simnpo`: alpha 1, gamma 0.125, retain_loss_type NLL, beta 4.5, delta 0\n" in report
     assert (out / "utility_vs_forget_quality.png").stat().st_size > 1000
 
 
@@ -291,9 +296,14 @@ def test_cli_unlearn_simnpo_and_rmu(tiny_model_dir, tmp_path, method):
             0.0,
             "NLL",
         )
-        assert res["method_state"] == {}
+        assert res["method_state"] == {"delta": 0.0}  # the margin it trained with
     else:
-        assert (recipe["retain_loss_type"], recipe["steering_coeff"], recipe["rmu_params"]) == ("EMBED_DIFF", 2.0, ".*")
+        assert (recipe["retain_loss_type"], recipe["steering_coeff"], recipe["rmu_params"]) == (
+            "EMBED_DIFF",
+            2.0,
+            "wmdp",
+        )
+        assert res["method_state"]["trainable_parameters"] == 2  # WMDP's: the down_proj of layers 0..1
         assert res["method_state"]["layer"] == 1  # the tiny model's last layer (it has no layer 7)
         vector = load_file(out / res["method_state"]["control_vector_file"])["control_vector"]
         assert vector.shape == (32,) and vector.norm().item() == pytest.approx(2.0, rel=1e-5)

@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
         raise ForgetfulError(f"{self.prog}: {message}")
 
 
-def _hf_parser(cls: type, prog: str, description: str):
+def hf_parser(cls: type, prog: str, description: str):
     from transformers import HfArgumentParser
 
     class Parser(HfArgumentParser):
@@ -110,9 +110,17 @@ def load_config(path: str, classes: tuple[type, ...]) -> dict:
         types_by_field.update(_field_types(cls))
         aliases.update(_field_aliases(cls))
     out = {}
+    renamed = renamed_options(classes)
     for key, value in data.items():
         name = str(key).replace("-", "_")
         name = aliases.get(name, name)
+        if name in renamed:  # a key of an earlier release: read as its new name
+            new, convert = renamed[name]
+            converted = convert(value) if convert is not None else value
+            _notice(name, new, value, converted)
+            name, value = new, converted
+            if isinstance(value, str) and types_by_field.get(name) in (bool, bool | None, float, float | None):
+                value = yaml.safe_load(value)
         if name not in types_by_field:
             close = [f for f in types_by_field if f.startswith(name[:4])][:3]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -121,13 +129,73 @@ def load_config(path: str, classes: tuple[type, ...]) -> dict:
     return out
 
 
+def _share_kept(value: str) -> str:
+    """``--forget-p 0.5,0.75`` (shares forgotten) as ``--keep`` values (shares kept)."""
+    try:
+        return ",".join(f"{1 - float(v):g}" for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise ForgetfulError(f"--forget-p takes shares of the context forgotten, like 0.5, got {value!r}") from None
+
+
+#: options of earlier releases -> (their name now, how a value converts; None: as it is); a renamed
+#: option is read as its new name, with a one-line notice, wherever the command has the new name and
+#: not the old one (flags and config keys alike)
+RENAMED_OPTIONS = {
+    "forget_p": ("keep", _share_kept),
+    "lm_learning_rate": ("learning_rate", None),
+    "per_device_batch_size": ("per_device_train_batch_size", None),
+    "resume": ("resume_from_checkpoint", None),
+    "mixed_precision": ("bf16", lambda v: {"bf16": "true", "no": "false"}.get(str(v), str(v))),
+    "hidden_size": ("policy_hidden_size", None),
+    "kernel_size": ("policy_kernel_size", None),
+    "cell": ("policy_cell", None),
+}
+
+
+def _notice(old: str, new: str, value, converted) -> None:
+    import sys
+
+    shown = "" if value is None else f" {value}"
+    read = "" if value is None else f" {converted}"
+    print(f"forgetful: note: --{old.replace('_', '-')}{shown} is now --{new.replace('_', '-')}{read}", file=sys.stderr)
+
+
+def renamed_options(classes: tuple[type, ...]) -> dict[str, tuple[str, object]]:
+    """The renamed options that apply to a command made of ``classes``."""
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    return {old: rule for old, rule in RENAMED_OPTIONS.items() if old not in names and rule[0] in names}
+
+
+def rename_flags(argv: list[str], classes: tuple[type, ...]) -> list[str]:
+    """``argv`` with the flags of earlier releases spelled as now (a notice for each)."""
+    rules = renamed_options(classes)
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, inline = arg.partition("=")
+        key = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if key not in rules:
+            out.append(arg)
+            i += 1
+            continue
+        new, convert = rules[key]
+        value = inline if eq else (argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None)
+        converted = convert(value) if convert is not None and value is not None else value
+        _notice(key, new, value, converted)
+        out += [f"--{new}"] + ([converted] if value is not None else [])
+        i += 1 if eq or value is None else 2
+    return out
+
+
 def parse_command_line(
     command: str, classes: tuple[type, ...], argv: list[str], help_text: str = ""
 ) -> tuple[list, frozenset[str]]:
     """Instances of ``classes`` from the command line ``argv`` (and its ``--config`` YAML), and the
     names of the fields the user set there (a flag, under any of its spellings, or a config key):
-    a command whose defaults depend on other options (``tofu-experiment``'s recipe) leaves those alone."""
-    parser = _hf_parser(classes if len(classes) > 1 else classes[0], f"forgetful {command}", help_text)
+    a command whose defaults depend on other options (``tofu-experiment``'s recipe) leaves those alone.
+    Options of earlier releases (:data:`RENAMED_OPTIONS`) are read as their new names, with a notice."""
+    argv = rename_flags(list(argv), classes)
+    parser = hf_parser(classes if len(classes) > 1 else classes[0], f"forgetful {command}", help_text)
     parser.add_argument("--config", default=None, help="YAML file of option: value defaults (flags override).")
     pre = _Parser(add_help=False)
     pre.add_argument("--config", default=None)

@@ -1,7 +1,7 @@
 """``forgetful train-forget``: train a forget-mask policy and the LM with REINFORCE, then score the
 policy against the baselines on held-out data. The training options are
 :class:`~forgetful.input.reinforce.ForgetTrainingConfig`'s fields (``--out`` is its
-``output_dir``, ``--batch-size`` its ``per_device_batch_size``)."""
+``output_dir``, ``--batch-size`` its ``per_device_train_batch_size``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from ..errors import ForgetfulError
 from ..input.evaluation import baseline_masks, batches_of, evaluate_strategy
 from ..input.examples import load_forget_examples
-from ..input.options import TextWindowOptions, parse_keep
+from ..input.options import DEFAULT_KEEP_RATIO, TextWindowOptions, parse_keep
 from ..input.policies import build_mask, mask_names
 from ..input.reinforce import ForgetMaskTrainer, ForgetTrainingConfig
 from ..models import load_model
@@ -28,7 +28,10 @@ class TrainForgetArguments(TextWindowOptions):
     method: Literal["reinforce", "two_step"] = field(
         default="reinforce", metadata={"help": "reinforce (joint) or two_step (alternating)."}
     )
-    keep: float = field(default=0.9, metadata={"help": "Share of the context kept, in (0, 1] (forget_p = 1 - keep)."})
+    keep: float = field(
+        default=DEFAULT_KEEP_RATIO,
+        metadata={"help": "Share of the context kept (keep_ratio), in (0, 1]; other values are refused."},
+    )
     exploration: str = field(
         default="0.75,0.5,0.25,0",
         metadata={
@@ -47,13 +50,12 @@ class TrainForgetArguments(TextWindowOptions):
         default=2000, metadata={"help": "Training examples generated when no --train-file is given."}
     )
     eval_examples: int = field(default=256, metadata={"help": "Held-out examples scored at the end."})
-    hidden_size: int = field(default=128, metadata={"help": "Policy width."})
-    kernel_size: int = field(default=5, metadata={"help": "cnn_mlp: convolution width."})
-    cell: Literal["gru", "lstm"] = field(default="gru", metadata={"help": "rnn/birnn: gru or lstm."})
+    policy_hidden_size: int = field(default=128, metadata={"help": "Policy width."})
+    policy_kernel_size: int = field(default=5, metadata={"help": "cnn_mlp: convolution width (odd)."})
+    policy_cell: Literal["gru", "lstm"] = field(default="gru", metadata={"help": "rnn/birnn: gru or lstm."})
 
     def __post_init__(self):
         (self.keep,) = parse_keep(self.keep)
-        self.forget_p = 1.0 - self.keep
         if self.mask not in mask_names(learned=True):
             raise ForgetfulError(
                 f"unknown strategy '{self.mask}'; learned policies are {', '.join(mask_names(learned=True))}"
@@ -61,8 +63,9 @@ class TrainForgetArguments(TextWindowOptions):
 
     def policy_options(self) -> dict:
         """The options of the chosen policy."""
-        extra = {"cnn_mlp": {"kernel_size": self.kernel_size}, "rnn": {"cell": self.cell}, "birnn": {"cell": self.cell}}
-        return {"hidden_size": self.hidden_size, **extra.get(self.mask, {})}
+        cell = {"cell": self.policy_cell}
+        extra = {"cnn_mlp": {"kernel_size": self.policy_kernel_size}, "rnn": cell, "birnn": cell}
+        return {"hidden_size": self.policy_hidden_size, **extra.get(self.mask, {})}
 
 
 ARGUMENTS = (TrainForgetArguments, ForgetTrainingConfig)
@@ -119,7 +122,7 @@ def run(a: TrainForgetArguments, config: ForgetTrainingConfig) -> dict:
         model,
         policy,
         config,
-        forget_p=a.forget_p,
+        keep_ratio=a.keep,
         exploration_epochs=exploration,
         method=a.method,
         train_dataset=train,
@@ -143,25 +146,24 @@ def run(a: TrainForgetArguments, config: ForgetTrainingConfig) -> dict:
     final: dict = {
         "mask": a.mask,
         "method": a.method,
-        "keep": a.keep,
-        "forget_p": a.forget_p,
+        "keep_ratio": a.keep,
         "exploration": exploration,
         "train_examples": len(train),
     }
     if held is not None:
         device = next(result.model.parameters()).device
-        batches = batches_of(held, config.per_device_batch_size, tok.pad_token_id)
+        batches = batches_of(held, config.per_device_train_batch_size, tok.pad_token_id)
         strategies = {
             a.mask: result.policy,
             **baseline_masks(result.model, config.seed, ("identity", "random", "recency"), device),
         }
         for name, mask in strategies.items():
             res = evaluate_strategy(
-                result.model, mask, batches, keep_ratio=1 - a.forget_p, pad_token_id=tok.pad_token_id, device=device
+                result.model, mask, batches, keep_ratio=a.keep, pad_token_id=tok.pad_token_id, device=device
             )
             final[f"{name}_nll"] = res["nll"]
         print(
-            f"held-out target NLL at keep {1 - a.forget_p:.2f}: "
+            f"held-out target NLL at keep {a.keep:.2f}: "
             + ", ".join(f"{k[:-4]} {v:.3f}" for k, v in final.items() if k.endswith("_nll"))
         )
     write_json(final, out / "results.json")

@@ -4,7 +4,7 @@ A *keep mask* is a bool tensor shaped like ``input_ids``: True = the token is ke
 forgotten. Everything here is vectorised over rows and tokens (no Python loops) and runs on any
 device.
 
-* :func:`kept_counts` - the exact budget ``b = round((1 - forget_p) * n)`` per row;
+* :func:`kept_counts` - the exact budget ``b = round(keep_ratio * n)`` per row;
 * :func:`create_random_forgetting_mask` - forget each token with probability ``forget_prob``;
 * :func:`topk_keep`, :func:`gumbel_topk_keep` - exact-budget masks (greedy / sampled), with the
   Plackett-Luce log-probability of the ordered sample;
@@ -37,11 +37,11 @@ def _check_same_shape(input_ids: torch.Tensor, mask: torch.Tensor, name: str = "
 def kept_counts(
     lengths: torch.Tensor,
     *,
-    forget_p: float | None = None,
+    keep_ratio: float | None = None,
     budget: int | torch.Tensor | None = None,
     keep_first: bool = True,
 ) -> torch.Tensor:
-    """Tokens to keep per row: ``round((1 - forget_p) * n)`` or an explicit ``budget``, at least
+    """Tokens to keep per row: ``round(keep_ratio * n)`` or an explicit ``budget``, at least
     one when ``keep_first`` (the first token is always kept), at most ``n``."""
     lengths = lengths.long()
     if budget is not None:
@@ -51,13 +51,13 @@ def kept_counts(
         if (k > lengths).any():
             raise ForgetfulError(
                 f"budget {int(k.max())} is larger than the context ({int(lengths.min())} tokens); "
-                "use a smaller budget or forget_p"
+                "use a smaller budget or keep_ratio"
             )
     else:
-        if forget_p is None:
-            raise ForgetfulError("give forget_p (share of context to forget) or budget (tokens to keep)")
-        check_probability("forget_p", forget_p)
-        k = torch.floor((1.0 - forget_p) * lengths.double() + 0.5 + 1e-9).long()
+        if keep_ratio is None:
+            raise ForgetfulError("give keep_ratio (share of the context kept) or budget (tokens to keep)")
+        check_probability("keep_ratio", keep_ratio, allow_one=True)
+        k = torch.floor(keep_ratio * lengths.double() + 0.5 + 1e-9).long()
     floor = (lengths > 0).long() if keep_first else torch.zeros_like(lengths)
     return torch.maximum(torch.minimum(k, lengths), floor)
 
@@ -79,7 +79,7 @@ def eligible_tokens(
 def budget_counts(
     attention_mask: torch.Tensor,
     *,
-    forget_p: float | None = None,
+    keep_ratio: float | None = None,
     budget: int | torch.Tensor | None = None,
     keep_first: bool = True,
     protect: torch.Tensor | None = None,
@@ -88,9 +88,9 @@ def budget_counts(
     its protected tokens, which are always kept and not part of the budget."""
     valid = attention_mask.bool()
     if protect is None:
-        return kept_counts(valid.sum(-1), forget_p=forget_p, budget=budget, keep_first=keep_first)
+        return kept_counts(valid.sum(-1), keep_ratio=keep_ratio, budget=budget, keep_first=keep_first)
     protected = protect.bool() & valid
-    k = kept_counts((valid & ~protected).sum(-1), forget_p=forget_p, budget=budget, keep_first=keep_first)
+    k = kept_counts((valid & ~protected).sum(-1), keep_ratio=keep_ratio, budget=budget, keep_first=keep_first)
     return k + protected.sum(-1)
 
 

@@ -44,11 +44,6 @@ def batches_of(dataset, batch_size: int, pad_token_id: int, max_batches: int | N
     return [collate(dataset.select(range(i, min(i + batch_size, n))).to_list()) for i in range(0, n, batch_size)]
 
 
-def forget_share(keep_ratio: float) -> float:
-    """``forget_p`` for a keep ratio (keep 1 forgets nothing)."""
-    return 1.0 - keep_ratio if keep_ratio < 1 else 0.0
-
-
 def choose_keep(
     mask: ForgetMask,
     batch: ForgetBatch,
@@ -63,17 +58,13 @@ def choose_keep(
     autocast = autocast or contextlib.nullcontext
     if mask.reads_target:
         return mask.choose(
-            batch,
-            forget_p=forget_share(keep_ratio),
-            keep_first=keep_first,
-            pad_token_id=pad_token_id,
-            autocast=autocast,
+            batch, keep_ratio=keep_ratio, keep_first=keep_first, pad_token_id=pad_token_id, autocast=autocast
         )
     with autocast():
         return mask.greedy(
             batch.context_ids,
             batch.context_mask,
-            forget_p=forget_share(keep_ratio),
+            keep_ratio=keep_ratio,
             keep_first=keep_first,
             protect=batch.protect_mask,
             units=batch.units(mask.unit),
@@ -100,7 +91,7 @@ def score_compressed(
     )
     kept = None  # known on the host for rows of one length: the gather then never waits for the device
     if batch.context_length is not None and batch.target_length is not None and batch.protect_mask is None:
-        kept = mask.kept_per_row(batch.context_length, forget_p=forget_share(keep_ratio), keep_first=keep_first)
+        kept = mask.kept_per_row(batch.context_length, keep_ratio=keep_ratio, keep_first=keep_first)
     target_ids, target_mask = batch.target_ids, batch.target_mask
     if batch.unread_ids is not None:
         target_ids = torch.cat([target_ids, batch.unread_ids], 1)

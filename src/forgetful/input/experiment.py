@@ -44,7 +44,7 @@ from .examples import load_forget_examples
 from .experiment_results import read_results, record_run, rewrite_report
 from .experiment_runs import scored_run
 from .learners import LEARNERS, RelaxedConfig, SupervisedConfig, check_learners
-from .options import TextWindowOptions, parse_keep
+from .options import DEFAULT_KEEP_RATIO, TextWindowOptions, parse_keep
 from .policies import is_learned, mask_names, parse_strategy
 from .policy_training import train_policy
 from .reinforce import ForgetTrainingConfig
@@ -74,7 +74,9 @@ class ForgetExperimentConfig(TextWindowOptions):
     data: str | None = field(default=None, metadata={"help": "tofu_qa: the TOFU folder (default: embedded data)."})
     train_file: str | None = field(default=None, metadata={"help": "text: the training text file."})
     eval_file: str | None = field(default=None, metadata={"help": "text: the held-out text file."})
-    keep: str = field(default="0.5", metadata={"help": "Keep ratios, comma separated."})
+    keep: str = field(
+        default=f"{DEFAULT_KEEP_RATIO:g}", metadata={"help": "Keep ratios, comma separated, each in (0, 1)."}
+    )
     unit: str | None = field(
         default=None,
         metadata={
@@ -159,6 +161,13 @@ class ForgetExperimentConfig(TextWindowOptions):
         default=None,
         metadata={"help": "Run only these runs now (policy_residual_reinforce_0.5_s0, zero_shot_0.5, ...)."},
     )
+    time_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "Seconds this call may take (positive): a run starts only if its expected time (the mean of "
+            "finished runs of its kind, else 300 s) fits in what is left; finished runs are kept."
+        },
+    )
     report_only: bool = field(
         default=False,
         metadata={"help": "Run nothing: make the comparisons and report.md of --out again from its files."},
@@ -174,6 +183,8 @@ class ForgetExperimentConfig(TextWindowOptions):
         for name in ("finetune_epochs", "policy_steps", "policy_eval_steps", "bootstrap", "block_windows"):
             if getattr(self, name) < 1:
                 raise ForgetfulError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ForgetfulError(f"time_budget must be positive seconds, got {self.time_budget}")
         if self.unread_length < 0 or self.policy_forget_layer < 0:
             raise ForgetfulError("unread_length and policy_forget_layer must be >= 0")
         check_learners(names(self.learners))
@@ -277,9 +288,18 @@ def run_forget_experiment(
         p.requires_grad_(False)
     data = experiment_data(config, tok, training.seed)
     autocast = bf16_autocast(device)
+    began = time.perf_counter()
     for name, protocol, strategy, keep in config.runs():
         if name in done or (only is not None and name not in only):
             continue
+        if config.time_budget is not None:
+            expected, basis = expected_seconds(protocol, strategy, rows)
+            left = config.time_budget - (time.perf_counter() - began)
+            if expected > left:
+                print(
+                    f"[{name}] not started: expected {expected:.0f} s ({basis}), {max(left, 0):.0f} s left", flush=True
+                )
+                continue
         start = time.perf_counter()
         print(f"[{name}]", flush=True)
         if protocol == "policy":
@@ -301,6 +321,24 @@ def run_forget_experiment(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
+
+
+DEFAULT_RUN_SECONDS = 300.0
+
+
+def expected_seconds(protocol: str, strategy: str, rows: list[dict]) -> tuple[float, str]:
+    """How long a run of ``protocol`` is expected to take (``--time-budget``): the mean ``seconds`` of
+    finished runs of its kind (a policy run: of its learner), else :data:`DEFAULT_RUN_SECONDS`."""
+    kind = "policy_training" if protocol == "policy" else protocol
+    learner = strategy.split("|")[1] if protocol == "policy" else None
+    seen: dict[str, float] = {}
+    for r in rows:
+        same = bool(r.get("reference")) if kind == "oracle" else r["protocol"] == kind and not r.get("reference")
+        if same and "seconds" in r and (learner is None or r.get("learner") == learner):
+            seen[r["run"]] = r["seconds"]  # one figure per run (a run's rows share it)
+    if not seen:
+        return DEFAULT_RUN_SECONDS, "no finished run of its kind yet"
+    return sum(seen.values()) / len(seen), f"mean of {len(seen)} finished run(s) of its kind"
 
 
 def stale_zero_shot_runs(config: ForgetExperimentConfig, rows: list[dict]) -> set[str]:

@@ -124,7 +124,7 @@ def write_experiment_report(rows: list[dict], config, training, out: Path) -> No
         f"Base LM `{config.model}`. **Zero-shot**: every strategy on the frozen base LM (learned policies were fitted "
         "on it, the LM never). **Finetuned**: each strategy on an LM finetuned on its own keep sets, every LM on the "
         f"same rows for the same epochs (`lm_sequences`); learned policies frozen meanwhile. LM learning rate "
-        f"{training.lm_learning_rate:g}, batch {training.per_device_batch_size}, seed {training.seed}. Comparisons are "
+        f"{training.learning_rate:g}, batch {training.per_device_train_batch_size}, seed {training.seed}. Comparisons are "
         "paired over held-out groups (authors, or blocks of windows): the difference of mean target NLL (negative: the "
         "learned policy is better), its 95% bootstrap interval (bold where it excludes 0) and the sign-flip p. "
         "Compute-matched: baselines whose FLOPs ratio is at most the learned row's. `nll_unread`: the tokens after "

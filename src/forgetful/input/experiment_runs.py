@@ -79,7 +79,7 @@ def scored_run(config, training, base, tok, data, name, protocol, strategy, keep
             model,
             mask,
             run_args,
-            forget_p=1 - keep if keep else 0.0,
+            keep_ratio=keep or 1.0,
             exploration_epochs=[0.0] * config.finetune_epochs,
             train_dataset=data.train,
             tokenizer=tok,

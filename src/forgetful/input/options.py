@@ -1,12 +1,18 @@
-"""Options that several input-forgetting commands share, each declared once: the budget, always
-named ``keep`` on the command line (the share of the context kept; the public Python API also takes
-``forget_p = 1 - keep``), and how text is cut into windows (:class:`TextWindowOptions`)."""
+"""Options that several input-forgetting commands share, each declared once: the budget - one name,
+``keep_ratio`` (the share of the context kept; ``--keep`` on the command line), one default
+(:data:`DEFAULT_KEEP_RATIO`); only the seed's public functions (``reinforce_model``,
+``two_step_reinforce_model``, ``create_random_forgetting_mask``) take the share forgotten instead,
+converted once at that boundary - and how text is cut into windows (:class:`TextWindowOptions`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..errors import ForgetfulError
+
+#: the share of the context kept when nothing says otherwise (every command, the trainer, the seed's
+#: ``reinforce_model``, the demo)
+DEFAULT_KEEP_RATIO = 0.5
 
 
 def parse_keep(text: str | float | list, *, allow_one: bool = True) -> list[float]:

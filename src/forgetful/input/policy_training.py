@@ -68,7 +68,7 @@ def train_policy(
         keep_ratio=keep,
         pad_token_id=tok.pad_token_id,
         steps=steps,
-        batch_size=training.per_device_batch_size,
+        batch_size=training.per_device_train_batch_size,
         learning_rate=training.policy_learning_rate,
         eval_steps=config.policy_eval_steps,
         seed=seed,
@@ -115,7 +115,7 @@ def train_policy(
         "val_nll_selected": best,  # a selection statistic: chosen on these rows
         "chosen": chosen,
         "policy_steps": steps,
-        "batch_size": training.per_device_batch_size,
+        "batch_size": training.per_device_train_batch_size,
         "val_rows": len(data.val),
         "lm_tokens_forward": result.lm_tokens_forward,
         "lm_tokens_backward": result.lm_tokens_backward,

@@ -11,7 +11,8 @@ from dataclasses import fields, replace
 
 from torch import nn
 
-from ..errors import ForgetfulError
+from ..errors import ForgetfulError, check_probability
+from .options import DEFAULT_KEEP_RATIO
 from .policies import ForgetMask
 from .reinforce_config import ForgetTrainingConfig, ForgetTrainingResult, check_exploration
 from .trainer import ForgetMaskTrainer
@@ -37,8 +38,10 @@ def _with_overrides(args: ForgetTrainingConfig | None, overrides: dict) -> Forge
 
 def _train(method, model, mask, forget_p, exploration_epochs, args, overrides, data) -> ForgetTrainingResult:
     args = _with_overrides(args, overrides)
+    # the seed's public functions take the share forgotten: the one place it becomes the share kept
+    keep_ratio = DEFAULT_KEEP_RATIO if forget_p is None else 1.0 - check_probability("forget_p", forget_p)
     trainer = ForgetMaskTrainer(
-        model, mask, args, forget_p=forget_p, exploration_epochs=exploration_epochs, method=method, **data
+        model, mask, args, keep_ratio=keep_ratio, exploration_epochs=exploration_epochs, method=method, **data
     )
     return trainer.train()
 
@@ -46,7 +49,7 @@ def _train(method, model, mask, forget_p, exploration_epochs, args, overrides, d
 def reinforce_model(
     base_llm_model: nn.Module,
     mask: ForgetMask,
-    forget_p: float = 0.1,
+    forget_p: float | None = None,
     exploration_epochs: Sequence[float] = (0.75, 0.5, 0.25, 0),
     *,
     train_dataset=None,
@@ -57,7 +60,8 @@ def reinforce_model(
 ) -> ForgetTrainingResult:
     """Train the LM and the forget policy jointly, one epoch per entry of ``exploration_epochs``
     (the share of examples that use a random keep set of the same budget instead of the
-    policy's sample). Returns ``(model, policy, history)``."""
+    policy's sample). ``forget_p``: the share of the context forgotten (default
+    ``1 - DEFAULT_KEEP_RATIO``, 0.5). Returns ``(model, policy, history)``."""
     data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, tokenizer=tokenizer)
     return _train("reinforce", base_llm_model, mask, forget_p, exploration_epochs, args, overrides, data)
 
@@ -65,7 +69,7 @@ def reinforce_model(
 def two_step_reinforce_model(
     base_llm_model: nn.Module,
     mask: ForgetMask,
-    forget_p: float = 0.1,
+    forget_p: float | None = None,
     exploration_epochs: Sequence[bool] = (True, False, True, False),
     *,
     train_dataset=None,
@@ -75,6 +79,7 @@ def two_step_reinforce_model(
     **overrides,
 ) -> ForgetTrainingResult:
     """Alternate: ``True`` epochs train the LM on random masks (policy frozen), ``False`` epochs
-    train the policy by REINFORCE (LM frozen). Returns ``(model, policy, history)``."""
+    train the policy by REINFORCE (LM frozen). ``forget_p``: the share of the context forgotten
+    (default ``1 - DEFAULT_KEEP_RATIO``, 0.5). Returns ``(model, policy, history)``."""
     data = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, tokenizer=tokenizer)
     return _train("two_step", base_llm_model, mask, forget_p, exploration_epochs, args, overrides, data)

@@ -53,14 +53,15 @@ class ForgetTrainingConfig:
         default=10.0, metadata={"help": "Bernoulli mode: weight of (expected keep share - target)^2."}
     )
     budget: int | None = field(
-        default=None, metadata={"help": "Keep exactly this many context tokens (instead of forget_p)."}
+        default=None, metadata={"help": "Keep exactly this many context tokens (instead of the keep ratio)."}
     )
-    per_device_batch_size: int = field(
-        default=16, metadata={"help": "Rows per process per micro-batch.", "aliases": ["--batch_size", "--batch-size"]}
+    per_device_train_batch_size: int = field(
+        default=16,
+        metadata={"help": "Rows per process per micro-batch (>= 1).", "aliases": ["--batch_size", "--batch-size"]},
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    lm_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the LM."})
-    policy_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the policy."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the LM (> 0)."})
+    policy_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the policy (> 0)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LM."})
     warmup_ratio: float = field(
         default=0.05, metadata={"help": "Share of each schedule's steps spent warming the learning rate up."}
@@ -89,9 +90,10 @@ class ForgetTrainingConfig:
         default=True, metadata={"help": "Evaluations also score the identity, random and recency baselines."}
     )
     keep_first: bool = field(default=True, metadata={"help": "Always keep token 0 (the attention sink)."})
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = field(
-        default=None, metadata={"help": "Default: bf16 on a GPU that has it, else no."}
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision (default: on a GPU that has it; false: off)."}
     )
+    fp16: bool = field(default=False, metadata={"help": "fp16 mixed precision (not with bf16)."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is there."})
     loss_backend: LossBackend = loss_backend_field()
     max_steps_per_epoch: int | None = field(
@@ -106,7 +108,9 @@ class ForgetTrainingConfig:
         metadata={"help": "Checkpoint every N steps (0: at the end of every epoch only, when output_dir is set)."},
     )
     save_total_limit: int = field(default=2, metadata={"help": "Complete checkpoints kept (older ones are deleted)."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir."})
+    resume_from_checkpoint: bool = field(
+        default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir."}
+    )
     report_to: str = field(default="none", metadata={"help": "none, wandb, tensorboard or all (comma separated)."})
     run_name: str = field(default="forget-mask", metadata={"help": "Name of the run for wandb / tensorboard."})
     seed: int = field(
@@ -119,14 +123,16 @@ class ForgetTrainingConfig:
         check_choices(self)
         if self.num_samples < 1 or (self.baseline == "rloo" and self.num_samples < 2):
             raise ForgetfulError(f"the leave-one-out baseline needs num_samples >= 2, got {self.num_samples}")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise ForgetfulError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lm_learning_rate", "policy_learning_rate"):
+        for name in ("learning_rate", "policy_learning_rate"):
             if getattr(self, name) <= 0:
                 raise ForgetfulError(f"{name} must be positive, got {getattr(self, name)}")
         if self.budget is not None and self.budget < 1:
             raise ForgetfulError(f"budget must be at least 1 token, got {self.budget}")
+        if self.bf16 and self.fp16:
+            raise ForgetfulError("bf16 and fp16 together: choose one mixed precision")
         if self.freeze_lm and self.freeze_policy:
             raise ForgetfulError("freeze_lm and freeze_policy together train nothing")
 

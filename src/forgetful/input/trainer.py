@@ -13,7 +13,6 @@ sharded over processes so 1 and N processes compute the same thing; all randomne
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -30,16 +29,10 @@ from ..nll import unwrap_model
 from ..nll_backends import training_loss_backend
 from ..tokens import pad_token_id
 from ..training.interrupts import StopOnSignal, TrainingInterrupted
+from . import compression as comp
 from . import reinforce_core as core
-from .compression import (
-    budget_counts,
-    compress_examples,
-    compressed_nll,
-    eligible_tokens,
-    gumbel_topk_keep,
-    kept_counts,
-)
 from .examples import ForgetBatch, ForgetCollator
+from .options import DEFAULT_KEEP_RATIO
 from .policies import ForgetMask, LearnedForgetMask
 from .reinforce_config import (
     SCHEDULERS,
@@ -54,8 +47,6 @@ from .reinforce_config import (
 from .reinforce_config import phases as phases_of
 from .trainer_io import TrainerIO, TrainerState
 from .units import unit_gumbel_keep, whole_units_kept
-
-logger = logging.getLogger(__name__)
 
 
 class ForgetMaskTrainer(TrainerIO):
@@ -73,7 +64,7 @@ class ForgetMaskTrainer(TrainerIO):
         policy: ForgetMask,
         args: ForgetTrainingConfig | None = None,
         *,
-        forget_p: float = 0.1,
+        keep_ratio: float = DEFAULT_KEEP_RATIO,
         exploration_epochs: Sequence = (0.75, 0.5, 0.25, 0),
         method: Literal["reinforce", "two_step"] = "reinforce",
         train_dataset=None,
@@ -87,7 +78,7 @@ class ForgetMaskTrainer(TrainerIO):
         args = args or ForgetTrainingConfig()
         if method not in ("reinforce", "two_step"):
             raise ForgetfulError(f"method must be reinforce or two_step, got '{method}'")
-        check_probability("forget_p", forget_p)
+        check_probability("keep_ratio", keep_ratio, allow_one=True)
         check_exploration(method, exploration_epochs)
         if not isinstance(policy, ForgetMask):
             raise ForgetfulError(f"mask must be a forgetful ForgetMask policy, got {type(policy).__name__}")
@@ -102,13 +93,16 @@ class ForgetMaskTrainer(TrainerIO):
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
         self.args = args
-        self.forget_p = forget_p
+        self.keep_ratio = keep_ratio
         self.phases = phases
         self.tokenizer = tokenizer
         self.learned = isinstance(policy, LearnedForgetMask)
-        mp = args.mixed_precision
-        if mp is None:
-            mp = "bf16" if not args.use_cpu and bf16_native() else "no"
+        if args.fp16:
+            mp = "fp16"
+        elif args.bf16 or (args.bf16 is None and not args.use_cpu and bf16_native()):
+            mp = "bf16"
+        else:
+            mp = "no"
         trackers = trackers_of(args.report_to)
         project_dir = args.output_dir or "."
         # cpu=True on a machine without GPUs also makes a multi-process launch (torchrun) use gloo
@@ -137,12 +131,12 @@ class ForgetMaskTrainer(TrainerIO):
                 p.requires_grad_(self.trains_policy)
         self.model = model
         self.policy = policy
-        self.micro = args.per_device_batch_size * self.world  # rows per global micro-batch
+        self.micro = args.per_device_train_batch_size * self.world  # rows per global micro-batch
         self.rows_per_step = self.micro * args.gradient_accumulation_steps
         if len(train_dataset) < self.rows_per_step:
             raise ForgetfulError(
                 f"the training set has {len(train_dataset)} examples, fewer than one step "
-                f"({args.per_device_batch_size} per device x {self.world} processes x "
+                f"({args.per_device_train_batch_size} per device x {self.world} processes x "
                 f"{args.gradient_accumulation_steps} accumulation); lower the batch size"
             )
         self.steps_per_epoch = len(train_dataset) // self.rows_per_step
@@ -158,9 +152,7 @@ class ForgetMaskTrainer(TrainerIO):
         schedule = SCHEDULERS[args.lr_scheduler_type]
         if self.trains_lm:
             lm_steps = self.steps_per_epoch * sum(p.train_lm for p in phases)
-            self.lm_opt = torch.optim.AdamW(
-                model.parameters(), lr=args.lm_learning_rate, weight_decay=args.weight_decay
-            )
+            self.lm_opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
             self.lm_sched = get_scheduler(schedule, self.lm_opt, int(args.warmup_ratio * lm_steps), lm_steps)
             self.model, self.lm_opt = acc.prepare(self.model, self.lm_opt)
         else:
@@ -178,7 +170,7 @@ class ForgetMaskTrainer(TrainerIO):
         self.state = TrainerState()
         acc.register_for_checkpointing(*(s for s in (self.lm_sched, self.policy_sched) if s is not None), self.state)
         if trackers:
-            acc.init_trackers(args.run_name, config={**asdict(args), "forget_p": forget_p})
+            acc.init_trackers(args.run_name, config={**asdict(args), "keep_ratio": keep_ratio})
 
     # -- randomness: a pure function of (seed, epoch, step) ---------------------------------
     def _generator(self, *key: int) -> torch.Generator:
@@ -191,7 +183,7 @@ class ForgetMaskTrainer(TrainerIO):
 
     # -- one micro-batch ---------------------------------------------------------------------
     def _budget_kwargs(self) -> dict:
-        return {"forget_p": self.forget_p if self.args.budget is None else None, "budget": self.args.budget}
+        return {"keep_ratio": self.keep_ratio if self.args.budget is None else None, "budget": self.args.budget}
 
     def _micro_loss(
         self,
@@ -207,8 +199,10 @@ class ForgetMaskTrainer(TrainerIO):
         K = noise.shape[0]
         b = batch.to(acc.device)
         noise, rand_noise, explore_rows = noise.to(acc.device), rand_noise.to(acc.device), explore_rows.to(acc.device)
-        eligible, forced = eligible_tokens(b.context_mask, args.keep_first, b.protect_mask)
-        k = budget_counts(b.context_mask, keep_first=args.keep_first, protect=b.protect_mask, **self._budget_kwargs())
+        eligible, forced = comp.eligible_tokens(b.context_mask, args.keep_first, b.protect_mask)
+        k = comp.budget_counts(
+            b.context_mask, keep_first=args.keep_first, protect=b.protect_mask, **self._budget_kwargs()
+        )
         units = b.units(self.inner_policy.unit)
         use_policy = phase.train_policy or not phase.explore >= 1.0
         sample = None
@@ -230,11 +224,11 @@ class ForgetMaskTrainer(TrainerIO):
             # exploration: a random keep set of the same budget, of the policy's units
             zeros = torch.zeros_like(b.context_ids, dtype=torch.float)
             if units is None:
-                random_keep = gumbel_topk_keep(zeros, k, eligible, forced, K, noise=rand_noise).keep
+                random_keep = comp.gumbel_topk_keep(zeros, k, eligible, forced, K, noise=rand_noise).keep
             else:
                 random_keep = unit_gumbel_keep(zeros, units, k, eligible, forced, K, noise=rand_noise).keep
             keep = random_keep if keep is None else torch.where(explore_rows.view(1, -1, 1), random_keep, keep)
-            inputs = compress_examples(
+            inputs = comp.compress_examples(
                 b.context_ids,
                 b.context_mask,
                 keep,
@@ -246,7 +240,7 @@ class ForgetMaskTrainer(TrainerIO):
             )
             train_lm = phase.train_lm and self.trains_lm
             with torch.set_grad_enabled(train_lm):
-                out = compressed_nll(self.model, inputs, self.loss_backend)
+                out = comp.compressed_nll(self.model, inputs, self.loss_backend)
         # per (sample, row) mean target NLL -> reward
         per_row = out.mean_per_row()
         reward = -per_row.detach().view(K, -1)
@@ -300,7 +294,7 @@ class ForgetMaskTrainer(TrainerIO):
         ):
             return None
         budget = {**self._budget_kwargs(), "keep_first": self.args.keep_first}
-        kept = int(kept_counts(torch.tensor([b.context_length]), **budget)[0])
+        kept = int(comp.kept_counts(torch.tensor([b.context_length]), **budget)[0])
         if use_policy and self.inner_policy.kept_per_row(b.context_length, **budget) != kept:
             return None  # a policy with its own budget rule (identity, no context)
         return kept
@@ -337,14 +331,14 @@ class ForgetMaskTrainer(TrainerIO):
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> ForgetTrainingResult:
         """Run every epoch; returns ``(model, policy, history)``. ``resume_from_checkpoint``: ``True``
         takes the newest complete checkpoint in ``output_dir``, a path that checkpoint; ``None``
-        follows ``args.resume``. Ctrl-C or SIGTERM stops after the current step, writes a
+        follows ``args.resume_from_checkpoint``. Ctrl-C or SIGTERM stops after the current step, writes a
         checkpoint and raises :class:`TrainingInterrupted`."""
         from tqdm.auto import tqdm
 
         args, acc = self.args, self.accelerator
         self._started = time.perf_counter()
         if resume_from_checkpoint is None:
-            resume_from_checkpoint = args.resume
+            resume_from_checkpoint = args.resume_from_checkpoint
         if resume_from_checkpoint:
             self._resume(None if resume_from_checkpoint is True else Path(resume_from_checkpoint))
         if args.keep_best and self.state.global_step == 0 and self.state.best_nll is None:
@@ -446,7 +440,7 @@ class ForgetMaskTrainer(TrainerIO):
             )
             if trained
         ]
-        lo, hi = self.rank * args.per_device_batch_size, (self.rank + 1) * args.per_device_batch_size
+        lo, hi = self.rank * args.per_device_train_batch_size, (self.rank + 1) * args.per_device_train_batch_size
         for i, rows in enumerate(micro_batches):
             # noise for the whole global micro-batch (as one process draws it), then this process's
             # rows; padding is on the right, so a token's noise does not depend on the batch width

@@ -58,9 +58,9 @@ class TrainerIO:
             return {}
         acc = self.accelerator
         batches = batches_of(
-            self.eval_dataset, self.args.per_device_batch_size, self.pad_token_id, self.args.eval_batches
+            self.eval_dataset, self.args.per_device_train_batch_size, self.pad_token_id, self.args.eval_batches
         )
-        keep = 1.0 - self.forget_p
+        keep = self.keep_ratio
         strategies = {"policy": self.inner_policy}
         if self.args.eval_baselines:
             strategies.update(baseline_masks(self.model, self.args.seed, ("identity", "random", "recency"), acc.device))

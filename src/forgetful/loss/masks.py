@@ -210,7 +210,7 @@ def merge_spans(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _spacy_pipeline(name: str):
+def spacy_pipeline(name: str):
     try:
         import spacy
     except ImportError:
@@ -235,7 +235,7 @@ def fact_spans(text: str, spacy_model=None) -> list[tuple[int, int]]:
     titles, quoted titles, numbers, dates)."""
     if spacy_model is None or (isinstance(spacy_model, str) and not spacy_model):
         return _rule_based_spans(text)
-    nlp = _spacy_pipeline(spacy_model) if isinstance(spacy_model, str) else spacy_model
+    nlp = spacy_pipeline(spacy_model) if isinstance(spacy_model, str) else spacy_model
     if not callable(nlp):
         raise ForgetfulError(f"spacy_model must be a spaCy pipeline or its name, got {type(spacy_model).__name__}")
     doc = nlp(text)

@@ -12,7 +12,9 @@ Built in:
 * ``tofu`` - TOFU finetuning on ``full`` or ``retainYY`` with a forgetting strategy for the rows of
   the forget split: ``answer_only`` (standard finetuning), ``forget_answers`` (their answers
   masked whole), ``forget_facts`` (only the fact tokens of their answers masked), ``goldfish``,
-  ``random``. Rows are encoded by :func:`~forgetful.data.tofu.encode_qa`, as the TOFU evaluation
+  ``random``, ``surprise`` (the tokens the model before finetuning finds least predictable); with
+  ``share``, the last four mask that share of the forget answers' tokens (:mod:`.share_masks`).
+  Rows are encoded by :func:`~forgetful.data.tofu.encode_qa`, as the TOFU evaluation
   reads them (open-unlearning's format: chat template or plain text, attention mask
   ``token != pad``).
 
@@ -45,10 +47,13 @@ from ..data.tofu import (
 from ..errors import ForgetfulError, check_probability
 from ..tokens import bos_ids, encode_prompt_answer, encode_text, eos_ids, with_special_tokens
 from .masks import completion_only, fact_spans, goldfish_mask, random_mask, span_mask
+from .share_masks import ForgetAnswer, fact_subset_masks, goldfish_k, random_share_masks, surprise_masks
 
 TaskFn = Callable[..., Dataset]
 TASKS: dict[str, TaskFn] = {}
-TOFU_STRATEGIES = ("answer_only", "forget_answers", "forget_facts", "goldfish", "random")
+TOFU_STRATEGIES = ("answer_only", "forget_answers", "forget_facts", "goldfish", "random", "surprise")
+#: the strategies that take a share of the forget answers' tokens (``surprise`` only with one)
+SHARE_STRATEGIES = ("forget_facts", "goldfish", "random", "surprise")
 TEXT_MASKS = ("all", "random", "goldfish")
 
 
@@ -237,6 +242,8 @@ def tofu_task(
     p: float = 0.5,
     k: int = 4,
     h: int = 13,
+    share: float | None = None,
+    surprise_scores: str | None = None,
     spacy_model=None,
     seed: int = 0,
     num_authors: int = 200,
@@ -247,6 +254,9 @@ def tofu_task(
     """TOFU finetuning rows of ``split`` (``full``, ``retainYY``, or a forget split, the rows that
     unlearning trains on). The strategy applies to the rows of ``forget_split`` inside ``split``;
     all other rows train on every scored token (the answer and what follows it).
+    ``share``: mask that share of the forget answers' tokens (``forget_facts``: a random subset of the
+    fact spans; ``goldfish``: k = round(1 / share); ``random``: exactly that many; ``surprise``: the
+    highest-NLL ones, read from ``surprise_scores``, a JSON file of :func:`surprise_score_rows`).
     ``template``/``system_prompt``/``date_string``: the prompt format (:class:`TofuTemplate`)."""
     if strategy not in TOFU_STRATEGIES:
         raise ForgetfulError(f"unknown TOFU strategy '{strategy}'; choose from {', '.join(TOFU_STRATEGIES)}")
@@ -256,19 +266,48 @@ def tofu_task(
         )
     if strategy == "random":
         check_probability("random mask p", p, allow_one=True)
+    if share is not None and strategy not in SHARE_STRATEGIES:
+        raise ForgetfulError(
+            f"strategy '{strategy}' takes no share; strategies with one: {', '.join(SHARE_STRATEGIES)}"
+        )
+    if strategy == "surprise" and (share is None or surprise_scores is None):
+        raise ForgetfulError(
+            "the surprise strategy needs a share and surprise_scores (the forget answers' token NLL under the model "
+            "before finetuning: forgetful.tofu.surprise.write_surprise_scores)"
+        )
+    if strategy == "goldfish" and share is not None:
+        k = goldfish_k(share)
     fmt = TofuTemplate(kind=template, system_prompt=system_prompt, date_string=date_string)
     kw = {"num_authors": num_authors, "seed": seed}
     rows = load_tofu_split(source, split, **kw)
     forget = forget_keys(source, forget_split, **kw) if strategy != "answer_only" else set()
+    encoded = [encode_qa(tokenizer, row["question"], row["answer"], max_length, fmt) for row in rows]
+    forget_rows = [i for i, row in enumerate(rows) if (row["question"], row["answer"]) in forget]
+    shared = {}
+    if share is not None and strategy != "goldfish":
+        nll = _surprise_nll(surprise_scores, [rows[i] for i in forget_rows]) if strategy == "surprise" else None
+        answers = [
+            ForgetAnswer(encoded[i].answer_text, encoded[i].offsets, None if nll is None else nll[j])
+            for j, i in enumerate(forget_rows)
+        ]
+        if strategy == "surprise":
+            built = surprise_masks(answers, share)
+        elif strategy == "forget_facts":
+            built = fact_subset_masks(answers, share, seed, spacy_model)
+        else:
+            built = random_share_masks(answers, share, seed)
+        shared = dict(zip(forget_rows, built))
     ids_out, masks, attention = [], [], []
-    for i, row in enumerate(rows):
-        enc = encode_qa(tokenizer, row["question"], row["answer"], max_length, fmt)
+    forget_set = set(forget_rows)
+    for i, enc in enumerate(encoded):
         ids, prompt_len, offsets, answer_text = enc.ids, enc.prompt_length, enc.offsets, enc.answer_text
         m = completion_only(prompt_len, len(ids))
-        if (row["question"], row["answer"]) in forget:
+        if i in forget_set:
             answer_mask = m[prompt_len:]  # a view: edits land in m
             n_ans = len(answer_mask)
-            if strategy == "forget_answers":
+            if i in shared:
+                answer_mask &= shared[i]
+            elif strategy == "forget_answers":
                 answer_mask[:] = 0
             elif strategy == "forget_facts":
                 answer_mask &= span_mask(offsets, fact_spans(answer_text, spacy_model))[:n_ans]
@@ -280,3 +319,27 @@ def tofu_task(
         masks.append(m)
         attention.append(enc.attention_mask)
     return _rows(ids_out, masks, attention)
+
+
+def surprise_score_rows(rows: list[dict], nll: list) -> list[dict]:
+    """The content of a ``surprise_scores`` file: per forget row its question, answer and the NLL of
+    each scored token (``nll[i]``, as :func:`~.share_masks.answer_token_nll` gives it)."""
+    return [{"question": r["question"], "answer": r["answer"], "nll": [float(x) for x in v]} for r, v in zip(rows, nll)]
+
+
+def _surprise_nll(path: str, rows: list[dict]) -> list[list[float]]:
+    import json
+    from pathlib import Path
+
+    try:
+        scored = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ForgetfulError(f"cannot read the surprise scores {path} ({exc}); write them again") from None
+    by_key = {(r["question"], r["answer"]): r["nll"] for r in scored}
+    missing = [r["question"] for r in rows if (r["question"], r["answer"]) not in by_key]
+    if missing:
+        raise ForgetfulError(
+            f"the surprise scores {path} have no NLL for {len(missing)} forget rows (e.g. '{missing[0]}'): they were "
+            "written for other data; delete the file to score this data"
+        )
+    return [by_key[(r["question"], r["answer"])] for r in rows]

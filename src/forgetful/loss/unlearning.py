@@ -1,6 +1,6 @@
 """Post-hoc unlearning on the selective-loss trainer stack: the trainer, its config and its data.
-The methods (GradAscent, GradDiff, NPO, SimNPO, RMU) are a registry (:mod:`.unlearning_methods`,
-:mod:`.rmu`): the trainer looks ``args.method`` up and asks it for each micro-batch's loss.
+The methods (GradAscent, GradDiff, NPO, SimNPO, RMU) are a registry, one file per method
+(:mod:`.unlearn`): the trainer looks ``args.method`` up and asks it for each micro-batch's loss.
 
 Each step reads a micro-batch of forget rows and, for every method but ``grad_ascent``, as many
 retain rows, each drawn uniformly at random when its forget row is read (open-unlearning's
@@ -8,8 +8,9 @@ retain rows, each drawn uniformly at random when its forget row is read (open-un
 Micro-batch losses are averaged over the gradient-accumulation steps, as the HF Trainer that
 open-unlearning runs does. Defaults: open-unlearning's TOFU unlearning recipe (lr 1e-5, 10 epochs,
 effective batch 32, weight decay 0.01, one warmup epoch) and each method's own loss options (NPO
-beta 0.1; SimNPO beta 4.5, gamma 0.125; RMU layer 7, steering coefficient 2, EMBED_DIFF retain
-loss; alpha 1 and, where not said, gamma 1 and an NLL retain loss).
+beta 0.1; SimNPO beta 4.5, gamma 0.125, delta 0; RMU layer 7, steering coefficient 2, EMBED_DIFF
+retain loss; alpha 1 and, where not said, gamma 1 and an NLL retain loss), except RMU's trainable
+parameters, WMDP's choice rather than open-unlearning's every parameter (``rmu_params``).
 """
 
 from __future__ import annotations
@@ -26,14 +27,8 @@ from ..errors import ForgetfulError
 from ..nll import TokenNLL, token_nll
 from ..tokens import pad_token_id
 from .trainer import SelectiveLossCollator, SelectiveLossConfig, SelectiveLossTrainer, validate_loss_masks
-from .unlearning_methods import (
-    RETAIN_LOSS_TYPES,
-    UNLEARNING_METHODS,
-    kl_to_reference,
-    npo_loss,
-    simnpo_loss,
-    unlearning_method,
-)
+from .unlearn import UNLEARNING_METHODS, unlearning_method
+from .unlearn.base import RETAIN_LOSS_TYPES
 
 
 @dataclass
@@ -97,26 +92,42 @@ class UnlearningLossOptions:
             "default: rmu EMBED_DIFF, else NLL."
         },
     )
-    delta: float = field(
-        default=0.0, metadata={"help": "simnpo: margin subtracted from the length-normalised NLL (open-unlearning: 0)."}
+    delta: str = field(
+        default="0",
+        metadata={
+            "help": "simnpo: margin subtracted from the length-normalised NLL (open-unlearning: 0), a number or "
+            "'fitted': the model's mean forget NLL per token before unlearning; anything else is refused."
+        },
     )
     steering_coeff: float = field(
         default=2.0,
-        metadata={"help": "rmu: norm of the random target of the forget tokens' hidden states (open-unlearning: 2)."},
+        metadata={
+            "help": "rmu: norm of the random target of the forget tokens' hidden states (open-unlearning: 2); unused "
+            "when steering_scale is set. Must be positive."
+        },
+    )
+    steering_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "rmu, adaptive: the target's norm is this factor times the mean norm of the steered layer's output "
+            "over the forget answers, measured on the model before unlearning (e.g. 1: as long as an average "
+            "forget activation); unset: steering_coeff. Must be positive."
+        },
     )
     rmu_layer: int | None = field(
         default=None,
         metadata={
             "help": "rmu: the decoder layer (0-based) whose output is steered; default open-unlearning's 7, or the "
-            "last layer of a model with fewer than 8."
+            "last layer of a model with fewer than 8; a layer the model lacks is refused."
         },
     )
     rmu_params: str = field(
-        default=".*",
+        default="wmdp",
         metadata={
-            "help": "rmu: regular expression (full match) of the parameter names that train, the rest frozen; "
-            "default every parameter (open-unlearning's TOFU config; WMDP trains only the MLP output projections "
-            "of layers L-2..L, e.g. 'model\\.layers\\.(5|6|7)\\.mlp\\.down_proj\\.weight' on Llama)."
+            "help": "rmu: the parameters that train, the rest frozen: wmdp (WMDP's choice: the MLP output projection, "
+            "down_proj, of layers L-2..L) or a regular expression (full match) of parameter names, e.g. '.*' for "
+            "every parameter (open-unlearning's TOFU config; with tied embeddings the LM head too). A pattern that "
+            "is no regular expression, or matches nothing the loss reaches, is refused."
         },
     )
 
@@ -135,12 +146,31 @@ class UnlearningLossOptions:
                 f"steering_coeff must be positive, got {self.steering_coeff}: RMU's target is steering_coeff times a "
                 "unit vector (open-unlearning: 2)"
             )
+        if self.steering_scale is not None and self.steering_scale <= 0:
+            raise ForgetfulError(
+                f"steering_scale must be positive, got {self.steering_scale}: adaptive RMU's target is steering_scale "
+                "times the layer's mean activation norm"
+            )
         if self.rmu_layer is not None and self.rmu_layer < 0:
             raise ForgetfulError(f"rmu_layer must not be negative, got {self.rmu_layer}")
-        try:
-            re.compile(self.rmu_params)
-        except re.error as e:
-            raise ForgetfulError(f"rmu_params '{self.rmu_params}' is not a regular expression: {e}") from None
+        parse_delta(self.delta)
+        if self.rmu_params != "wmdp":
+            try:
+                re.compile(self.rmu_params)
+            except re.error as e:
+                raise ForgetfulError(f"rmu_params '{self.rmu_params}' is not a regular expression: {e}") from None
+
+
+def parse_delta(delta) -> float | str:
+    """SimNPO's margin option as the method reads it: a float, or ``"fitted"``."""
+    if delta == "fitted":
+        return delta
+    try:
+        return float(delta)
+    except (TypeError, ValueError):
+        raise ForgetfulError(
+            f"delta must be a number or 'fitted' (the model's mean forget NLL per token before unlearning), got '{delta}'"
+        ) from None
 
 
 def _method_help() -> str:
@@ -154,6 +184,7 @@ def method_loss_options(options: UnlearningLossOptions, method: str) -> dict:
     cls = unlearning_method(method)
     values = {f.name: getattr(options, f.name) for f in fields(UnlearningLossOptions)}
     values.update({k: v for k, v in cls.defaults.items() if values[k] is None})
+    values["delta"] = parse_delta(values["delta"])
     checked = copy.copy(options)
     for key, value in values.items():
         setattr(checked, key, value)
@@ -188,6 +219,7 @@ class UnlearningConfig(OpenUnlearningRecipe, UnlearningLossOptions):
         "retain_loss_type",
         "delta",
         "steering_coeff",
+        "steering_scale",
         "rmu_layer",
         "rmu_params",
     )
@@ -247,7 +279,7 @@ class ForgetRetainCollator:
 
 class UnlearningTrainer(SelectiveLossTrainer):
     """Unlearn ``forget_dataset`` (rows of ``input_ids``, ``attention_mask``, ``loss_mask``) by
-    ``args.method`` (looked up in the registry of :mod:`.unlearning_methods`), keeping
+    ``args.method`` (looked up in the registry of :mod:`.unlearn`), keeping
     ``retain_dataset`` (every method but ``grad_ascent``). For ``npo`` the reference NLL of every
     forget row is computed by the model as it is now (before training), unless ``ref_nll`` gives
     it; a KL or EMBED_DIFF retain loss keeps a frozen copy of that model (``ref_model``). Every NLL
@@ -323,9 +355,9 @@ class UnlearningTrainer(SelectiveLossTrainer):
         )
 
     @torch.no_grad()
-    def reference_nll(self, batch_size: int | None = None) -> np.ndarray:
+    def reference_nll(self, batch_size: int | None = None, per_token: bool = False) -> np.ndarray:
         """Summed NLL of every forget row under the current model (the NPO reference), in the
-        training precision."""
+        training precision; ``per_token``: each row's mean NLL per trained token instead."""
         model = self.model.to(self.args.device)
         was_training = model.training
         model.eval()
@@ -337,7 +369,8 @@ class UnlearningTrainer(SelectiveLossTrainer):
                 rows = [self.forget_dataset[j] for j in range(i, min(i + bs, len(self.forget_dataset)))]
                 part = {k: v.to(self.args.device) for k, v in collate(rows).items()}
                 with self.autocast_smart_context_manager():
-                    out.append(self.batch_nll(model, part).sum_per_row().float().cpu())
+                    nll = self.batch_nll(model, part)
+                    out.append((nll.mean_per_row() if per_token else nll.sum_per_row()).float().cpu())
         finally:
             model.train(was_training)
         return torch.cat(out).numpy()
@@ -371,15 +404,13 @@ def forget_probability(model, dataset, pad_id: int, batch_size: int = 32) -> np.
 
 
 __all__ = [
-    "UNLEARNING_METHODS",
     "ForgetRetainCollator",
     "ForgetRetainDataset",
+    "OpenUnlearningRecipe",
     "UnlearningConfig",
     "UnlearningLossOptions",
     "UnlearningTrainer",
     "forget_probability",
-    "kl_to_reference",
-    "npo_loss",
-    "simnpo_loss",
-    "unlearning_method",
+    "method_loss_options",
+    "parse_delta",
 ]

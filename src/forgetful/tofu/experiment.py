@@ -3,28 +3,33 @@
 
 From the initialisation, finetune (a) on ``full``, (b) on the retain split (the reference "retain
 model", run ``retain``), (c) on ``full`` with the forget split's tokens masked out of the loss by
-each strategy (``full_forget_answers``, ``full_forget_facts``, ``full_goldfish``, ...); then (d)
-unlearn the forget split from (a)'s model by each method (``full_grad_diff``, ``full_npo``,
-``full_simnpo``, ``full_rmu``).
+each strategy (``full_forget_answers``, ``full_forget_facts``, ``full_goldfish``, ..., at matched
+mask shares with ``--mask-shares``); then (d) unlearn the forget split from (a)'s model by each
+method (``full_grad_diff``, ``full_npo``, ``full_simnpo``, ``full_rmu``), over a grid per method
+(``--grid``) and evaluated at several epochs of one schedule (``--eval-epochs``); every run at each
+of ``--seeds`` (:mod:`.grid`: the plan, its syntax and its run names).
 Every run is evaluated with the whole TOFU suite; forget quality and privleak of every run are
-measured against the retain run. The finetuning recipe is named by ``recipe`` (:mod:`.recipes`:
-open-unlearning's, ``configs/experiment/finetune/tofu/default.yaml``, or the built-in small
-model's); the unlearning defaults are open-unlearning's (``configs/experiment/unlearn/tofu/default.yaml``).
+measured against the retain run of seed 0. The finetuning recipe is named by ``recipe``
+(:mod:`.recipes`: open-unlearning's, ``configs/experiment/finetune/tofu/default.yaml``, or the
+built-in small model's); the unlearning defaults are open-unlearning's
+(``configs/experiment/unlearn/tofu/default.yaml``).
 
-Each run writes ``OUT/<run>/`` (``model/``, ``run.json``, ``tofu_eval.json``, and two small files
+Each evaluated point writes ``OUT/<name>/`` (``run.json``, ``tofu_eval.json``, and two small files
 to commit: ``forget_per_example.json`` for forget quality and privleak, ``utility_per_example.json``
-for model utility) as soon as it finishes, so ``--only`` can split the experiment over several
-calls; runs already there are reused. With the retain run present: ``results.json`` (one row per
-run, the recipes), ``report.md`` and ``utility_vs_forget_quality.png`` (log scale). Each row's
-model utility carries a 95% interval over the questions asked and, beside the full run's, the
-ratio to it with a paired interval (:func:`~forgetful.tofu.metrics.bootstrap_model_utility`): the
-runs are single seeds, so this is the uncertainty of the evaluation, not of the training.
+for model utility; a training run also its ``model/``) as soon as it is evaluated, so ``--only``
+and ``--time-budget`` can split the experiment over several calls; runs whose points are all there
+are reused. With the retain run present: ``results.json`` (one row per point, the recipes, the
+noise floor, each method's best point), ``report.md`` and ``utility_vs_forget_quality.png``
+(:mod:`.plane`). Each row's model utility carries a 95% interval over the questions asked and,
+beside the full run's, the ratio to it with a paired interval
+(:func:`~forgetful.tofu.metrics.bootstrap_model_utility`); the spread over seeds is in the report.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
@@ -32,37 +37,34 @@ from pathlib import Path
 
 import torch
 
-from ..data.tofu import RETAIN_FOR_FORGET
 from ..errors import ForgetfulError
-from ..loss.tasks import TOFU_STRATEGIES
+from ..loss.tasks import prepare_dataset_for_training
 from ..loss.training import train_selective
-from ..loss.unlearning import (
-    UNLEARNING_METHODS,
-    OpenUnlearningRecipe,
-    UnlearningConfig,
-    UnlearningLossOptions,
-    method_loss_options,
-)
-from ..loss.unlearning_methods import unlearning_method
+from ..loss.unlearn import UNLEARNING_METHODS, unlearning_method
+from ..loss.unlearning import OpenUnlearningRecipe, UnlearningConfig, UnlearningLossOptions, method_loss_options
 from ..measure import run_environment
 from ..models import bf16_native, load_model
 from ..reporting import markdown_table, write_json
 from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, summarize
-from .metrics import UTILITY_METRICS, UTILITY_SETS, bootstrap_model_utility, percentile_interval
+from .grid import Run, TofuGridOptions, estimate_seconds, names, plan_runs, seed_suffix
 from .options import TofuDataOptions, TofuEvalOptions, copy_options
+from .plane import experiment_summary
 from .recipes import apply_recipe, check_recipe
 from .reference import reference_from_results
-from .report import write_report
+from .report import floor_line, write_report
+from .rows import add_utility_intervals, compact_forget, compact_utility, row_from_summary
+from .surprise import SURPRISE_FILE, surprise_scores_match, write_surprise_scores
 from .unlearning import TofuUnlearnConfig, unlearn_tofu
 
 EVAL_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass(kw_only=True)
-class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptions):
+class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptions, TofuGridOptions):
     """Which runs, on what data, evaluated how (the data, prompt and evaluation options are the
-    shared groups of :mod:`.options`); the finetuning options are :class:`TofuTrainingArguments`,
-    the unlearning ones the ``unlearn_*`` fields here."""
+    shared groups of :mod:`.options`, the grids, seeds and budget :class:`~.grid.TofuGridOptions`);
+    the finetuning options are :class:`TofuTrainingArguments`, the unlearning ones the
+    ``unlearn_*`` fields and loss options here."""
 
     model: str = field(metadata={"help": "The initialisation: a model folder, Hub name or smollm2-135m."})
     out: str = field(metadata={"help": "Output folder."})
@@ -77,7 +79,7 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
     )
     strategies: str = field(
         default="forget_answers,forget_facts,goldfish",
-        metadata={"help": "Masking strategies for the forget split, comma separated (also: random)."},
+        metadata={"help": "Masking strategies for the forget split, comma separated (also: random, surprise)."},
     )
     unlearning: str = field(
         default="grad_diff,npo,simnpo,rmu",
@@ -111,11 +113,13 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
     def __post_init__(self):
         self.check_data_options()
         self.check_eval_options()
-        for method in _names(self.unlearning):  # each method's options, checked before hours of finetuning
+        for method in names(self.unlearning):  # each method's options, checked before hours of finetuning
             method_loss_options(self, method)
         check_recipe(self.recipe)
         if self.eval_dtype not in EVAL_DTYPES:
             raise ForgetfulError(f"eval_dtype must be one of {', '.join(EVAL_DTYPES)}, got '{self.eval_dtype}'")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ForgetfulError(f"time_budget must be positive (seconds), got {self.time_budget}")
 
     def torch_eval_dtype(self) -> torch.dtype:
         if self.eval_dtype == "auto":
@@ -128,7 +132,7 @@ class TofuTrainingArguments(OpenUnlearningRecipe):
     """The finetuning options of every run: open-unlearning's TOFU recipe as defaults (see
     :class:`~forgetful.loss.unlearning.OpenUnlearningRecipe`), the experiment's ``recipe``
     (:mod:`.recipes`) setting those its caller did not. Each run writes its checkpoints under
-    ``OUT/<run>/checkpoints``."""
+    ``OUT/<run>/checkpoints``; a run at another seed (``--seeds``) sets ``seed`` and ``data_seed``."""
 
     seed: int = field(default=0, metadata={"help": "Seed of the training order and of the embedded data."})
 
@@ -136,41 +140,6 @@ class TofuTrainingArguments(OpenUnlearningRecipe):
         if self.data_seed is None:
             self.data_seed = self.seed
         super().__post_init__()
-
-
-@dataclass(frozen=True)
-class Run:
-    name: str
-    kind: str  # finetune | unlearn
-    split: str  # the training split (finetune) or the forget split (unlearn)
-    strategy: str  # masking strategy (finetune) or unlearning method (unlearn)
-
-
-def _names(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def plan_runs(a: TofuExperimentConfig) -> list[Run]:
-    """Every run of the experiment, in the order they depend on each other."""
-    if a.forget_split not in RETAIN_FOR_FORGET:
-        raise ForgetfulError(f"forget split must be one of {', '.join(RETAIN_FOR_FORGET)}, got '{a.forget_split}'")
-    strategies, methods = _names(a.strategies), _names(a.unlearning)
-    bad = [s for s in strategies if s not in TOFU_STRATEGIES or s == "answer_only"]
-    if bad:
-        raise ForgetfulError(
-            f"unknown masking strategies {', '.join(bad)}; choose from "
-            f"{', '.join(s for s in TOFU_STRATEGIES if s != 'answer_only')}"
-        )
-    bad = [m for m in methods if m not in UNLEARNING_METHODS]
-    if bad:
-        raise ForgetfulError(f"unknown unlearning method '{bad[0]}'; choose from {', '.join(UNLEARNING_METHODS)}")
-    runs = [
-        Run("retain", "finetune", RETAIN_FOR_FORGET[a.forget_split], "answer_only"),
-        Run("full", "finetune", "full", "answer_only"),
-    ]
-    runs += [Run(f"full_{s}", "finetune", "full", s) for s in strategies]
-    runs += [Run(f"full_{m}", "unlearn", a.forget_split, m) for m in methods]
-    return runs
 
 
 # The finetuning options that unlearning runs share (the rest is the unlearning recipe's own).
@@ -197,246 +166,314 @@ _SHARED_OPTIONS = (
 
 def _unlearning_recipe(args: UnlearningConfig) -> dict:
     """What every unlearning run shares (optimiser, schedule, batch); each run's own loss options are in
-    its row (``loss_options``)."""
+    its row (``loss_options``), and so is its learning rate (``lr``), which a grid may set."""
     shared = {k: v for k, v in args.recipe().items() if k not in UnlearningConfig.METHOD_OPTIONS}
     return {**shared, "effective_batch_size": args.effective_batch_size()}
 
 
-def unlearning_args(a: TofuExperimentConfig, training: TofuTrainingArguments, method: str, output_dir: str):
+def unlearning_args(
+    a: TofuExperimentConfig, training: TofuTrainingArguments, method: str, output_dir: str, point: dict | None = None
+):
     """The unlearning recipe: the finetuning run's batch sizes, optimizer, precision and seed, with
-    the unlearning learning rate, epochs, weight decay, warmup and loss weights."""
+    the unlearning learning rate, epochs, weight decay, warmup and loss weights; ``point``: a grid
+    point's values (``learning_rate`` and loss options) over the experiment's."""
+    point = dict(point or {})
     shared = {k: getattr(training, k) for k in _SHARED_OPTIONS if hasattr(training, k)}
     if not hasattr(training, "activation_checkpointing"):  # transformers before the rename
         shared["gradient_checkpointing"] = training.gradient_checkpointing
+    loss_options = {f.name: getattr(a, f.name) for f in fields(UnlearningLossOptions)}
+    loss_options.update({k: v for k, v in point.items() if k in loss_options})
     return UnlearningConfig(
         output_dir=output_dir,
         save_strategy="no",
         method=method,
-        learning_rate=a.unlearn_learning_rate,
+        learning_rate=point.get("learning_rate", a.unlearn_learning_rate),
         num_train_epochs=a.unlearn_epochs,
         weight_decay=a.unlearn_weight_decay,
         warmup_epochs=a.unlearn_warmup_epochs,
-        **{f.name: getattr(a, f.name) for f in fields(UnlearningLossOptions)},
+        **loss_options,
         **shared,
     )
 
 
-def _row_from_summary(row: dict, summary: dict) -> dict:
-    row.update(
-        forget_quality=summary["forget_quality"],
-        model_utility=summary["model_utility"],
-        privleak=summary.get("privleak"),
-        extraction_strength=summary.get("extraction_strength"),
-        mia_auc=summary.get("mia_auc"),
-        forget_rouge=summary["forget"]["rouge"],
-        forget_prob=summary["forget"]["prob"],
-        forget_truth_ratio=summary["forget"]["truth_ratio"],
-        # model utility's nine parts: which of them moves the harmonic mean
-        **{f"{s}_{m}": summary[s][m] for s in UTILITY_SETS for m in UTILITY_METRICS},
-    )
-    return row
+def _finished(folder: Path) -> bool:
+    """The reuse rule: a point with both its row and its evaluation is done."""
+    return (folder / "run.json").is_file() and (folder / "tofu_eval.json").is_file()
 
 
-def _compact(per_example: dict) -> dict:
-    """What forget quality and privleak need, per example (a small file to commit)."""
-    f = per_example["forget"]
-    out = {
-        "meta": per_example["meta"],
-        "forget": {k: f[k] for k in ("truth_ratio", "min_k", "extraction_strength", "rouge", "prob") if k in f},
-    }
-    if "holdout" in per_example:
-        out["holdout"] = {"min_k": per_example["holdout"]["min_k"]}
-    return out
+class _Experiment:
+    """One call's state: the config, the training options, where results go, the rows so far."""
 
+    def __init__(self, a: TofuExperimentConfig, training: TofuTrainingArguments, recipe: dict):
+        self.a, self.training, self.out = a, training, Path(a.out)
+        self.cuda = torch.cuda.is_available()
+        self.env = run_environment("cuda" if self.cuda else "cpu")
+        self.rows: list[dict] = []
+        self.evals: dict[str, dict] = {}
+        self.recipes = {
+            "finetune": {
+                **{k: recipe[k] for k in ("name", "asked", "overridden")},
+                **training.recipe(),
+                "effective_batch_size": training.effective_batch_size(),
+            }
+        }
+        self._answer_tokens: dict[int, tuple[int, int]] = {}
 
-def _compact_utility(per_example: dict) -> dict:
-    """What model utility and its interval need, per example of each utility set (a small file to
-    commit)."""
-    return {"meta": per_example["meta"], **{s: {k: per_example[s][k] for k in UTILITY_METRICS} for s in UTILITY_SETS}}
+    def task_options(self, run: Run) -> dict:
+        a = self.a
+        options = dict(
+            source=a.data_dir,
+            forget_split=a.forget_split,
+            max_length=a.max_length,
+            p=a.p,
+            k=a.k,
+            h=a.h,
+            num_authors=a.num_authors,
+            seed=run.seed,
+            template=a.template,
+            system_prompt=a.system_prompt,
+            date_string=a.date_string,
+        )
+        if a.spacy_model:
+            options["spacy_model"] = a.spacy_model
+        return options
 
+    def eval_config(self, seed: int) -> TofuEvalConfig:
+        return TofuEvalConfig.for_run(self.a, seed=seed)
 
-def add_utility_intervals(rows: list[dict], evals: dict, seed: int = 0) -> None:
-    """Each row's model utility with its 95% bootstrap interval over the questions and, when the
-    full run is there with a non-zero utility, its ratio to the full run's with the paired
-    interval (the same resampled questions for both runs). ``seed`` is the resampling's; at its
-    default a row's interval is the one its ``tofu_summary.json`` has (:func:`.evaluation.summarize`)."""
-    try:
-        samples = bootstrap_model_utility({r["run"]: evals[r["run"]] for r in rows}, seed=seed)
-    except ValueError as exc:
-        raise ForgetfulError(
-            f"model utility's interval compares runs on the same questions, but {exc}: evaluate every run with "
-            "the same --max-eval-examples (delete the runs evaluated otherwise to run them again)"
-        ) from None
-    full_row = next((r for r in rows if r["run"] == "full"), None)
-    full = samples.get("full")
-    for row in rows:
-        utility = samples[row["run"]]
-        row["model_utility_ci"] = list(percentile_interval(utility))
-        if full_row is not None and full_row["model_utility"] > 0 and full.min() > 0:
-            row["utility_vs_full"] = row["model_utility"] / full_row["model_utility"]
-            row["utility_vs_full_ci"] = list(percentile_interval(utility / full))
+    def reuse(self, run: Run) -> bool:
+        """Load the points of ``run`` when all of them are there."""
+        folders = [self.out / n for n in run.evaluated()]
+        if not all(_finished(f) for f in folders):
+            return False
+        for folder in folders:
+            row = json.loads((folder / "run.json").read_text())
+            self.evals[folder.name] = json.loads((folder / "tofu_eval.json").read_text())
+            self.rows.append(row)
+        row = self.rows[-1]
+        print(f"[{run.name}] reusing the results in {self.out / run.name}")
+        lr = dict(run.point).get("learning_rate", self.a.unlearn_learning_rate)
+        lr = lr if run.kind == "unlearn" else self.training.learning_rate
+        if row.get("lr", lr) != lr:  # a run of another recipe: its row says so, and so do we
+            print(
+                f"[{run.name}] note: trained at lr {row['lr']:g}, not {lr:g}; delete {self.out / run.name} to train it again"
+            )
+        return True
+
+    def evaluate(self, model, tokenizer, run: Run, name: str, row: dict, start: float) -> dict:
+        """Evaluate ``model`` as point ``name`` of ``run`` and write its folder; ``row``: what its
+        training recorded; ``start``: when its evaluation (or its training) began."""
+        dtype = self.a.torch_eval_dtype()
+        model = model.to("cuda" if self.cuda else "cpu", dtype=dtype)
+        eval_start = time.perf_counter()
+        per_example, _ = evaluate_tofu(model, tokenizer, self.eval_config(run.seed))
+        folder = self.out / name
+        per_example["meta"]["dtype"] = str(dtype).removeprefix("torch.")
+        per_example["meta"]["model"] = str(folder / "model")
+        write_json(per_example, folder / "tofu_eval.json")
+        write_json(compact_forget(per_example), folder / "forget_per_example.json")
+        write_json(compact_utility(per_example), folder / "utility_per_example.json")
+        self.evals[name] = per_example
+        point = {"seed": run.seed, **({"share": run.share} if run.share is not None else {})}
+        point |= {"grid": dict(run.point)} if run.kind == "unlearn" else {}
+        row = {"run": name, "kind": run.kind, "split": run.split, "strategy": run.strategy, **point, **row}
+        row["eval_seconds"] = round(time.perf_counter() - eval_start, 1)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        row["env"] = self.env
+        write_json(row, folder / "run.json")
+        self.rows.append(row)
+        return row
+
+    def masked_share(self, tokenizer, run: Run, trained_tokens: int) -> float:
+        """The share of the forget answers' tokens masked out of the loss by a run that trained
+        ``trained_tokens`` tokens of ``full``: full's answer tokens less those, over the forget answers'."""
+        if run.seed not in self._answer_tokens:  # the embedded data depends on the seed
+            opts = self.task_options(run)
+
+            def count(split):
+                ds = prepare_dataset_for_training("tofu", tokenizer, split=split, strategy="answer_only", **opts)
+                return int(sum(sum(m) for m in ds["loss_mask"]))
+
+            self._answer_tokens[run.seed] = (count("full"), count(self.a.forget_split))
+        full, forget = self._answer_tokens[run.seed]
+        return (full - trained_tokens) / forget
+
+    def finetune(self, run: Run) -> None:
+        start = time.perf_counter()
+        # the same initialisation for every run, in float32: bf16 autocast on GPUs keeps float32 master
+        # weights (open-unlearning's DeepSpeed bf16 does too); updates of lr 1e-5 vanish in bf16 weights
+        model, tokenizer = load_model(self.a.model, dtype=torch.float32)
+        run_dir = self.out / run.name
+        args = copy.copy(self.training)
+        args.output_dir = str(run_dir / "checkpoints")
+        args.seed = args.data_seed = run.seed
+        options = dict(self.task_options(run), split=run.split, strategy=run.strategy)
+        if run.share is not None:
+            options["share"] = run.share
+        if run.strategy == "surprise":
+            options["surprise_scores"] = str(self.surprise_scores(model, tokenizer, run))
+        print(f"[{run.name}] training on {run.split} ({run.strategy}, seed {run.seed})")
+        res = train_selective("tofu", model, tokenizer, args, run_dir / "model", task_options=options)
+        trained = {
+            "trained_share": res["trained_share"],
+            "train_loss": res["train_loss"],
+            "epochs": res["epochs"],
+            "steps": res["steps"],
+            "lr": args.learning_rate,
+            "effective_batch_size": args.effective_batch_size(),
+        }
+        if run.strategy != "answer_only":
+            trained["masked_share"] = self.masked_share(tokenizer, run, res["trained_tokens"])
+        trained["train_seconds"] = round(time.perf_counter() - start, 1)
+        self.evaluate(model, tokenizer, run, run.name, trained, start)
+
+    def surprise_scores(self, model, tokenizer, run: Run) -> Path:
+        """The forget answers' token NLL under the initialisation (before finetuning), once per seed."""
+        path = self.out / SURPRISE_FILE.replace(".json", f"{seed_suffix(run.seed)}.json")
+        opts = self.task_options(run)
+        meta = {"model": self.a.model, **{k: opts[k] for k in ("source", "forget_split", "template", "seed")}}
+        meta |= {
+            "system_prompt": self.a.system_prompt,
+            "date_string": self.a.date_string,
+            "num_authors": self.a.num_authors,
+        }
+        if not surprise_scores_match(path, meta):
+            print(f"[{run.name}] scoring the forget answers with the initialisation (surprise)")
+            scorer = model.to("cuda" if self.cuda else "cpu")  # float32, as it trains
+            write_surprise_scores(scorer, tokenizer, path, opts, meta, batch_size=self.a.eval_batch_size)
+        return path
+
+    def unlearn(self, run: Run) -> None:
+        start = time.perf_counter()
+        full = "full" + seed_suffix(run.seed)
+        full_model = self.out / full / "model"
+        run_dir = self.out / run.name
+        model, tokenizer = load_model(str(full_model), dtype=torch.float32)
+        args = unlearning_args(self.a, self.training, run.strategy, str(run_dir / "checkpoints"), dict(run.point))
+        args.seed = args.data_seed = run.seed
+        self.recipes.setdefault("unlearn", _unlearning_recipe(args))
+        print(f"[{run.name}] unlearning {self.a.forget_split} from {full} ({run.strategy})")
+        c = copy_options(TofuUnlearnConfig, self.a, model=str(full_model), out=str(run_dir / "model"))
+        res = unlearn_tofu(model, tokenizer, c, args, run_dir / "model", save_epochs=run.eval_epochs)
+        trained = {
+            "train_loss": res["train_loss"],
+            "steps": res["steps"],
+            "lr": args.learning_rate,
+            "effective_batch_size": args.effective_batch_size(),
+            "loss_options": unlearning_method(run.strategy).options_of(args),
+            "method_state": res["method_state"],  # what the options resolved to (RMU: the layer it steered)
+            "loss_backend": res["loss_backend_used"],
+            "forget_prob_before": res["forget_prob_before"],
+        }
+        train_seconds = round(time.perf_counter() - start, 1)
+        checkpoint_seconds = 0.0
+        for epoch in run.eval_epochs:  # the run's own checkpoints, evaluated, then deleted
+            saved = res["checkpoints"][epoch]
+            begun = time.perf_counter()
+            ckpt, _ = load_model(saved["path"], dtype=torch.float32)
+            point = {
+                **trained,
+                "epoch": epoch,
+                "epochs": float(epoch),
+                "steps": saved["step"],
+                "checkpoint_of": run.name,
+            }
+            self.evaluate(ckpt, tokenizer, run, run.checkpoint_name(epoch), point, begun)
+            shutil.rmtree(saved["path"])
+            del ckpt
+            checkpoint_seconds += time.perf_counter() - begun
+        trained |= {"epoch": res["epochs"], "epochs": res["epochs"], "forget_prob_after": res["forget_prob_after"]}
+        trained |= {"train_seconds": train_seconds, "checkpoint_eval_seconds": round(checkpoint_seconds, 1)}
+        self.evaluate(model, tokenizer, run, run.name, trained, start)
 
 
 def run_tofu_experiment(
     a: TofuExperimentConfig, training: TofuTrainingArguments | None = None, given: Collection[str] | None = None
 ) -> dict:
-    """Run the experiment's runs not done yet (``a.only``: some of them) and, once the retain run is
-    there, write ``results.json``, ``report.md`` and the plot. ``a.recipe`` sets the finetuning
-    options of ``training`` except those in ``given``, the ones the caller set (the command line's
-    flags and config keys; default: the options whose values differ from the defaults)."""
+    """Run the experiment's runs not done yet (``a.only``: some of them; ``a.time_budget``: those that
+    fit) and, once the retain run is there, write ``results.json``, ``report.md`` and the plot.
+    ``a.recipe`` sets the finetuning options of ``training`` except those in ``given``, the ones the
+    caller set (the command line's flags and config keys; default: the options whose values differ
+    from the defaults)."""
+    began = time.perf_counter()
     training = copy.copy(training) if training is not None else TofuTrainingArguments()
     recipe = apply_recipe(training, a.recipe, a.model, given)
-    runs = plan_runs(a)
-    names = [r.name for r in runs]
-    only = None if a.only is None else set(_names(a.only))
-    if only is not None and not only <= set(names):
-        raise ForgetfulError(f"--only names unknown runs {sorted(only - set(names))}; runs are {', '.join(names)}")
-    out = Path(a.out)
-    cuda = torch.cuda.is_available()
-    eval_config = TofuEvalConfig.for_run(a, seed=training.seed)
-    check_eval_splits(eval_config)
-    task_common = dict(
-        source=a.data_dir,
-        forget_split=a.forget_split,
-        max_length=a.max_length,
-        p=a.p,
-        k=a.k,
-        h=a.h,
-        num_authors=a.num_authors,
-        seed=training.seed,
-        template=a.template,
-        system_prompt=a.system_prompt,
-        date_string=a.date_string,
-    )
-    if a.spacy_model:
-        task_common["spacy_model"] = a.spacy_model
-    recipes = {
-        "finetune": {
-            **{k: recipe[k] for k in ("name", "asked", "overridden")},
-            **training.recipe(),
-            "effective_batch_size": training.effective_batch_size(),
-        }
-    }
-    env = run_environment("cuda" if cuda else "cpu")
-    rows, evals = [], {}
+    runs = plan_runs(a, training.seed)
+    planned = [n for r in runs for n in r.evaluated()]
+    only = None if a.only is None else set(names(a.only))
+    if only is not None and not only <= {r.name for r in runs}:
+        raise ForgetfulError(
+            f"--only names unknown runs {sorted(only - {r.name for r in runs})}; runs are {', '.join(r.name for r in runs)}"
+        )
+    check_eval_splits(TofuEvalConfig.for_run(a, seed=training.seed))
+    ex = _Experiment(a, training, recipe)
+    skipped: set[str] = set()
     for run in runs:
-        run_dir = out / run.name
-        if (run_dir / "run.json").is_file() and (run_dir / "tofu_eval.json").is_file():
-            row = json.loads((run_dir / "run.json").read_text())
-            evals[run.name] = json.loads((run_dir / "tofu_eval.json").read_text())
-            rows.append(row)
-            print(f"[{run.name}] reusing the results in {run_dir}")
-            lr = a.unlearn_learning_rate if run.kind == "unlearn" else training.learning_rate
-            if row.get("lr", lr) != lr:  # a run of another recipe: its row says so, and so do we
-                print(f"[{run.name}] note: trained at lr {row['lr']:g}, not {lr:g}; delete {run_dir} to train it again")
+        if ex.reuse(run) or (only is not None and run.name not in only):
             continue
-        if only is not None and run.name not in only:
-            continue
-        start = time.perf_counter()
+        full = "full" + seed_suffix(run.seed)
+        if run.kind == "unlearn" and not (ex.out / full / "model" / "results.json").is_file():
+            if full in skipped:
+                print(f"[{run.name}] not started: it unlearns from {full}, which was not started")
+                skipped.add(run.name)
+                continue
+            again = f" (its results are, its model is not: delete {ex.out / full / 'run.json'} to train it again)"
+            raise ForgetfulError(
+                f"run {run.name} unlearns from the {full} run's model, but {ex.out / full / 'model'} is not there"
+                f"{again if full in ex.evals else ''}: run '{full}' first (--only {full})"
+            )
+        if a.time_budget is not None:
+            expected, basis = estimate_seconds(run, ex.rows)
+            left = a.time_budget - (time.perf_counter() - began)
+            if expected > left:
+                print(
+                    f"[{run.name}] not started: expected {expected:.0f} s ({basis}), {max(left, 0):.0f} s of the budget left"
+                )
+                skipped.add(run.name)
+                continue
         if run.kind == "finetune":
-            # the same initialisation for every run, in float32: bf16 autocast on GPUs keeps float32 master
-            # weights (open-unlearning's DeepSpeed bf16 does too); updates of lr 1e-5 vanish in bf16 weights
-            model, tokenizer = load_model(a.model, dtype=torch.float32)
-            run_args = copy.copy(training)
-            run_args.output_dir = str(run_dir / "checkpoints")
-            print(f"[{run.name}] training on {run.split} ({run.strategy})")
-            task_options = dict(task_common, split=run.split, strategy=run.strategy)
-            res = train_selective("tofu", model, tokenizer, run_args, run_dir / "model", task_options=task_options)
-            trained = {
-                "trained_share": res["trained_share"],
-                "train_loss": res["train_loss"],
-                "epochs": res["epochs"],
-                "steps": res["steps"],
-                "lr": run_args.learning_rate,
-                "effective_batch_size": run_args.effective_batch_size(),
-            }
+            ex.finetune(run)
         else:
-            full_model = out / "full" / "model"
-            if not (full_model / "results.json").is_file():
-                again = (
-                    f" (its results are, its model is not: delete {out / 'full' / 'run.json'} to train it again)"
-                    if "full" in evals
-                    else ""
-                )
-                raise ForgetfulError(
-                    f"run {run.name} unlearns from the full run's model, but {full_model} is not there{again}: "
-                    "run 'full' first (--only full)"
-                )
-            model, tokenizer = load_model(str(full_model), dtype=torch.float32)
-            args = unlearning_args(a, training, run.strategy, str(run_dir / "checkpoints"))
-            recipes["unlearn"] = _unlearning_recipe(args)
-            print(f"[{run.name}] unlearning {a.forget_split} from the full model ({run.strategy})")
-            c = copy_options(TofuUnlearnConfig, a, model=str(full_model), out=str(run_dir / "model"))
-            res = unlearn_tofu(model, tokenizer, c, args, run_dir / "model")
-            trained = {
-                "train_loss": res["train_loss"],
-                "epochs": res["epochs"],
-                "steps": res["steps"],
-                "lr": args.learning_rate,
-                "effective_batch_size": args.effective_batch_size(),
-                "loss_options": unlearning_method(run.strategy).options_of(args),
-                "method_state": res["method_state"],  # what the options resolved to (RMU: the layer it steered)
-                "loss_backend": res["loss_backend_used"],
-                "forget_prob_before": res["forget_prob_before"],
-                "forget_prob_after": res["forget_prob_after"],
-            }
-        train_seconds = time.perf_counter() - start
-        model = model.to("cuda" if cuda else "cpu", dtype=a.torch_eval_dtype())
-        per_example, _ = evaluate_tofu(model, tokenizer, eval_config)
-        per_example["meta"]["dtype"] = str(a.torch_eval_dtype()).removeprefix("torch.")
-        per_example["meta"]["model"] = str(run_dir / "model")
-        write_json(per_example, run_dir / "tofu_eval.json")
-        write_json(_compact(per_example), run_dir / "forget_per_example.json")
-        write_json(_compact_utility(per_example), run_dir / "utility_per_example.json")
-        evals[run.name] = per_example
-        row = {
-            "run": run.name,
-            "kind": run.kind,
-            "split": run.split,
-            "strategy": run.strategy,
-            **trained,
-            "train_seconds": round(train_seconds, 1),
-            "eval_seconds": round(time.perf_counter() - start - train_seconds, 1),
-            "seconds": round(time.perf_counter() - start, 1),
-            "env": env,
-        }
-        write_json(row, run_dir / "run.json")
-        rows.append(row)
-        del model
-        if cuda:
+            ex.unlearn(run)
+        if ex.cuda:
             torch.cuda.empty_cache()
-    if "retain" not in evals:
+    if "retain" not in ex.evals:
         print("no retain run yet: forget quality needs it (run it with --only retain)")
-        return {"runs": rows}
-    reference = reference_from_results(evals["retain"])
-    for row in rows:
-        summary = summarize(evals[row["run"]], reference)
-        write_json(summary, out / row["run"] / "tofu_summary.json")
-        _row_from_summary(row, summary)
-        if not (out / row["run"] / "utility_per_example.json").is_file():  # a run evaluated before the file existed
-            write_json(_compact_utility(evals[row["run"]]), out / row["run"] / "utility_per_example.json")
-    add_utility_intervals(rows, evals)
-    if "unlearn" not in recipes and any(r["kind"] == "unlearn" for r in rows):
-        method = next(r["strategy"] for r in rows if r["kind"] == "unlearn")
-        recipes["unlearn"] = _unlearning_recipe(unlearning_args(a, training, method, str(out / "checkpoints")))
-    missing = [n for n in names if n not in evals]
+        return {"runs": ex.rows}
+    reference = reference_from_results(ex.evals["retain"])
+    for row in ex.rows:
+        summary = summarize(ex.evals[row["run"]], reference)
+        write_json(summary, ex.out / row["run"] / "tofu_summary.json")
+        row_from_summary(row, summary)
+        if not (ex.out / row["run"] / "utility_per_example.json").is_file():  # evaluated before the file existed
+            write_json(compact_utility(ex.evals[row["run"]]), ex.out / row["run"] / "utility_per_example.json")
+    add_utility_intervals(ex.rows, ex.evals)
+    if "unlearn" not in ex.recipes and any(r["kind"] == "unlearn" for r in ex.rows):
+        run = next(r for r in runs if r.kind == "unlearn")
+        ex.recipes["unlearn"] = _unlearning_recipe(
+            unlearning_args(a, training, run.strategy, str(ex.out / "checkpoints"))
+        )
+    missing = [n for n in planned if n not in ex.evals]
+    summary = experiment_summary(ex.rows)
     write_json(
         {
             "args": asdict(a),
-            "env": env,
-            "recipe": recipes,
+            "env": ex.env,
+            "recipe": ex.recipes,
             "training_args": training.recipe(),
             "missing_runs": missing,
-            "runs": rows,
+            **summary,
+            "runs": ex.rows,
         },
-        out / "results.json",
+        ex.out / "results.json",
     )
-    write_report(out, a, recipes, rows, missing, env)
+    write_report(ex.out, a, ex.recipes, ex.rows, missing, ex.env, summary)
+    print(floor_line(summary["noise_floor"]))
     print(
         markdown_table(
-            rows,
+            ex.rows,
             ["run", "forget_quality", "model_utility", "model_utility_ci", "utility_vs_full", "privleak"],
             digits=4,
         )
     )
-    return {"runs": rows, "missing_runs": missing}
+    return {"runs": ex.rows, "missing_runs": missing, **summary}

@@ -1,20 +1,15 @@
-"""What the TOFU experiment writes for people: ``report.md`` (the recipes, where it ran, one row per
-run) and the plot of model utility against forget quality, ``utility_vs_forget_quality.png``.
-
-Forget quality spans about 1e-17 (a memorised forget set) to 1 (indistinguishable from the retain
-model), so it is drawn on a log axis (an exact 0 at a floor a decade under the smallest positive
-value, the axis label saying so); model utility differs little between runs, so its axis is zoomed
-to the runs. Runs are named in a legend with their values, so close points never overprint their
-names; the retain run, the target every method aims at, is drawn as reference lines too. Model
-utility's 95% interval over the questions is drawn as a whisker on each point.
+"""What the TOFU experiment writes for people: ``report.md`` (the recipes, where it ran, the noise
+floor, one row per evaluated point, the spread over seeds, each method's best point) and the plot
+of model utility against forget quality, ``utility_vs_forget_quality.png`` (:mod:`.plane`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..reporting import markdown_table, plot_scatter, write_text
+from ..reporting import fmt, markdown_table, write_text
 from .metrics import UTILITY_METRICS, UTILITY_SETS
+from .plane import BEST_RULE, CHECKPOINT_NOTE, plot_plane
 
 PLOT_FILE = "utility_vs_forget_quality.png"
 UTILITY_PARTS = tuple(f"{s}_{m}" for s in UTILITY_SETS for m in UTILITY_METRICS)
@@ -22,6 +17,9 @@ REPORT_COLUMNS = (
     "run",
     "kind",
     "strategy",
+    "seed",
+    "epoch",
+    "masked_share",
     "forget_quality",
     "model_utility",
     "model_utility_ci",
@@ -41,32 +39,27 @@ REPORT_COLUMNS = (
 )
 
 
-def plot_utility_vs_forget_quality(rows: list[dict], path: str | Path, title: str):
-    """Every run with a forget quality as a point, with its model utility's interval where the row
-    has one; the retain run's values as reference lines. Returns the figure (closed)."""
-    scored = [r for r in rows if r.get("forget_quality") is not None]
-    retain = next((r for r in scored if r["run"] == "retain"), None)
-    references = {"retain (target)": (retain["forget_quality"], retain["model_utility"])} if retain else None
-    return plot_scatter(
-        {r["run"]: (r["forget_quality"], r["model_utility"]) for r in scored},
-        path,
-        xlabel="forget quality (KS p-value, log scale)",
-        ylabel="model utility",
-        title=title,
-        logx=True,
-        references=references,
-        y_intervals={r["run"]: tuple(r["model_utility_ci"]) for r in scored if r.get("model_utility_ci")},
+def write_report(out: Path, a, recipes: dict, rows: list[dict], missing: list[str], env: dict, summary: dict) -> None:
+    """``report.md`` and the plot in ``out``, from the experiment's config ``a``, its recipes, its
+    rows (with their summaries), the runs not done yet, where this call ran and the experiment's
+    summary (:func:`~.plane.experiment_summary`)."""
+    plot_plane(rows, summary, out / PLOT_FILE, f"TOFU {a.forget_split}: masked training vs unlearning")
+    write_text(report_text(a, recipes, rows, missing, env, summary), out / "report.md")
+
+
+def floor_line(floor: dict) -> str:
+    """The noise floor in one line: what two retain models trained at other seeds score."""
+    if not floor.get("forget_quality"):
+        return "Noise floor: no retain run at another seed yet (--seeds 0,1,2 trains them)."
+    fq = ", ".join(f"seed {s} {fmt(v, 4)}" for s, v in floor["forget_quality"].items())
+    mu = ", ".join(f"seed {s} {v:.4f}" for s, v in floor["model_utility"].items())
+    return (
+        f"Noise floor (retain at other seeds against retain seed 0): forget quality {fq}; retain model utility {mu} "
+        f"(spread {floor['utility_spread']:.4f})."
     )
 
 
-def write_report(out: Path, a, recipes: dict, rows: list[dict], missing: list[str], env: dict) -> None:
-    """``report.md`` and the plot in ``out``, from the experiment's config ``a``, its recipes, its
-    rows (with their summaries), the runs not done yet and where this call ran."""
-    plot_utility_vs_forget_quality(rows, out / PLOT_FILE, f"TOFU {a.forget_split}: masked training vs unlearning")
-    write_text(report_text(a, recipes, rows, missing, env), out / "report.md")
-
-
-def report_text(a, recipes: dict, rows: list[dict], missing: list[str], env: dict) -> str:
+def report_text(a, recipes: dict, rows: list[dict], missing: list[str], env: dict, summary: dict) -> str:
     ft = recipes["finetune"]
     notes = ["picked by auto for this model"] if ft.get("asked") == "auto" else []
     if ft.get("overridden"):
@@ -84,26 +77,56 @@ def report_text(a, recipes: dict, rows: list[dict], missing: list[str], env: dic
     ]
     if "unlearn" in recipes:
         un = recipes["unlearn"]
+        gridded = any("learning_rate" in r.get("grid", {}) for r in rows)
+        lr = "lr per run (the `lr` column)" if gridded else f"lr {un['learning_rate']:g}"
         lines += [
             "",
-            f"Unlearning from the full model: lr {un['learning_rate']:g}, {un['num_train_epochs']:g} epochs, "
-            f"weight decay {un['weight_decay']:g}, {_warmup(un)}; each method's loss options:",
+            f"Unlearning from the full model of the same seed: {lr}, {un['num_train_epochs']:g} epochs, "
+            f"weight decay {un['weight_decay']:g}, {_warmup(un)}; each run's loss options:",
             "",
         ]
-        lines += [_method_line(r) for r in rows if r.get("kind") == "unlearn" and "loss_options" in r]
+        finals = [r for r in rows if r.get("kind") == "unlearn" and "loss_options" in r and not r.get("checkpoint_of")]
+        lines += [_method_line(r) for r in finals if r.get("seed", 0) == 0]
     lines += [
         "",
         f"This report was written on {_where(env)}; each run's own machine is in `results.json` (`env`).",
         "",
-        "Forget quality: KS-test p-value of the forget truth ratios against the retain run (1 = indistinguishable "
-        "from never having trained on the forget set). Model utility: harmonic mean of the nine retain / real-authors "
-        "/ world-facts metrics, with its 95% bootstrap interval over the questions (`model_utility_ci`) and its ratio to "
-        "the full run's (`utility_vs_full`, paired interval: the same resampled questions for both; single seeds, "
-        "so no interval covers the training's randomness). Privleak: Min-K% AUC of forget vs holdout relative to the retain run's (0 = like the "
-        "retain model). Metrics as open-unlearning computes them. Epochs and steps as trained, lr the peak "
-        "learning rate, seconds of training and of evaluation.",
+        "Forget quality: KS-test p-value of the forget truth ratios against the retain run of seed 0 (1 = "
+        "indistinguishable from never having trained on the forget set). Model utility: harmonic mean of the nine "
+        "retain / real-authors / world-facts metrics, with its 95% bootstrap interval over the questions "
+        "(`model_utility_ci`) and its ratio to the full run's of seed 0 (`utility_vs_full`, paired interval: the same "
+        "resampled questions for both). Privleak: Min-K% AUC of forget vs holdout relative to the retain run's (0 = "
+        "like the retain model). Metrics as open-unlearning computes them. Epochs and steps as trained (`epoch`: the "
+        f"checkpoint a point is; {CHECKPOINT_NOTE}), lr the peak learning rate, `masked_share` the share of the "
+        "forget answers' tokens masked out of the loss, seconds of training and of evaluation.",
+        "",
+        floor_line(summary["noise_floor"]),
         "",
         markdown_table([_readable(r) for r in rows], REPORT_COLUMNS, digits=4),
+    ]
+    if summary["seed_spread"]:
+        spread = [
+            {
+                "point": point,
+                "seeds": ", ".join(map(str, v["seeds"])),
+                **{f"{m} {k}": v[m][k] for m in ("forget_quality", "model_utility") for k in ("median", "min", "max")},
+            }
+            for point, v in summary["seed_spread"].items()
+        ]
+        lines += [
+            "Over seeds (each seed's forget quality against retain seed 0; median, min and max):",
+            "",
+            floor_line(summary["noise_floor"]),
+            "",
+            markdown_table(spread, list(spread[0]), digits=4),
+        ]
+    if summary["best_points"]:
+        lines += [f"Best points ({BEST_RULE}):", ""]
+        lines += [
+            f"- {m}: " + (f"`{r}`" if r else "no point keeps the utility") for m, r in summary["best_points"].items()
+        ]
+        lines.append("")
+    lines += [
         "Model utility part by part (probability, ROUGE-L recall and truth ratio on each utility set; the harmonic "
         "mean is pulled most by its smallest parts):",
         "",
@@ -125,7 +148,8 @@ def _short(part: str) -> str:
 
 def _readable(row: dict) -> dict:
     """The row with its learning rate, epochs and seconds written as short as they are exact."""
-    short = {k: f"{row[k]:g}" for k in ("lr", "epochs", "train_seconds", "eval_seconds") if row.get(k) is not None}
+    keys = ("lr", "epoch", "epochs", "train_seconds", "eval_seconds")
+    short = {k: f"{row[k]:g}" for k in keys if row.get(k) is not None}
     return {**row, **short}
 
 
@@ -158,5 +182,7 @@ def _method_line(row: dict) -> str:
         return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
 
     options = [(k, v) for k, v in row["loss_options"].items() if v is not None]
-    state = [(k, v) for k, v in row.get("method_state", {}).items() if not k.endswith("_file")]
-    return f"- `{row['strategy']}`: " + (text(options) or "no loss options") + (f"; {text(state)}" if state else "")
+    given = dict(options)
+    state = [(k, v) for k, v in row.get("method_state", {}).items() if not k.endswith("_file") and given.get(k) != v]
+    name = row["run"] if row.get("grid") else row["strategy"]
+    return f"- `{name}`: " + (text(options) or "no loss options") + (f"; {text(state)}" if state else "")

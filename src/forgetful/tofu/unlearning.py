@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from transformers import TrainerCallback
 
 from ..data.tofu import RETAIN_FOR_FORGET
 from ..loss.tasks import prepare_dataset_for_training
@@ -59,9 +61,31 @@ class TofuUnlearnConfig(TofuDataOptions, TofuEvalOptions):
         )
 
 
-def unlearn_tofu(model, tokenizer, c: TofuUnlearnConfig, args: UnlearningConfig, out: str | Path) -> dict:
+class EpochCheckpoints(TrainerCallback):
+    """Save the model's weights and the tokenizer at the end of each epoch of ``epochs`` into
+    ``folder/epoch-<e>`` (no optimizer state: what an evaluation reads); ``saved``: epoch -> the
+    folder and the step it was saved at."""
+
+    def __init__(self, epochs: Collection[int], folder: str | Path, tokenizer):
+        self.epochs, self.folder, self.tokenizer = set(epochs), Path(folder), tokenizer
+        self.saved: dict[int, dict] = {}
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = round(state.epoch or 0.0)
+        if epoch in self.epochs and abs(state.epoch - epoch) < 1e-4 and state.is_world_process_zero:
+            path = self.folder / f"epoch-{epoch}"
+            model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            self.saved[epoch] = {"path": str(path), "step": state.global_step}
+
+
+def unlearn_tofu(
+    model, tokenizer, c: TofuUnlearnConfig, args: UnlearningConfig, out: str | Path, save_epochs: Collection[int] = ()
+) -> dict:
     """Unlearn ``c.forget_split`` from ``model`` by ``args.method``, save the model and tokenizer to
-    ``out`` and write ``out/results.json`` last. Returns the results."""
+    ``out`` and write ``out/results.json`` last. ``save_epochs``: also save the model at the end of
+    these epochs, into ``<args.output_dir>/epoch-<e>`` (results' ``checkpoints``: epoch -> folder and
+    step; the caller evaluates and deletes them). Returns the results."""
     out = Path(out)
     (out / "results.json").unlink(missing_ok=True)
     start = time.perf_counter()
@@ -74,6 +98,9 @@ def unlearn_tofu(model, tokenizer, c: TofuUnlearnConfig, args: UnlearningConfig,
     trainer = UnlearningTrainer(
         model=model, args=args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer
     )
+    checkpoints = EpochCheckpoints(save_epochs, args.output_dir, tokenizer)
+    if save_epochs:
+        trainer.add_callback(checkpoints)
     before = forget_probability(trainer.model, forget, pad)
     result = trainer.train()
     after = forget_probability(trainer.model, forget, pad)
@@ -103,6 +130,7 @@ def unlearn_tofu(model, tokenizer, c: TofuUnlearnConfig, args: UnlearningConfig,
         "train_runtime_s": float(result.metrics.get("train_runtime", math.nan)),
         "forget_prob_before": float(np.mean(before)),
         "forget_prob_after": float(np.mean(after)),
+        "checkpoints": checkpoints.saved,
         "seconds": round(time.perf_counter() - start, 1),
     }
     if trainer.is_world_process_zero():

@@ -57,10 +57,6 @@ class LearnerRun:
             raise ForgetfulError(f"{len(self.train)} training rows are fewer than one batch of {self.batch_size}")
         self.autocast = self.autocast or contextlib.nullcontext
 
-    @property
-    def forget_p(self) -> float:
-        return 1.0 - self.keep_ratio
-
 
 @dataclass
 class LearnerResult:

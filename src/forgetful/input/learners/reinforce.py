@@ -63,7 +63,7 @@ class ReinforceLearner:
             logging_steps=1,
             lr_scheduler_type="constant",  # constant after the warm-up: REINFORCE keeps learning to the end
             max_steps_per_epoch=math.ceil(r.steps / epochs),
-            per_device_batch_size=r.batch_size,
+            per_device_train_batch_size=r.batch_size,
             gradient_accumulation_steps=1,
             policy_learning_rate=r.learning_rate,
             seed=r.seed,
@@ -73,7 +73,7 @@ class ReinforceLearner:
             r.lm,
             r.policy,
             args,
-            forget_p=r.forget_p,
+            keep_ratio=r.keep_ratio,
             exploration_epochs=[0.0] * epochs,
             train_dataset=r.train,
             eval_dataset=r.val,
@@ -82,7 +82,7 @@ class ReinforceLearner:
         result.history += steps
         result.best_nll, result.best_step = trainer.state.best_nll, trainer.state.best_step or 0
         n, m = row_lengths(r.train, "context_ids").float(), row_lengths(r.train, "target_ids").float()
-        kept = kept_counts(n.long(), forget_p=r.forget_p, keep_first=r.keep_first).float()
+        kept = kept_counts(n.long(), keep_ratio=r.keep_ratio, keep_first=r.keep_first).float()
         per_row = float((kept + m).mean())
         result.lm_tokens_forward = round(trainer.total_steps * trainer.rows_per_step * args.num_samples * per_row)
         result.extra.update(num_samples=args.num_samples, steps=trainer.total_steps)

@@ -165,7 +165,7 @@ class RelaxedTrainer:
                 (step - 1) / max(r.steps - 1, 1)
             )
             eligible, forced = eligible_tokens(b.context_mask, r.keep_first, b.protect_mask)
-            k = budget_counts(b.context_mask, forget_p=r.forget_p, keep_first=r.keep_first, protect=b.protect_mask)
+            k = budget_counts(b.context_mask, keep_ratio=r.keep_ratio, keep_first=r.keep_first, protect=b.protect_mask)
             units = policy.resolve_units(b.units(policy.unit), b.context_mask) if policy.unit != "token" else None
             noise = None
             if c.gumbel_scale > 0:

@@ -66,7 +66,7 @@ class SupervisedTrainer:
         for b in tqdm(batches_of(rows, r.batch_size, r.pad_token_id), desc="oracle labels", disable=not r.progress):
             b = b.to(r.device)
             keep = oracle.choose(
-                b, forget_p=r.forget_p, keep_first=r.keep_first, pad_token_id=r.pad_token_id, autocast=r.autocast
+                b, keep_ratio=r.keep_ratio, keep_first=r.keep_first, pad_token_id=r.pad_token_id, autocast=r.autocast
             )
             eligible, _ = eligible_tokens(b.context_mask, r.keep_first, b.protect_mask)
             units = r.policy.resolve_units(b.units(r.policy.unit), b.context_mask)

@@ -3,12 +3,12 @@
 Every policy gives one keep-logit per context token (higher = keep):
 
 * ``keep_logits(input_ids, attention_mask)`` -> ``[B, n]`` float32;
-* ``sample(input_ids, attention_mask, forget_p=..., mode="exact"|"bernoulli", num_samples=K)`` ->
+* ``sample(input_ids, attention_mask, keep_ratio=..., mode="exact"|"bernoulli", num_samples=K)`` ->
   :class:`~forgetful.input.compression.KeepSample` (keep masks ``[K, B, n]``, log-probabilities
-  ``[K, B]``, entropy). Exact mode keeps exactly ``b = round((1 - forget_p) * n)`` tokens by
+  ``[K, B]``, entropy). Exact mode keeps exactly ``b = round(keep_ratio * n)`` tokens by
   Gumbel-top-k with the Plackett-Luce log-probability; Bernoulli mode keeps each token with
   probability sigmoid(logit);
-* ``greedy(input_ids, attention_mask, forget_p=...)`` -> the top-``b`` keep mask.
+* ``greedy(input_ids, attention_mask, keep_ratio=...)`` -> the top-``b`` keep mask.
 
 Token 0 (the attention sink) is kept unless ``keep_first=False``; padding is never kept.
 
@@ -243,10 +243,12 @@ class ForgetMask(nn.Module):
             options["forget_layer"] = self.forget_layer
         return str(StrategySpec(self.name, tuple(sorted(options.items())), self.unit))
 
-    def _budget(self, attention_mask, forget_p, budget, keep_first, protect=None):
-        if forget_p is None and budget is None:
-            forget_p = getattr(self, "forget_prob", None)
-        return budget_counts(attention_mask, forget_p=forget_p, budget=budget, keep_first=keep_first, protect=protect)
+    def _budget(self, attention_mask, keep_ratio, budget, keep_first, protect=None):
+        if keep_ratio is None and budget is None and getattr(self, "forget_prob", None) is not None:
+            keep_ratio = 1.0 - self.forget_prob  # the random baseline's own share
+        return budget_counts(
+            attention_mask, keep_ratio=keep_ratio, budget=budget, keep_first=keep_first, protect=protect
+        )
 
     def resolve_units(self, units: torch.Tensor | None, attn: torch.Tensor) -> torch.Tensor | None:
         """The unit ids this policy selects by (None: tokens). ``chunk:N`` units are computed here;
@@ -264,7 +266,7 @@ class ForgetMask(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        forget_p: float | None = None,
+        keep_ratio: float | None = None,
         budget: int | torch.Tensor | None = None,
         mode: str = "exact",
         num_samples: int = 1,
@@ -275,9 +277,9 @@ class ForgetMask(nn.Module):
         units: torch.Tensor | None = None,
     ) -> KeepSample:
         """Sample keep masks (``[num_samples, B, n]``) with their log-probabilities. ``exact``:
-        the budget from ``forget_p``/``budget``; ``bernoulli``: each token kept with
+        the budget from ``keep_ratio``/``budget``; ``bernoulli``: each token kept with
         ``sigmoid(logit)``, so the budget holds only in expectation (the trainer's penalty keeps it
-        near ``forget_p``) and ``forget_p`` does not enter the sampling itself. ``protect`` marks
+        near ``keep_ratio``) and ``keep_ratio`` does not enter the sampling itself. ``protect`` marks
         tokens that are always kept and outside the budget (e.g. a question after its passage).
         ``units`` (``[B, n]`` unit ids): what a unit policy keeps whole."""
         if mode not in MODES:
@@ -287,7 +289,7 @@ class ForgetMask(nn.Module):
         return self.sample_from_logits(
             logits,
             attn,
-            forget_p=forget_p,
+            keep_ratio=keep_ratio,
             budget=budget,
             mode=mode,
             num_samples=num_samples,
@@ -303,7 +305,7 @@ class ForgetMask(nn.Module):
         logits: torch.Tensor,
         attn: torch.Tensor,
         *,
-        forget_p: float | None = None,
+        keep_ratio: float | None = None,
         budget: int | torch.Tensor | None = None,
         mode: str = "exact",
         num_samples: int = 1,
@@ -324,7 +326,7 @@ class ForgetMask(nn.Module):
             if units is not None:
                 raise ForgetfulError(f"bernoulli mode keeps tokens one by one; a {self.unit} policy needs mode exact")
             return bernoulli_keep(logits, eligible, forced, num_samples, generator, noise)
-        k = self._budget(attn, forget_p, budget, keep_first, protect)
+        k = self._budget(attn, keep_ratio, budget, keep_first, protect)
         if not self.learned and not self.stochastic:
             if units is None:
                 keep = topk_keep(logits, k, eligible, forced)
@@ -342,7 +344,7 @@ class ForgetMask(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        forget_p: float | None = None,
+        keep_ratio: float | None = None,
         budget: int | torch.Tensor | None = None,
         keep_first: bool = True,
         protect: torch.Tensor | None = None,
@@ -354,7 +356,7 @@ class ForgetMask(nn.Module):
         if self.keeps_everything:
             return attn.clone()
         eligible, forced = eligible_tokens(attn, keep_first, protect)
-        k = self._budget(attn, forget_p, budget, keep_first, protect)
+        k = self._budget(attn, keep_ratio, budget, keep_first, protect)
         logits = self.keep_logits(input_ids, attn, protect=protect, units=units)
         units = self.resolve_units(units, attn)
         if units is None:
@@ -362,14 +364,19 @@ class ForgetMask(nn.Module):
         return unit_topk_keep(logits, units, k, eligible, forced)
 
     def kept_per_row(
-        self, context_length: int, *, forget_p: float | None = None, budget: int | None = None, keep_first: bool = True
+        self,
+        context_length: int,
+        *,
+        keep_ratio: float | None = None,
+        budget: int | None = None,
+        keep_first: bool = True,
     ) -> int:
         """The tokens ``greedy`` (and exact-mode ``sample``) keeps of a context of this length,
         computed on the host."""
         if self.keeps_everything:
             return context_length
         row = torch.ones(1, context_length, dtype=torch.bool)
-        return int(self._budget(row, forget_p, budget, keep_first)[0])
+        return int(self._budget(row, keep_ratio, budget, keep_first)[0])
 
     def extra_flops_per_token(self, context_length: int) -> float:
         """Forward FLOPs the policy adds per context token (0 for free baselines)."""

@@ -41,7 +41,7 @@ class NoContextMask(ForgetMask):
         attn = attention_or_ones(input_ids, attention_mask)
         return torch.zeros(attn.shape, device=input_ids.device).masked_fill(~attn, float("-inf"))
 
-    def _budget(self, attention_mask, forget_p, budget, keep_first, protect=None):
+    def _budget(self, attention_mask, keep_ratio, budget, keep_first, protect=None):
         return budget_counts(attention_mask, budget=0, keep_first=keep_first, protect=protect)
 
     def sample(
@@ -84,7 +84,7 @@ class RandomForgetMask(ForgetMask):
         input_ids,
         attention_mask=None,
         *,
-        forget_p=None,
+        keep_ratio=None,
         budget=None,
         mode="exact",
         num_samples=1,
@@ -97,7 +97,7 @@ class RandomForgetMask(ForgetMask):
         if mode not in MODES:
             raise ForgetfulError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if mode == "bernoulli" and self.unit == "token":
-            p = self.forget_prob if forget_p is None else check_probability("forget_p", forget_p)
+            p = self.forget_prob if keep_ratio is None else 1.0 - check_probability("keep_ratio", keep_ratio)
             attn = attention_or_ones(input_ids, attention_mask)
             eligible, forced = eligible_tokens(attn, keep_first, protect)
             logit = math.log(max(1 - p, 1e-12)) - math.log(max(p, 1e-12))
@@ -109,7 +109,7 @@ class RandomForgetMask(ForgetMask):
         return self.sample_from_logits(
             zeros,
             attn,
-            forget_p=forget_p,
+            keep_ratio=keep_ratio,
             budget=budget,
             mode=mode,
             num_samples=num_samples,

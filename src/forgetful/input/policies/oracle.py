@@ -167,10 +167,10 @@ class OracleMask(ForgetMask):
 
     @torch.no_grad()
     def choose(
-        self, batch, *, forget_p: float, keep_first: bool = True, pad_token_id: int = 0, autocast=None
+        self, batch, *, keep_ratio: float, keep_first: bool = True, pad_token_id: int = 0, autocast=None
     ) -> torch.Tensor:
         """The oracle's keep mask ``[B, n]`` for ``batch`` (a :class:`~forgetful.input.examples.ForgetBatch`)
-        at ``forget_p``: exact budget, token 0 and protected tokens kept."""
+        at ``keep_ratio``: exact budget, token 0 and protected tokens kept."""
         if self.unit == "token":
             raise ForgetfulError(
                 "the oracle searches over units (token-level search takes n x n forwards): use oracle@sentence, "
@@ -181,7 +181,7 @@ class OracleMask(ForgetMask):
         self._scorer.eval()
         attn = batch.context_mask.bool()
         eligible, forced = eligible_tokens(attn, keep_first, batch.protect_mask)
-        k = budget_counts(attn, forget_p=forget_p, keep_first=keep_first, protect=batch.protect_mask)
+        k = budget_counts(attn, keep_ratio=keep_ratio, keep_first=keep_first, protect=batch.protect_mask)
         k_free = free_budget(k, eligible, forced)
         units = self.resolve_units(batch.units(self.unit), attn)
         with autocast():
@@ -234,7 +234,7 @@ class OracleMask(ForgetMask):
             own = self._start.greedy(
                 batch.context_ids,
                 attn,
-                forget_p=forget_p,
+                keep_ratio=keep_ratio,
                 keep_first=keep_first,
                 protect=batch.protect_mask,
                 units=batch.units(self._start.unit),

@@ -1,15 +1,22 @@
-"""The unlearning-method registry: the base class every method subclasses, the decorator that
-registers it by name, and the option defaults every method shares. The methods themselves are in
-:mod:`.unlearning_methods` (the token-likelihood ones) and :mod:`.rmu`; look one up with
-:func:`forgetful.loss.unlearning_methods.unlearning_method`, which sees every method once imported.
+"""What every unlearning method shares: the base class :class:`UnlearningMethod` (built once with
+its trainer, then asked for the loss of every micro-batch), the loss options every method reads
+with their defaults, and the retain losses (``NLL`` through the trainer's loss backend, ``KL`` to
+the reference model: :func:`kl_to_reference`).
 
-It is its own module so that a method defined in another module (RMU, :mod:`.rmu`) can subclass
-the base class without importing the other methods, and the methods module can import it and
-register it without an import cycle."""
+With ``NLL(x)`` the mean cross-entropy over the trained tokens of a micro-batch (the HF model
+loss), a method's loss is ``gamma * forget_loss + alpha * R`` (``R`` the retain loss), or the forget
+loss alone for a method without a retain set. ``R`` is ``NLL_θ(retain)`` (``retain_loss_type="NLL"``),
+or the KL divergence from the reference model's next-token distribution over every position of the
+retain batch (``"KL"``, ``kl_div(..., reduction="batchmean", log_target=True)`` as open-unlearning
+sums it), or, for RMU, the distance of the hidden states to the reference's (``"EMBED_DIFF"``).
+
+Every NLL goes through the trainer's loss backend (``--loss_backend``: dense, chunked, cce, liger,
+auto), which gives per-token values, hence per-row sums, on every backend. The KL retain loss needs
+each position's whole next-token distribution, which a fused backend never forms: it always
+computes dense logits.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +28,15 @@ RETAIN_LOSS_TYPES = ("NLL", "KL", "EMBED_DIFF")
 
 class UnlearningMethod:
     """One unlearning method: built once with its trainer (where it prepares what it needs), then
-    :meth:`losses` for every micro-batch. Subclasses set :meth:`forget_loss`, and may replace
-    :meth:`retain_loss`."""
+    :meth:`losses` for every micro-batch. Subclasses set :attr:`name`, :meth:`forget_loss` and their
+    :attr:`defaults`, and may replace :meth:`retain_loss`."""
 
+    #: the name the registry (:data:`forgetful.loss.unlearn.UNLEARNING_METHODS`) knows it by
     name: str = ""
     #: the paper, for help texts and reports
     paper: str = ""
     #: the loss options this method reads, with its own defaults (open-unlearning's configs)
-    defaults: dict = {}
+    defaults: dict = LOSS_OPTION_DEFAULTS
     uses_retain: bool = True
     #: computes the summed NLL of every forget row under the model before training (NPO)
     needs_reference_nll: bool = False
@@ -79,22 +87,6 @@ class UnlearningMethod:
         """Write what the unlearned model needs beside it (nothing, for most methods)."""
 
 
-UNLEARNING_METHODS: dict[str, type[UnlearningMethod]] = {}
-
-
-def register_unlearning_method(name: str, **defaults) -> Callable[[type[UnlearningMethod]], type[UnlearningMethod]]:
-    """Class decorator: make a method available by ``name``, with its own ``defaults`` for the loss
-    options (the others take :data:`LOSS_OPTION_DEFAULTS`)."""
-
-    def deco(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
-        cls.name = name
-        cls.defaults = {**LOSS_OPTION_DEFAULTS, **defaults}
-        UNLEARNING_METHODS[name] = cls
-        return cls
-
-    return deco
-
-
 def kl_to_reference(model, ref_model, part: dict) -> torch.Tensor:
     """``kl_div(log p_θ, log p_ref, reduction="batchmean", log_target=True)`` over every position
     of the batch, padding included, as open-unlearning computes its KL retain loss."""
@@ -104,13 +96,3 @@ def kl_to_reference(model, ref_model, part: dict) -> torch.Tensor:
     cur = F.log_softmax(model(**kwargs).logits.float(), dim=-1)
     vocab = cur.shape[-1]
     return F.kl_div(cur.reshape(-1, vocab), ref.reshape(-1, vocab), reduction="batchmean", log_target=True)
-
-
-__all__ = [
-    "LOSS_OPTION_DEFAULTS",
-    "RETAIN_LOSS_TYPES",
-    "UNLEARNING_METHODS",
-    "UnlearningMethod",
-    "kl_to_reference",
-    "register_unlearning_method",
-]
