@@ -53,16 +53,11 @@ class DemoConfig:
     )
     steps_per_epoch: int = field(default=40, metadata={"help": "REINFORCE steps per epoch (4 epochs)."})
     tofu_authors: int = field(default=20, metadata={"help": "Authors in the embedded TOFU data."})
-    tofu_epochs: float = field(default=20.0, metadata={"help": "Epochs of the TOFU finetuning runs."})
-    tofu_learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of the TOFU finetuning runs."})
     tofu_strategies: str = field(
         default="forget_answers,forget_facts,goldfish,random",
         metadata={"help": "Masked-training strategies of the TOFU stage, comma separated."},
     )
     tofu_unlearning: str = field(default="npo", metadata={"help": "Unlearning runs from the full model."})
-    tofu_unlearn_learning_rate: float = field(
-        default=1e-4, metadata={"help": "Learning rate of the TOFU unlearning runs (NPO)."}
-    )
     seed: int = field(default=0, metadata={"help": "Seed of every stage."})
     skip_tofu: bool = field(default=False, metadata={"help": "Leave out the TOFU part."})
     real_model: str = field(default="smollm2-135m", metadata={"help": "The real model of part 4 (a name or folder)."})
@@ -212,21 +207,13 @@ def run_demo(a: DemoConfig) -> dict:
                 forget_split="forget10",
                 strategies=a.tofu_strategies,
                 unlearning=a.tofu_unlearning,
-                unlearn_learning_rate=a.tofu_unlearn_learning_rate,
+                recipe="demo",  # the tiny model's finetuning and unlearning recipe (tofu/recipes.py)
                 max_new_tokens=32,
                 eval_batch_size=64,
                 num_authors=a.tofu_authors,
             ),
-            TofuTrainingArguments(
-                num_train_epochs=a.tofu_epochs,
-                learning_rate=a.tofu_learning_rate,
-                per_device_train_batch_size=32,
-                gradient_accumulation_steps=1,
-                warmup_epochs=None,
-                warmup_steps=0.05,
-                loss_average="tokens",
-                seed=a.seed,
-            ),
+            TofuTrainingArguments(loss_average="tokens", seed=a.seed),
+            given=set(),  # every recipe option from the demo recipe
         )
         timings["tofu"] = time.perf_counter() - t
         results["tofu"] = tofu["runs"]

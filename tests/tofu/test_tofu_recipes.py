@@ -22,7 +22,9 @@ def test_auto_goes_by_the_built_in_name():
     assert resolve_recipe("auto", "smollm2-135m") == "smollm2"
     assert resolve_recipe("auto", "runs/smollm2-135m") == "open_unlearning"  # a folder may hold anything
     assert resolve_recipe("smollm2", "gpt2") == "smollm2"
-    with pytest.raises(ForgetfulError, match="recipe must be one of auto, open_unlearning, smollm2, got 'Smollm2'"):
+    with pytest.raises(
+        ForgetfulError, match="recipe must be one of auto, open_unlearning, smollm2, demo, got 'Smollm2'"
+    ):
         resolve_recipe("Smollm2", "gpt2")
 
 
@@ -54,3 +56,25 @@ def test_a_warm_up_in_steps_is_not_overridden_by_the_recipes_epochs():
     training = TofuTrainingArguments()
     apply_recipe(training, "smollm2", "gpt2", given=set())
     assert training.warmup_epochs == 1.0
+
+
+def test_one_registry_sets_the_unlearning_runs_too():
+    """A recipe names the finetuning and the unlearning options; an unlearning option the user set wins."""
+    from forgetful.tofu.experiment import TofuExperimentConfig
+    from forgetful.tofu.grid import plan_runs
+    from forgetful.tofu.recipes import UNLEARN_RECIPES, apply_unlearn_recipe
+
+    config = TofuExperimentConfig(model="gpt2", out="o", unlearn_learning_rate=3e-5)
+    assert config.unlearn_epochs is None  # unset: the recipe's
+    values = apply_unlearn_recipe(config, "open_unlearning", "gpt2")
+    assert values == {
+        "unlearn_learning_rate": 3e-5,
+        "unlearn_epochs": 10.0,
+        "unlearn_weight_decay": 0.01,
+        "unlearn_warmup_epochs": 1.0,
+    }
+    assert UNLEARN_RECIPES["demo"]["unlearn_learning_rate"] == 1e-4 and TOFU_RECIPES["demo"]["num_train_epochs"] == 20.0
+    # the plan reads the recipe's unlearning epochs when none is given (checkpoints at 2 and 5 of 10)
+    unset = TofuExperimentConfig(model="gpt2", out="o", eval_epochs="2,5", unlearning="npo", strategies="")
+    (npo,) = [r for r in plan_runs(unset) if r.kind == "unlearn"]
+    assert npo.eval_epochs == (2, 5)

@@ -52,9 +52,9 @@ def scored_run(config, training, base, tok, data, name, protocol, strategy, keep
         for _, p, learner, seed in config.learned_runs(keep):
             mask = load_policy(out, p, learner, seed, keep, base)
             learned[learned_label(mask.strategy, learner, seed)] = (mask, learner, seed)
-        for folder in split_strategies(config.saved_policies):
+        for index, folder in enumerate(split_strategies(config.saved_policies)):  # index: their "seed", a key
             mask = build_mask(folder, base).to(device).eval()
-            learned[f"{mask.strategy} [saved {Path(folder).parent.name}/{Path(folder).name}]"] = (mask, "saved", 0)
+            learned[f"{mask.strategy} [saved {Path(folder).parent.name}/{Path(folder).name}]"] = (mask, "saved", index)
         policies = {label: mask for label, (mask, *_) in learned.items()}
         strategies = tuple(config.strategies("zero_shot"))
     else:

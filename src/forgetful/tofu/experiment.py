@@ -49,7 +49,7 @@ from .evaluation import TofuEvalConfig, check_eval_splits, evaluate_tofu, summar
 from .grid import Run, TofuGridOptions, estimate_seconds, names, plan_runs, seed_suffix
 from .options import TofuDataOptions, TofuEvalOptions, copy_options
 from .plane import experiment_summary
-from .recipes import apply_recipe, check_recipe
+from .recipes import apply_recipe, apply_unlearn_recipe, check_recipe
 from .reference import reference_from_results
 from .report import floor_line, write_report
 from .rows import add_utility_intervals, compact_forget, compact_utility, row_from_summary
@@ -71,10 +71,11 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
     recipe: str = field(
         default="auto",
         metadata={
-            "help": "Finetuning recipe: open_unlearning (lr 1e-5, 8 x 4 rows per step), smollm2 (lr 1e-4, "
-            "32 x 1 rows per step: the built-in small model memorises TOFU with it); both 5 epochs, weight decay "
-            "0.01, a warm-up epoch. auto: smollm2 for --model smollm2-135m, else open_unlearning. Options "
-            "you set (--learning-rate, --batch-size, ...) win over the recipe."
+            "help": "Recipe of the finetuning and unlearning runs: open_unlearning (lr 1e-5, 8 x 4 rows per step), "
+            "smollm2 (lr 1e-4, 32 x 1 rows per step: the built-in small model memorises TOFU with it); both 5 epochs, "
+            "weight decay 0.01, a warm-up epoch, unlearning at lr 1e-5 for 10 epochs; demo (the demo's tiny model). "
+            "auto: smollm2 for --model smollm2-135m, else open_unlearning. Options you set (--learning-rate, "
+            "--batch-size, --unlearn-learning-rate, ...) win over the recipe."
         },
     )
     strategies: str = field(
@@ -91,10 +92,18 @@ class TofuExperimentConfig(TofuDataOptions, TofuEvalOptions, UnlearningLossOptio
     k: int = field(default=4, metadata={"help": "goldfish: drop 1 in k."})
     h: int = field(default=13, metadata={"help": "goldfish: hashed context width."})
     spacy_model: str | None = field(default=None, metadata={"help": "forget_facts: a spaCy pipeline (default rules)."})
-    unlearn_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of the unlearning runs."})
-    unlearn_epochs: float = field(default=10.0, metadata={"help": "Epochs of the unlearning runs."})
-    unlearn_weight_decay: float = field(default=0.01, metadata={"help": "Weight decay of the unlearning runs."})
-    unlearn_warmup_epochs: float = field(default=1.0, metadata={"help": "Warm-up epochs of the unlearning runs."})
+    unlearn_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the unlearning runs (default: the recipe's)."}
+    )
+    unlearn_epochs: float | None = field(
+        default=None, metadata={"help": "Epochs of the unlearning runs (default: the recipe's)."}
+    )
+    unlearn_weight_decay: float | None = field(
+        default=None, metadata={"help": "Weight decay of the unlearning runs (default: the recipe's)."}
+    )
+    unlearn_warmup_epochs: float | None = field(
+        default=None, metadata={"help": "Warm-up epochs of the unlearning runs (default: the recipe's)."}
+    )
     eval_dtype: str = field(
         default="auto",
         metadata={
@@ -398,6 +407,8 @@ def run_tofu_experiment(
     began = time.perf_counter()
     training = copy.copy(training) if training is not None else TofuTrainingArguments()
     recipe = apply_recipe(training, a.recipe, a.model, given)
+    a = copy.copy(a)  # the caller's config keeps its unset unlearning options
+    recipe["unlearn_options"] = apply_unlearn_recipe(a, a.recipe, a.model)
     runs = plan_runs(a, training.seed)
     planned = [n for r in runs for n in r.evaluated()]
     only = None if a.only is None else set(names(a.only))

@@ -37,6 +37,7 @@ from ..errors import ForgetfulError
 from ..loss.tasks import SHARE_STRATEGIES, TOFU_STRATEGIES
 from ..loss.unlearn import UNLEARNING_METHODS, unlearning_method
 from ..loss.unlearning import UnlearningLossOptions, method_loss_options
+from .recipes import UNLEARN_RECIPES, resolve_recipe
 
 #: the keys a grid takes, with the type their values parse to
 GRID_KEYS = {"learning_rate": float} | {
@@ -262,7 +263,10 @@ def plan_runs(a, seed: int = 0) -> list[Run]:
             for key, value in point.items():
                 setattr(options, key, value)
             method_loss_options(options, method)
-    epochs = checkpoint_epochs(a.eval_epochs, a.unlearn_epochs)
+    unlearn_epochs = a.unlearn_epochs
+    if unlearn_epochs is None:  # not set: the recipe's
+        unlearn_epochs = UNLEARN_RECIPES[resolve_recipe(a.recipe, a.model)]["unlearn_epochs"]
+    epochs = checkpoint_epochs(a.eval_epochs, unlearn_epochs)
     seeds = parse_numbers(a.seeds, "seeds", int) if a.seeds else [seed]
     if len(set(seeds)) != len(seeds):
         raise ForgetfulError(f"seeds must differ, got {a.seeds}")

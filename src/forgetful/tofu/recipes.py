@@ -1,4 +1,4 @@
-"""The TOFU experiment's finetuning recipes, by name (``tofu-experiment --recipe``).
+"""The TOFU experiment's recipes, finetuning and unlearning, by name (``tofu-experiment --recipe``).
 
 * ``open_unlearning``: open-unlearning's TOFU finetuning recipe, the defaults of
   :class:`~forgetful.loss.unlearning.OpenUnlearningRecipe`: lr 1e-5, 5 epochs, 8 rows x 4
@@ -9,12 +9,16 @@
   from the retain model and forget quality is 1.0 for every run, which says nothing; at lr 1e-4 for
   5 epochs it memorises (full forget quality 8e-17, forget probability 0.553 against the retain
   model's 0.148) and keeps its utility (model utility 0.355 against the retain model's 0.346).
+* ``demo``: the demo's 1 M-parameter model on the embedded data: lr 3e-4, 20 epochs, 32 x 1
+  (unlearning: lr 1e-4).
 * ``auto`` (the default): the recipe of a built-in small model named by ``--model``
   (:data:`MODEL_RECIPES`), else ``open_unlearning``.
 
-A recipe sets the options :data:`RECIPE_OPTIONS`, except those the user set (a flag or a config
-key, or an argument a library caller gave): those always win. The unlearning runs keep their own
-``unlearn_*`` options; they share the finetuning batch sizes.
+A recipe sets the finetuning options :data:`RECIPE_OPTIONS` and the unlearning runs' own
+:data:`UNLEARN_OPTIONS` (open-unlearning's unlearning recipe: lr 1e-5, 10 epochs, weight decay 0.01,
+a warm-up epoch; the unlearning runs share the finetuning batch sizes), except those the user set (a
+flag or a config key, or an argument a library caller gave): those always win. One registry, for
+finetuning and unlearning, the demo's included.
 """
 
 from __future__ import annotations
@@ -50,6 +54,25 @@ TOFU_RECIPES: dict[str, dict] = {
         "per_device_train_batch_size": 32,
         "gradient_accumulation_steps": 1,
     },
+    # the demo's tiny model (1 M parameters, embedded data): it needs more epochs at a higher rate
+    "demo": {
+        **_open_unlearning(),
+        "learning_rate": 3e-4,
+        "num_train_epochs": 20.0,
+        "per_device_train_batch_size": 32,
+        "gradient_accumulation_steps": 1,
+    },
+}
+#: the unlearning options a recipe sets (``tofu-experiment``'s ``unlearn_*``: the unlearning runs share
+#: the finetuning batch sizes, optimizer and precision)
+UNLEARN_OPTIONS = ("unlearn_learning_rate", "unlearn_epochs", "unlearn_weight_decay", "unlearn_warmup_epochs")
+#: open-unlearning's unlearning recipe (``configs/experiment/unlearn/tofu/*.yaml``: lr 1e-5, 10 epochs,
+#: weight decay 0.01, a warm-up epoch)
+_OPEN_UNLEARNING_UNLEARN = dict(zip(UNLEARN_OPTIONS, (1e-5, 10.0, 0.01, 1.0)))
+UNLEARN_RECIPES: dict[str, dict] = {
+    "open_unlearning": _OPEN_UNLEARNING_UNLEARN,
+    "smollm2": _OPEN_UNLEARNING_UNLEARN,
+    "demo": {**_OPEN_UNLEARNING_UNLEARN, "unlearn_learning_rate": 1e-4},
 }
 #: a warm-up the user gives in steps (or, before transformers 5, as a ratio), which the recipe's warm-up
 #: epochs must not override
@@ -78,6 +101,16 @@ def options_set(training) -> set[str]:
     caller who built it set (one who set an option to its default value names it in ``given``)."""
     defaults = {f.name: f.default for f in fields(type(training)) if f.default is not MISSING}
     return {n for n in (*RECIPE_OPTIONS, *_OWN_WARMUP) if n in defaults and getattr(training, n) != defaults[n]}
+
+
+def apply_unlearn_recipe(config, name: str, model: str) -> dict:
+    """Set the ``unlearn_*`` options of the experiment ``config`` that are unset (None) from recipe
+    ``name`` (``auto`` resolved for ``model``); returns the values the unlearning runs take."""
+    values = UNLEARN_RECIPES[resolve_recipe(name, model)]
+    for option, value in values.items():
+        if getattr(config, option) is None:
+            setattr(config, option, value)
+    return {option: getattr(config, option) for option in UNLEARN_OPTIONS}
 
 
 def apply_recipe(training, name: str, model: str, given: Collection[str] | None = None) -> dict:
