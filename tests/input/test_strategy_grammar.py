@@ -104,3 +104,22 @@ def test_two_round_lexical_finds_the_second_hop():
         kept[rounds] = set(units[0][keep[0] & (units[0] >= 0)].tolist())
     assert kept[1] == {0, 2}  # the question alone finds hop 1; recency breaks the tie for the rest
     assert kept[2] == {0, 1}  # hop 1's words find hop 2
+
+
+def test_a_residual_policy_over_a_prior_with_options_starts_equal_to_it(tiny_llama):
+    """The residual policy takes its prior in the grammar (``lexical:rounds=2``: multi-hop's default)
+    and, untrained, keeps what that prior keeps; a prior it cannot use is refused."""
+    model, _ = tiny_llama
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=g)
+    units = torch.arange(24).div(4, rounding_mode="floor").expand(2, -1).clone()
+    units[:, 0] = -1
+    protect = torch.zeros_like(ids, dtype=torch.bool)
+    protect[:, -3:] = True
+    units[protect] = -1
+    prior = build_mask("lexical:rounds=2,seed_units=1@task")
+    policy = build_mask("residual", model, prior="lexical:rounds=2,seed_units=1", unit="task", layer=1)
+    kw = dict(keep_ratio=0.5, protect=protect, units=units)
+    assert torch.equal(policy.greedy(ids, **kw), prior.greedy(ids, **kw))
+    with pytest.raises(ForgetfulError, match="prior must be one of"):
+        build_mask("residual", model, prior="snapkv:layer=1", layer=1)

@@ -52,7 +52,7 @@ from .strategy import split_strategies
 
 # the task's default unit (for learned policies and ``@unit`` in strategy lists) and residual prior
 TASK_UNIT = {"tofu_qa": "task", "multihop": "task", "text": "sentence"}
-TASK_PRIOR = {"tofu_qa": "lexical", "multihop": "lexical", "text": "recency"}
+TASK_PRIOR = {"tofu_qa": "lexical", "multihop": "lexical:rounds=2", "text": "recency"}
 PRIOR_NAMES = "random,recency,lexical,attention_score,self_information"
 
 
@@ -123,7 +123,10 @@ class ForgetExperimentConfig(TextWindowOptions):
     seeds: str = field(default="0", metadata={"help": "Seeds of the learned policies, comma separated (e.g. 0,1,2)."})
     prior: str | None = field(
         default=None,
-        metadata={"help": "The residual policy's prior: recency, lexical, attention_score or self_information."},
+        metadata={
+            "help": "The residual policy's prior: recency, lexical, attention_score or self_information, with options "
+            "(lexical:rounds=2, multi-hop's default)."
+        },
     )
     policy_layer: int = field(default=4, metadata={"help": "Early layer whose hidden states the policy reads."})
     policy_forget_layer: int = field(

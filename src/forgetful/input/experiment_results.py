@@ -30,6 +30,7 @@ from ..errors import ForgetfulError
 from ..reporting import as_json_values, write_json
 from .policies import is_learned, parse_strategy
 from .stats import NLL, UNREAD, compare, gap_closed
+from .strategy import StrategySpec
 
 REFERENCES = ("identity", "none")
 
@@ -147,8 +148,10 @@ def prior_strategy(row: dict) -> str | None:
     prior = row.get("prior")
     if not prior:
         return None
-    unit = parse_strategy(row["strategy"]).unit
-    return prior if unit == "token" else f"{prior}@{unit}"
+    spec, base = parse_strategy(row["strategy"]), parse_strategy(prior)
+    depth = spec.kwargs.get("forget_layer")  # a policy that drops at depth: its prior at the same depth
+    options = dict(base.options) | ({"forget_layer": depth} if depth else {})
+    return str(StrategySpec(base.name, tuple(sorted(options.items())), spec.unit))
 
 
 def add_comparisons(rows: list[dict], examples: dict, resamples: int, seed: int) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from ...errors import ForgetfulError
 from ...models.layers import num_layers
 from ...nll import unwrap_model
-from .base import attention_or_ones, query_mask, register_mask
+from .base import attention_or_ones, parse_strategy, query_mask, register_mask
 from .learned import LearnedForgetMask, distance_buckets
 
 
@@ -71,8 +71,10 @@ class ResidualForgetMask(LearnedForgetMask):
         **kw,
     ):
         super().__init__(base_llm_model, **kw)
-        if prior not in PRIORS:
-            raise ForgetfulError(f"prior must be one of {', '.join(PRIORS)}, got '{prior}'")
+        if parse_strategy(prior).name not in PRIORS:  # a prior with options: lexical:rounds=2
+            raise ForgetfulError(
+                f"prior must be one of {', '.join(PRIORS)} (with options: lexical:rounds=2), got '{prior}'"
+            )
         if layer is None:  # the default: 4 layers, or every layer of a shallower model
             layer = min(4, num_layers(base_llm_model)) if base_llm_model is not None else 4
         if layer < 0 or window < 1:
@@ -97,10 +99,11 @@ class ResidualForgetMask(LearnedForgetMask):
 
         object.__setattr__(self, "_base", base_llm_model)  # not a submodule: not trained, not saved
         scorer = None
-        if base_llm_model is not None or self.prior in ("recency", "lexical"):  # these two need no model
-            question_aware = self.prior in ("lexical", "attention_score")  # they read the same query
+        name = parse_strategy(self.prior).name
+        if base_llm_model is not None or name in ("recency", "lexical"):  # these two need no model
+            question_aware = name in ("lexical", "attention_score")  # they read the same query
             options = {"window": self.window} if question_aware else {}
-            scorer = build_mask(self.prior, base_llm_model, learned=False, **options)
+            scorer = build_mask(self.prior, base_llm_model, learned=False, **options).with_unit(self.unit)
         object.__setattr__(self, "_prior", scorer)
 
     def _extra_config(self):
@@ -120,7 +123,7 @@ class ResidualForgetMask(LearnedForgetMask):
     def prior_logits(self, input_ids, attn, protect=None, units=None) -> torch.Tensor:
         """What the policy equals before training: ``prior_scale * standardise(prior)``."""
         query = query_mask(attn, protect, self.window)
-        return self.prior_scale * self._standardised_prior(input_ids, attn, protect, query)
+        return self.prior_scale * self._standardised_prior(input_ids, attn, protect, query, units)
 
     def _candidates(self, attn, protect, query) -> torch.Tensor:
         pos = torch.arange(attn.shape[1], device=attn.device).unsqueeze(0)
@@ -128,14 +131,14 @@ class ResidualForgetMask(LearnedForgetMask):
         return cand if protect is None else cand & ~protect.bool()
 
     @torch.no_grad()
-    def _standardised_prior(self, input_ids, attn, protect, query) -> torch.Tensor:
+    def _standardised_prior(self, input_ids, attn, protect, query, units=None) -> torch.Tensor:
         if self._prior is None:
             raise ForgetfulError("the policy has no base model: call policy.attach(model) first")
-        raw = self._prior.keep_logits(input_ids, attn, protect=protect)
+        raw = self._prior.keep_logits(input_ids, attn, protect=protect, units=units)  # units: two-round lexical
         return standardise(raw, self._candidates(attn, protect, query))
 
     @torch.no_grad()
-    def _inputs(self, input_ids, attn, protect, query):
+    def _inputs(self, input_ids, attn, protect, query, units=None):
         """Detached per-token inputs: hidden states ``[B, n, d]``, scalar features ``[B, n, 4]`` and
         the standardised prior ``[B, n]``."""
         from .attention import early_features
@@ -150,7 +153,7 @@ class ResidualForgetMask(LearnedForgetMask):
             hidden, attended = early_features(self._base, input_ids, attn, self.layer, query)
         cand = self._candidates(attn, protect, query)
         pos = torch.arange(attn.shape[1], device=attn.device, dtype=torch.float32).expand(attn.shape)
-        prior = self._standardised_prior(input_ids, attn, protect, query)
+        prior = self._standardised_prior(input_ids, attn, protect, query, units)
         scalars = torch.stack(
             [
                 prior,
@@ -165,7 +168,7 @@ class ResidualForgetMask(LearnedForgetMask):
     def keep_logits(self, input_ids, attention_mask=None, *, protect=None, units=None):
         attn = attention_or_ones(input_ids, attention_mask)
         query = query_mask(attn, protect, self.window)
-        hidden, scalars, prior = self._inputs(input_ids, attn, protect, query)
+        hidden, scalars, prior = self._inputs(input_ids, attn, protect, query, units)
         dtype = self.proj.weight.dtype
         lengths = attn.sum(-1, keepdim=True)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
