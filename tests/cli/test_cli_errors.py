@@ -172,7 +172,10 @@ def _cases(d: Path, model: str):
         (unl + ["--data-dir", str(d / "tofu_no_perturbed"), "--evaluate"], "needs its perturbed answers"),
         (exp + ["--unlearning", "npo,dpo"], "unknown unlearning method 'dpo'"),
         (exp + ["--data-dir", str(d / "tofu_no_perturbed")], "forget10_perturbed' is missing"),
-        (exp + ["--recipe", "open-unlearning"], "recipe must be one of auto, open_unlearning, smollm2, got 'open-unl"),
+        (
+            exp + ["--recipe", "open-unlearning"],
+            "recipe must be one of auto, open_unlearning, smollm2, demo, got 'open-unl",
+        ),
         (["demo", "--out", str(d / "out_demo"), "--keep", "1.0"], "keep ratios must lie in (0, 1)"),
     ]
 

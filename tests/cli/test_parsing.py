@@ -164,7 +164,7 @@ def test_the_parser_reports_the_options_given():
 
 
 def test_an_unknown_tofu_recipe_names_the_choices():
-    with pytest.raises(ForgetfulError, match="recipe must be one of auto, open_unlearning, smollm2, got 'fast'"):
+    with pytest.raises(ForgetfulError, match="recipe must be one of auto, open_unlearning, smollm2, demo, got 'fast'"):
         _tofu_recipe(["--model", "m", "--out", "o", "--recipe", "fast"])
 
 

@@ -159,6 +159,22 @@ def test_the_text_task_scores_unread_tokens_in_blocks(tiny_model_dir, tmp_path):
     assert learned["vs_prior"]["groups"] == 4 and learned["vs_prior"]["baseline"] == "recency@sentence"
     assert "gap_unread" in learned and learned["gap_unread"]["oracle_rows"] == 12
 
+    # --report-only runs nothing: the rows stay, and the report names the configuration that ran each run,
+    # not the options of the reporting call
+    def scores(found):
+        return sorted((r["run"], r["strategy"], str(r.get("learner")), r.get("nll") or 0.0) for r in found)
+
+    before = scores(rows)
+    plain = [a for a in args if a != "--disable-tqdm"]
+    only = plain.index("--zero-shot")
+    assert main([*plain[:only], *plain[only + 2 :], "--report-only", "true"]) == 0
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert scores(again) == before
+    report = (out / "report.md").read_text()
+    (listed,) = re.findall(r"Config of ([^:]+):", report)
+    assert set(listed.split(", ")) == {"policy_residual_relaxed_0.25_s0", "oracle_0.25", "zero_shot_0.25"}
+    assert "'zero_shot': 'identity,recency,recency@unit'" in report and "'report_only': True" not in report
+
 
 def test_strategy_lists_spell_out_the_unit_and_refuse_learned_baselines():
     from forgetful.errors import ForgetfulError

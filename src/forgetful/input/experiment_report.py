@@ -117,8 +117,10 @@ def seed_summary(rows: list[dict]) -> str:
     return markdown_table(table, list(table[0]))
 
 
-def write_experiment_report(rows: list[dict], config, training, out: Path) -> None:
-    """``report.md`` and its plots (``config``: the experiment's :class:`~.experiment.ForgetExperimentConfig`)."""
+def write_experiment_report(rows: list[dict], config, training, out: Path, configs: list[dict] | None = None) -> None:
+    """``report.md`` and its plots (``config``: the experiment's :class:`~.experiment.ForgetExperimentConfig`;
+    ``configs``: the configurations recorded in ``results.json`` with the runs each wrote, listed at the end
+    in place of ``config`` when given)."""
     parts = [
         f"# Input forgetting, fair protocol: {config.task}\n",
         f"Base LM `{config.model}`. **Zero-shot**: every strategy on the frozen base LM (learned policies were fitted "
@@ -162,7 +164,7 @@ def write_experiment_report(rows: list[dict], config, training, out: Path) -> No
     if oracle:
         for r in oracle:
             r["search"] = (
-                f"start {r['oracle_search']['start_nll']:.3f} -> {r['oracle_search']['oracle_nll']:.3f}; "
+                f"row mean {r['oracle_search']['start_nll']:.3f} -> {r['oracle_search']['oracle_nll']:.3f}; "
                 f"{r['oracle_search']['rows_moved']} of {r['oracle_search']['rows']} rows moved, "
                 f"{r['oracle_search']['exhaustive_rows']} exhaustive"
                 if r.get("oracle_search")
@@ -170,6 +172,8 @@ def write_experiment_report(rows: list[dict], config, training, out: Path) -> No
             )
         parts += [
             "## Headroom: the oracle (reads the target; never a baseline)\n",
+            "`search`: the mean of the rows' NLLs (unweighted) from the start keep set (the best zero-shot "
+            "baseline's) to the oracle's; `nll` weights the rows by their target tokens.\n",
             markdown_table(oracle, ["strategy", "keep_ratio", "rows", "nll", "nll_unread", "flops_ratio", "search"]),
         ]
     table = comparison_table(rows)
@@ -188,7 +192,12 @@ def write_experiment_report(rows: list[dict], config, training, out: Path) -> No
         shown = [c for c in COLUMNS if any(r.get(c) is not None for r in picked)]
         parts += [f"## {protocol.replace('_', ' ')}\n", markdown_table(picked, shown)]
         parts += _plots(picked, protocol, config, out)
-    parts.append(f"\nConfig: `{asdict(config)}`\n")
+    if configs:
+        for entry in configs:
+            recorded = {k: v for k, v in entry["config"].items() if k != "training"}
+            parts.append(f"\nConfig of {', '.join(entry['runs'])}: `{recorded}`\n")
+    else:
+        parts.append(f"\nConfig: `{asdict(config)}`\n")
     write_text("\n".join(parts), out / "report.md")
 
 

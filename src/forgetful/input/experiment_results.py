@@ -82,7 +82,7 @@ def record_run(out: Path, run: str, rows: list[dict], per_example: dict, env: di
         config_values = as_json_values({**asdict(config), "training": asdict(training)})
         configs = configs_with(_read_json(out / "results.json", {}), run, config_values)
         write_json({"env": env, "configs": configs, "rows": found}, out / "results.json")
-        write_experiment_report(found, config, training, out)
+        write_experiment_report(found, config, training, out, configs)
     return found
 
 
@@ -99,7 +99,7 @@ def rewrite_report(out: Path, config, training) -> list[dict]:
         add_comparisons(found, examples, config.bootstrap, training.seed)
         configs = _read_json(out / "results.json", {}).get("configs", [])
         write_json({"env": env, "configs": configs, "rows": found}, out / "results.json")
-        write_experiment_report(found, config, training, out)
+        write_experiment_report(found, config, training, out, configs)
     return found
 
 
