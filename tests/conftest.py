@@ -122,3 +122,20 @@ def install_liger_stand_in(monkeypatch) -> list[dict]:
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "liger_kernel.ops.fused_linear_cross_entropy", fused)
     return calls
+
+
+def tiny_tofu_config(model_dir, out, **kw):
+    """A ``TofuExperimentConfig`` at the tests' tiny scale (5 authors, 4 evaluation rows, 3 new tokens,
+    unlearning at lr 1e-3); ``kw`` overrides any field."""
+    from forgetful.tofu.experiment import TofuExperimentConfig
+
+    base = dict(
+        model=str(model_dir),
+        out=str(out),
+        num_authors=5,
+        max_new_tokens=3,
+        max_eval_examples=4,
+        eval_batch_size=4,
+        unlearn_learning_rate=1e-3,
+    )
+    return TofuExperimentConfig(**{**base, **kw})

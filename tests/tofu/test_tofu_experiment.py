@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_tofu_config
 
 from forgetful.errors import ForgetfulError
 from forgetful.tofu.experiment import TofuExperimentConfig, TofuTrainingArguments, run_tofu_experiment, unlearning_args
@@ -28,19 +29,7 @@ ROW_KEYS |= {f"{s}_{m}" for s in ("retain", "real_authors", "world_facts") for m
 
 
 def _config(model_dir, out, **kw) -> TofuExperimentConfig:
-    base = dict(
-        model=str(model_dir),
-        out=str(out),
-        num_authors=5,
-        max_new_tokens=3,
-        max_eval_examples=4,
-        eval_batch_size=4,
-        unlearning="grad_diff,npo,simnpo,rmu",
-        unlearn_epochs=1.0,
-        unlearn_learning_rate=1e-3,
-    )
-    base.update(kw)
-    return TofuExperimentConfig(**base)
+    return tiny_tofu_config(model_dir, out, **{"unlearning": "grad_diff,npo,simnpo,rmu", "unlearn_epochs": 1.0, **kw})
 
 
 def _training(**kw) -> TofuTrainingArguments:

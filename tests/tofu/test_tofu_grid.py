@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_tofu_config
 from transformers import TrainerCallback
 
 from forgetful.errors import ForgetfulError
@@ -30,18 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _config(model_dir, out, **kw) -> TofuExperimentConfig:
-    base = dict(
-        model=str(model_dir),
-        out=str(out),
-        num_authors=5,
-        max_new_tokens=3,
-        max_eval_examples=4,
-        eval_batch_size=4,
-        unlearning="grad_diff,rmu",
-        unlearn_epochs=2.0,
-        unlearn_learning_rate=1e-3,
-    )
-    return TofuExperimentConfig(**{**base, **kw})
+    return tiny_tofu_config(model_dir, out, **{"unlearning": "grad_diff,rmu", "unlearn_epochs": 2.0, **kw})
 
 
 def _training(**kw) -> TofuTrainingArguments:
