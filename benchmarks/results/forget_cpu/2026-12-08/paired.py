@@ -25,6 +25,7 @@ for keep in ("0.25", "0.125"):
     show("text", keep, "oracle:rounds=2@sentence", "lexical@sentence", rows=8)
     show("multihop", keep, "identity", "none")
     show("multihop", keep, "lexical:rounds=2@task", "lexical@task")
+    show("multihop", keep, "lexical:rounds=2@task", "identity")
     show("multihop", keep, "oracle:exhaustive=0,rounds=2@task", "lexical:rounds=2@task", rows=16)
     show("tofu_qa", keep, "lexical@task", "identity")
     show("tofu_qa", keep, "lexical:rounds=2@task", "lexical@task")
